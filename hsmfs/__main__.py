@@ -1,0 +1,337 @@
+"""Command line: ``hsmfs mount|serve|stop|state|stats|bench|demo`` and ``mount.hsmfs``.
+
+Owns argv and ``-o`` parsing, logging, daemonization and the choice of process shape; builds the
+config objects and hands them to :mod:`hsmfs.daemon`.  ``mount -t fuse.hsmfs SRC DIR -o ...``
+arrives here twice over: mount(8) runs ``mount.fuse.hsmfs``/``mount.hsmfs SRC DIR -o opts``, and
+``mount.fuse3`` runs ``hsmfs SRC DIR -o opts``; both forms are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from .config import Options, build_options, split_options
+from .errors import HsmError
+from .keys import STATE_DIR
+
+log = logging.getLogger("hsmfs")
+PID_FILE = "daemon.pid"
+LOG_FILE = "hsmfs.log"
+#: How long ``hsmfs mount`` waits for the daemon to list the bucket and mount.
+READY_TIMEOUT_S = 600.0
+
+
+# -- process plumbing ------------------------------------------------------------------------
+
+def _setup_logging(debug: bool, log_file: str | None) -> None:
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _state_dir(opts: Options) -> str:
+    d = os.path.join(opts.cache.cache_dir, STATE_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def _run_daemon(opts: Options, ready: Callable[[str], None]) -> int:
+    """Run the daemon in this process until it is stopped."""
+    from . import daemon
+
+    pid_path = os.path.join(_state_dir(opts), PID_FILE)
+    with open(pid_path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        if opts.kernel is not None:
+            from .kernel_bridge import run_kernel_daemon
+
+            return run_kernel_daemon(opts, ready)
+        daemon.run(opts, ready)
+        return 0
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_path)
+
+
+def _start(opts: Options) -> int:
+    """Foreground: run here.  Background: fork, detach, and return once the door serves."""
+    if opts.foreground:
+        _setup_logging(opts.debug, opts.log_file)
+        try:
+            return _run_daemon(opts, lambda summary: log.info("ready: %s", summary))
+        except HsmError as exc:
+            log.error("cannot serve s3://%s/%s: %s", opts.s3.bucket, opts.s3.prefix, exc)
+            return 1
+    log_file = opts.log_file or os.path.join(_state_dir(opts), LOG_FILE)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        return _wait_ready(read_end, pid, log_file)
+    # Child: detach from the terminal and the caller's session (mount(8) waits for us to exit).
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    _setup_logging(opts.debug, log_file)
+    code = 1
+
+    def ready(summary: str) -> None:
+        os.write(write_end, f"ok {summary}\n".encode())
+        os.close(write_end)
+
+    try:
+        code = _run_daemon(opts, ready)
+    except HsmError as exc:
+        log.error("cannot serve s3://%s/%s: %s", opts.s3.bucket, opts.s3.prefix, exc)
+    except BaseException:
+        log.exception("daemon failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _wait_ready(read_end: int, pid: int, log_file: str) -> int:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)  # the first child exits at once (double fork)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    buf = b""
+    import select
+
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([read_end], [], [], 1.0)
+        if not r:
+            continue
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        if buf.endswith(b"\n"):
+            break
+    os.close(read_end)
+    if buf.startswith(b"ok"):
+        print(f"hsmfs: {buf[3:].decode().strip()}", file=sys.stderr)
+        return 0
+    print(f"hsmfs: the daemon did not start; see {log_file}:", file=sys.stderr)
+    with contextlib.suppress(OSError), open(log_file, errors="replace") as f:
+        sys.stderr.writelines(f.readlines()[-15:])
+    return 1
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    opts = build_options(args.source, split_options(args.o or []), mountpoint=args.mountpoint,
+                         cache_dir=None, kernel_door=False, foreground=args.foreground)
+    if args.debug:
+        opts = _replace(opts, debug=True)
+    _clear_dead_mount(args.mountpoint)
+    return _start(opts)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    raw = split_options(args.o or [])
+    raw.setdefault("cache", args.dir)
+    opts = build_options(args.source, raw, mountpoint=None, cache_dir=args.dir,
+                         kernel_door=True, foreground=args.foreground)
+    if args.debug:
+        opts = _replace(opts, debug=True)
+    return _start(opts)
+
+
+def _replace(opts: Options, **kw: object) -> Options:
+    import dataclasses
+
+    return dataclasses.replace(opts, **kw)  # type: ignore[arg-type]
+
+
+def _clear_dead_mount(mountpoint: str) -> None:
+    """A crashed daemon leaves its mount answering ENOTCONN; clear it so the new one can mount."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == 107:  # ENOTCONN
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True,
+                           timeout=30)
+
+
+def _cache_dir_of(path: str) -> str:
+    """A FUSE mount names its cache in a root xattr; anything else is the cache itself."""
+    with contextlib.suppress(OSError):
+        return os.getxattr(path, "user.hsmfs.cache_dir").decode()
+    return os.path.abspath(path)
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.path)
+    if os.path.ismount(path) and _is_fuse(path):
+        return subprocess.run(["fusermount3", "-u", path]).returncode
+    pid_path = os.path.join(_cache_dir_of(path), STATE_DIR, PID_FILE)
+    try:
+        with open(pid_path) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        print(f"hsmfs: no daemon serves {path}", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.05)
+    print(f"hsmfs: daemon {pid} did not stop within {args.timeout}s", file=sys.stderr)
+    return 1
+
+
+def _is_fuse(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path and " - fuse" in line for line in f)
+
+
+def _cmd_state(args: argparse.Namespace) -> int:
+    from .cache import describe
+
+    rows = []
+    code = 0
+    for p in args.paths:
+        try:
+            rows.append(describe(p))
+        except OSError as exc:
+            print(f"hsmfs: {p}: {exc.strerror}", file=sys.stderr)
+            code = 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['state']:<9} {r['resident_bytes']:>12}/{r['size']:<12} {r['path']}")
+    return code
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from . import control
+
+    try:
+        stats = control.query(_cache_dir_of(args.path), {"cmd": "stats"})
+    except OSError as exc:
+        print(f"hsmfs: no daemon answers for {args.path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        for k, v in stats.items():
+            print(f"{k:>20}: {v}")
+    return 0
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    from .bench.main import bench_main
+
+    return bench_main(argv)
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    from .demo import demo_main
+
+    return demo_main(argv)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hsmfs", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] through the FUSE door")
+    m.add_argument("source")
+    m.add_argument("mountpoint")
+    m.add_argument("-o", action="append", help="comma-separated options (see README)")
+    m.add_argument("-f", "--foreground", action="store_true")
+    m.add_argument("-d", "--debug", action="store_true")
+    m.set_defaults(func=_cmd_mount)
+
+    s = sub.add_parser("serve", help="run the kernel door on a backing tree DIR")
+    s.add_argument("source")
+    s.add_argument("dir")
+    s.add_argument("-o", action="append")
+    s.add_argument("-f", "--foreground", action="store_true")
+    s.add_argument("-d", "--debug", action="store_true")
+    s.set_defaults(func=_cmd_serve)
+
+    st = sub.add_parser("stop", help="stop the daemon of a mountpoint or backing tree")
+    st.add_argument("path")
+    st.add_argument("--timeout", type=float, default=30.0)
+    st.set_defaults(func=_cmd_stop)
+
+    sa = sub.add_parser("state", help="state and resident bytes of files")
+    sa.add_argument("paths", nargs="+")
+    sa.add_argument("--json", action="store_true")
+    sa.set_defaults(func=_cmd_state)
+
+    sb = sub.add_parser("stats", help="counters of a running daemon")
+    sb.add_argument("path")
+    sb.add_argument("--json", action="store_true")
+    sb.set_defaults(func=_cmd_stats)
+
+    sub.add_parser("bench", help="doors side by side (see hsmfs bench --help)", add_help=False)
+    sub.add_parser("demo", help="the README's main job", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("s3://"):
+        return mount_helper_main(argv)  # mount.fuse3 runs "hsmfs SOURCE DIR -o opts"
+    if argv and argv[0] == "bench":
+        return _cmd_bench(argv[1:])
+    if argv and argv[0] == "demo":
+        return _cmd_demo(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"hsmfs: {exc}", file=sys.stderr)
+        return 2
+
+
+def mount_helper_main(argv: list[str] | None = None) -> int:
+    """``mount.hsmfs SOURCE DIR [-sfnv] [-o opts] [-t type]``, as mount(8) calls helpers."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="mount.hsmfs")
+    p.add_argument("source")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", action="append")
+    p.add_argument("-t", dest="fstype")
+    p.add_argument("-N", dest="namespace")
+    for flag in ("-s", "-n", "-v", "-r", "-w"):
+        p.add_argument(flag, action="store_true")
+    p.add_argument("-f", "--foreground", action="store_true")
+    args = p.parse_args(argv)
+    args.debug = False
+    try:
+        return _cmd_mount(args)
+    except ValueError as exc:
+        print(f"mount.hsmfs: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

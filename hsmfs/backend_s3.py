@@ -1,0 +1,248 @@
+"""S3 access: list, head, ranged GET pinned to an ETag.  The only module that imports boto3.
+
+Every call here blocks; the cache runs them in worker threads.  Retries live here and only here
+(exponential backoff with full jitter), and every botocore failure leaves this module as one of
+the domain errors in :mod:`hsmfs.errors`, so nothing above knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from .config import S3Config
+from .errors import (
+    AccessDenied,
+    BackendUnavailable,
+    HsmError,
+    ObjectChanged,
+    ObjectMissing,
+    ShortBody,
+    Throttled,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """What identifies cached bytes: a key at one ETag (and size).  Bytes of two versions are
+    never stitched together: every ranged GET carries ``If-Match: etag``."""
+
+    key: str
+    etag: str
+    size: int
+    mtime: float
+    version_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    version: ObjectVersion
+    #: ``st_mode`` from s3fs's ``x-amz-meta-mode`` (decimal), when HEAD was asked for and present.
+    mode: int | None = None
+
+
+# HTTP statuses worth another attempt: server errors and throttling.
+_RETRY_STATUS = frozenset({500, 502, 503, 504})
+_THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException",
+                             "RequestLimitExceeded", "TooManyRequests"})
+
+
+class _Retryable(Exception):
+    """Internal: a failure that another attempt may cure; carries the error to raise at the end."""
+
+    def __init__(self, final: HsmError) -> None:
+        self.final = final
+
+
+class S3Backend:
+    """Blocking S3 client shared by every worker thread (boto3 clients are thread-safe)."""
+
+    def __init__(self, cfg: S3Config) -> None:
+        self.cfg = cfg
+        session = boto3.session.Session(profile_name=cfg.profile)
+        self._client = session.client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            region_name=cfg.region or session.region_name or "us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"},
+                # Trailer checksums are rejected by Ceph RGW 16 (S3_SERVERS.md).
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                # We retry ourselves, with the classification below.
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                connect_timeout=cfg.connect_timeout_s,
+                read_timeout=cfg.read_timeout_s,
+                max_pool_connections=cfg.max_connections,
+                tcp_keepalive=True,
+            ),
+        )
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.bytes = 0
+        self.retries = 0
+
+    # -- public calls --------------------------------------------------------------------------
+
+    def list(self) -> Iterator[ObjectVersion]:
+        """Every object under the prefix (paginated), keys as stored in S3."""
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": self.cfg.prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"list {self.cfg.prefix!r}",
+                              lambda kw=kw: self._client.list_objects_v2(**kw))
+            for obj in page.get("Contents", []):
+                yield ObjectVersion(
+                    key=obj["Key"],
+                    etag=obj["ETag"],
+                    size=int(obj["Size"]),
+                    mtime=obj["LastModified"].timestamp(),
+                )
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def head(self, version: ObjectVersion) -> ObjectInfo:
+        """HEAD pinned to the listed ETag: the mode from metadata, the version id if any."""
+        resp = self._call(
+            f"head {version.key!r}",
+            lambda: self._client.head_object(Bucket=self.cfg.bucket, Key=version.key,
+                                             IfMatch=version.etag),
+        )
+        mode = None
+        raw = resp.get("Metadata", {}).get("mode")
+        if raw is not None:
+            try:
+                mode = int(raw)
+            except ValueError:
+                log.warning("ignoring malformed x-amz-meta-mode %r on %r", raw, version.key)
+        vid = resp.get("VersionId")
+        if vid and vid != "null":
+            version = ObjectVersion(version.key, version.etag, version.size, version.mtime, vid)
+        return ObjectInfo(version=version, mode=mode)
+
+    def fetch(self, version: ObjectVersion, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of exactly this version, or a domain error.  Never short."""
+        if stop <= start:
+            return b""
+        if stop > version.size:
+            raise ObjectChanged(f"range {start}-{stop} past size {version.size} of {version.key!r}")
+        kw: dict[str, Any] = {
+            "Bucket": self.cfg.bucket,
+            "Key": version.key,
+            "Range": f"bytes={start}-{stop - 1}",  # the one place HTTP's inclusive end appears
+            "IfMatch": version.etag,
+        }
+        if version.version_id:
+            kw["VersionId"] = version.version_id
+        what = f"get {version.key!r} [{start}, {stop})"
+
+        def attempt() -> bytes:
+            resp = self._client.get_object(**kw)
+            etag = resp.get("ETag")
+            if etag and etag != version.etag:
+                raise ObjectChanged(f"{what}: ETag {etag} != {version.etag}")
+            try:
+                body = resp["Body"].read()
+            except botocore.exceptions.ReadTimeoutError as exc:
+                raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
+            except (botocore.exceptions.ResponseStreamingError, ConnectionError) as exc:
+                # [test fix] A body cut off mid-stream is a short body (DESIGN §5: EIO), not
+                # throttling (EAGAIN): only a timeout says "try again later".
+                raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
+            if len(body) != stop - start:
+                raise _Retryable(ShortBody(f"{what}: got {len(body)} bytes"))
+            return body
+
+        body = self._call(what, attempt)
+        with self._lock:
+            self.bytes += len(body)
+        return body
+
+    # -- retry and classification ---------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        attempts = max(self.cfg.attempts, 1)
+        last: HsmError | None = None
+        for n in range(attempts):
+            if n:
+                # Full jitter (AWS architecture blog): spreads retries of many readers apart.
+                cap = min(self.cfg.backoff_cap_s, self.cfg.backoff_base_s * (2 ** n))
+                delay = random.uniform(0, cap)
+                level = logging.DEBUG if n < 2 else logging.INFO if n < 4 else logging.WARNING
+                log.log(level, "%s: attempt %d/%d after %.2fs: %s", what, n + 1, attempts, delay,
+                        last)
+                with self._lock:
+                    self.retries += 1
+                time.sleep(delay)
+            with self._lock:
+                self.requests += 1
+            try:
+                return fn()
+            except _Retryable as exc:
+                last = exc.final
+            except HsmError:
+                raise
+            except botocore.exceptions.ClientError as exc:
+                final = self._classify(what, exc)
+                if not isinstance(final, _Retryable):
+                    raise final from exc
+                last = final.final
+            except (botocore.exceptions.ConnectTimeoutError,
+                    botocore.exceptions.ReadTimeoutError) as exc:
+                last = Throttled(f"{what}: timed out: {exc}")
+            except (botocore.exceptions.EndpointConnectionError,
+                    botocore.exceptions.ConnectionClosedError,
+                    botocore.exceptions.ProxyConnectionError,
+                    botocore.exceptions.HTTPClientError,
+                    ConnectionError) as exc:
+                last = BackendUnavailable(f"{what}: {exc}")
+            except botocore.exceptions.NoCredentialsError as exc:
+                raise AccessDenied(
+                    f"{what}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                    "AWS_PROFILE or -o profile=)") from exc
+            except botocore.exceptions.BotoCoreError as exc:
+                raise BackendUnavailable(f"{what}: {exc}") from exc
+        assert last is not None
+        raise last
+
+    @staticmethod
+    def _classify(what: str, exc: botocore.exceptions.ClientError) -> HsmError | _Retryable:
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        detail = f"{what}: HTTP {status} {code}"
+        if status == 412 or code == "PreconditionFailed":
+            return ObjectChanged(f"{detail}: object changed since its stub was made")
+        if status == 404 or code in {"NoSuchKey", "NotFound", "NoSuchVersion"}:
+            return ObjectMissing(f"{detail}: object gone")
+        if status == 416 or code == "InvalidRange":
+            return ObjectChanged(f"{detail}: object shrank")
+        if status == 403 or code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            return AccessDenied(detail)
+        if code in _THROTTLE_CODES or status == 429:
+            return _Retryable(Throttled(detail))
+        if status in _RETRY_STATUS or code in {"InternalError", "ServiceUnavailable"}:
+            return _Retryable(BackendUnavailable(detail))
+        if code == "NoSuchBucket":
+            return ObjectMissing(detail)
+        return BackendUnavailable(detail)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"s3_requests": self.requests, "s3_bytes": self.bytes,
+                    "s3_retries": self.retries}

@@ -1,0 +1,123 @@
+"""Domain errors and the one errno table (DESIGN §5).
+
+The backend raises these; the cache lets them propagate; each door turns them into an errno with
+:func:`to_errno` and nothing else, so the same cause reaches an application as the same errno
+through FUSE and through fanotify.  Every errno returned here is one that ``FAN_DENY_ERRNO``
+accepts on this kernel (KERNEL_FACTS §4): a door never has to translate again.
+"""
+
+from __future__ import annotations
+
+import errno
+
+#: The errnos a pre-content group may answer with (KERNEL_FACTS §4).  Anything else is refused by
+#: the kernel with EINVAL and the event stays pending, so the table below never leaves this set.
+DENY_ERRNOS = frozenset(
+    {errno.EPERM, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETXTBSY, errno.ENOSPC, errno.EDQUOT}
+)
+
+
+class HsmError(Exception):
+    """Base of every failure the core reports on a file's behalf.
+
+    ``cause`` is a short stable word used for counters and logs (``errors_by_cause``).
+    """
+
+    cause = "error"
+
+
+class ObjectMissing(HsmError):
+    """The object is gone from S3 (404)."""
+
+    cause = "missing"
+
+
+class ObjectChanged(HsmError):
+    """The object in S3 is no longer the version this stub was made from (412, ETag or size)."""
+
+    cause = "changed"
+
+
+class AccessDenied(HsmError):
+    """S3 refused the credentials (403)."""
+
+    cause = "denied"
+
+
+class BackendUnavailable(HsmError):
+    """S3 unreachable or failing (connection refused, 5xx) after every retry."""
+
+    cause = "unavailable"
+
+
+class Throttled(HsmError):
+    """S3 throttled us (503 SlowDown) or timed out after every retry: worth retrying later."""
+
+    cause = "throttled"
+
+
+class ShortBody(HsmError):
+    """S3 returned fewer (or more) bytes than the range asked for."""
+
+    cause = "short_body"
+
+
+class CacheFull(HsmError):
+    """The local cache disk is full while populating."""
+
+    cause = "cache_full"
+
+
+class QuotaExceeded(HsmError):
+    """A configured remote quota refuses growth."""
+
+    cause = "quota"
+
+
+class FileBusy(HsmError):
+    """The file is being released (holes punched): readers must not see it half-way."""
+
+    cause = "busy"
+
+
+class TextBusy(HsmError):
+    """An executable cannot be populated or written while it runs."""
+
+    cause = "text_busy"
+
+
+def to_errno(exc: BaseException) -> int:
+    """Map any failure to the errno an application sees, from :data:`DENY_ERRNOS` only."""
+    match exc:
+        case ObjectMissing() | ObjectChanged() | BackendUnavailable() | ShortBody():
+            # Unaware programs treat any read error as fatal; EIO is the honest "data not
+            # available" and what a failing disk would give them.
+            return errno.EIO
+        case Throttled():
+            # HSM-aware callers may back off and retry; EAGAIN says exactly that.
+            return errno.EAGAIN
+        case AccessDenied():
+            return errno.EPERM
+        case CacheFull():
+            return errno.ENOSPC
+        case QuotaExceeded():
+            return errno.EDQUOT
+        case FileBusy():
+            return errno.EBUSY
+        case TextBusy():
+            return errno.ETXTBSY
+        case OSError() if exc.errno in DENY_ERRNOS:
+            # A local ENOSPC/EDQUOT while writing the backing file keeps its meaning.
+            return exc.errno
+        case _:
+            # Anything unexpected is a bug or a local I/O failure: fail closed with EIO.
+            return errno.EIO
+
+
+def cause_of(exc: BaseException) -> str:
+    """The counter key for a failure."""
+    if isinstance(exc, HsmError):
+        return exc.cause
+    if isinstance(exc, OSError):
+        return errno.errorcode.get(exc.errno or 0, "oserror").lower()
+    return type(exc).__name__

@@ -1,0 +1,96 @@
+"""A pure map of byte ranges: which bytes of a file are resident.
+
+No I/O, no trio: property tests hammer it against a bitmap model.  Spans are half-open
+``[start, stop)``, like Python slices; HTTP's inclusive ranges appear only in backend_s3.
+Invariant: ``_spans`` is sorted, non-empty spans, never touching or overlapping.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+
+class Span(NamedTuple):
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+class RangeMap:
+    __slots__ = ("_spans",)
+
+    def __init__(self, spans: Iterable[tuple[int, int]] = ()) -> None:
+        self._spans: list[Span] = []
+        for start, stop in spans:
+            self.add(start, stop)
+
+    def __iter__(self) -> Iterator[Span]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __repr__(self) -> str:
+        return f"RangeMap({[tuple(s) for s in self._spans]})"
+
+    def total(self) -> int:
+        return sum(s.length for s in self._spans)
+
+    def add(self, start: int, stop: int) -> None:
+        """Mark ``[start, stop)`` present, merging with neighbours it touches."""
+        if stop <= start:
+            return
+        spans = self._spans
+        # First span whose stop >= start (touching counts, so neighbours merge).
+        lo = bisect.bisect_left(spans, start, key=lambda s: s.stop)
+        hi = lo
+        while hi < len(spans) and spans[hi].start <= stop:
+            start = min(start, spans[hi].start)
+            stop = max(stop, spans[hi].stop)
+            hi += 1
+        spans[lo:hi] = [Span(start, stop)]
+
+    def remove(self, start: int, stop: int) -> None:
+        """Mark ``[start, stop)`` absent (a punched hole)."""
+        if stop <= start:
+            return
+        out: list[Span] = []
+        for s in self._spans:
+            if s.stop <= start or s.start >= stop:
+                out.append(s)
+                continue
+            if s.start < start:
+                out.append(Span(s.start, start))
+            if s.stop > stop:
+                out.append(Span(stop, s.stop))
+        self._spans = out
+
+    def covers(self, start: int, stop: int) -> bool:
+        if stop <= start:
+            return True
+        i = bisect.bisect_right(self._spans, start, key=lambda s: s.start) - 1
+        return i >= 0 and self._spans[i].stop >= stop
+
+    def missing(self, start: int, stop: int) -> list[Span]:
+        """The sub-spans of ``[start, stop)`` not present, in order."""
+        out: list[Span] = []
+        pos = start
+        i = max(bisect.bisect_right(self._spans, start, key=lambda s: s.start) - 1, 0)
+        for s in self._spans[i:]:
+            if s.start >= stop:
+                break
+            if s.stop <= pos:
+                continue
+            if s.start > pos:
+                out.append(Span(pos, min(s.start, stop)))
+            pos = max(pos, s.stop)
+            if pos >= stop:
+                break
+        if pos < stop:
+            out.append(Span(pos, stop))
+        return out
