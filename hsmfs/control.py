@@ -1,0 +1,88 @@
+"""The daemon's control socket: ``hsmfs stats`` and ``hsmfs state`` ask a running daemon.
+
+One JSON request per connection, one JSON reply, on a unix socket in the cache's state
+directory (root-only, like the rest of ``.hsmfs/``).  The server runs on the trio loop and only
+reads in-memory counters, so it never blocks a door.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .keys import STATE_DIR
+
+log = logging.getLogger(__name__)
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 1 << 16
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def socket_path(cache_dir: str) -> str:
+    return os.path.join(cache_dir, STATE_DIR, SOCKET_NAME)
+
+
+async def serve(cache_dir: str, handler: Handler, *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    path = socket_path(cache_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(_answer, conn, handler)
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def _answer(conn: trio.socket.SocketType, handler: Handler) -> None:
+    with conn:
+        try:
+            with trio.fail_after(5):
+                buf = b""
+                while not buf.endswith(b"\n") and len(buf) < MAX_REQUEST:
+                    chunk = await conn.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                request = json.loads(buf or b"{}")
+                try:
+                    reply = handler(request)
+                except Exception as exc:  # a bad request must not take the daemon down
+                    log.exception("control request %r failed", request)
+                    reply = {"error": str(exc)}
+                out = memoryview(json.dumps(reply).encode() + b"\n")
+                while out:
+                    out = out[await conn.send(out):]
+        except (trio.TooSlowError, OSError, ValueError) as exc:
+            log.info("control connection dropped: %s", exc)
+        except Exception:  # the control socket must never take the doors down with it
+            log.exception("control connection failed")
+
+
+def query(cache_dir: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Client side (blocking): send one request to the daemon serving ``cache_dir``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path(cache_dir))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    return json.loads(buf)

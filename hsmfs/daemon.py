@@ -1,0 +1,191 @@
+"""One hsmfs daemon: list the bucket, populate the backing tree, serve the doors until stopped.
+
+Owns the process's single trio loop and its root nursery: the cache's background work, the
+control socket, the FUSE door (``pyfuse3.main``) and the kernel door run side by side in it.
+Must not: parse argv (``__main__`` does), or know how a door works inside.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from . import control
+from .backend_s3 import ObjectInfo, S3Backend
+from .cache import StubCache, describe
+from .config import Options
+from .errors import HsmError
+
+log = logging.getLogger(__name__)
+
+
+class KernelDoor(Protocol):
+    """What the daemon needs of the kernel door (``kernel_bridge.KernelBridge``)."""
+
+    root_fd: int
+
+    def on_stub(self, fd: int, resident: bool) -> None: ...
+    def on_resident(self, fd: int) -> None: ...
+    async def serve(self, cache: StubCache, *, task_status: trio.TaskStatus[None]) -> None: ...
+    def stats(self) -> dict[str, object]: ...
+
+
+async def list_objects(backend: S3Backend, opts: Options) -> list[ObjectInfo]:
+    """The listing, with each object's mode from HEAD when asked (concurrently, in threads)."""
+    versions = await trio.to_thread.run_sync(lambda: list(backend.list()))
+    if not opts.cache.head_for_mode:
+        return [ObjectInfo(v) for v in versions]
+    infos: dict[str, ObjectInfo] = {}
+    limiter = trio.CapacityLimiter(opts.s3.max_connections)
+
+    async def head_one(v: Any) -> None:
+        try:
+            infos[v.key] = await trio.to_thread.run_sync(backend.head, v, limiter=limiter)
+        except HsmError as exc:
+            # Changed or gone between LIST and HEAD: keep the listed version; its reads will
+            # report the change.  The mode falls back to the default.
+            log.info("HEAD %r: %s; using the listing", v.key, exc)
+            infos[v.key] = ObjectInfo(v)
+
+    async with trio.open_nursery() as nursery:
+        for v in versions:
+            if v.key.endswith("/"):
+                infos[v.key] = ObjectInfo(v)  # directory marker: nothing to ask
+            else:
+                nursery.start_soon(head_one, v)
+    return [infos[v.key] for v in versions]
+
+
+async def serve(opts: Options, *, ready: Callable[[str], None],
+                kernel: KernelDoor | None = None) -> None:
+    started = time.monotonic()
+    backend = S3Backend(opts.s3)
+    log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
+    objects = await list_objects(backend, opts)
+    cache = StubCache(opts.cache, backend, kernel.root_fd if kernel else None)
+    if kernel is not None:
+        cache.listeners.append(kernel)
+    report = await cache.populate(objects, opts.s3.prefix)
+    ops = None
+    if opts.fuse is not None:
+        from .ops import Operations  # pyfuse3 only where a FUSE door is asked for
+
+        ops = Operations(cache, opts.fuse)
+
+    def handle(request: dict[str, Any]) -> dict[str, Any]:
+        match request.get("cmd"):
+            case "stats":
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                out: dict[str, Any] = {
+                    "pid": os.getpid(),
+                    "uptime_s": round(time.monotonic() - started, 3),
+                    "daemon_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+                    **cache.stats(),
+                }
+                if ops is not None:
+                    out["fuse"] = ops.stats()
+                if kernel is not None:
+                    out["kernel"] = kernel.stats()
+                return out
+            case "state":
+                return {"states": [_state(cache, p) for p in request.get("paths", [])]}
+            case other:
+                return {"error": f"unknown command {other!r}"}
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        await nursery.start(control.serve, opts.cache.cache_dir, handle)
+        if kernel is not None:
+            await nursery.start(kernel.serve, cache)
+        stop = trio.Event()
+        nursery.start_soon(_watch_signals, stop, ops is not None)
+        if ops is not None:
+            await _start_fuse(nursery, ops, opts, stop)
+        summary = (f"{len(objects)} objects, {report.created} new stubs, {report.kept} kept, "
+                   f"{len(report.rejected)} refused keys")
+        log.info("serving: %s", summary)
+        ready(summary)
+        await stop.wait()
+        log.info("stopping")
+        nursery.cancel_scope.cancel()
+    cache.close()
+
+
+_fuse_session_open = False
+
+
+async def _start_fuse(nursery: trio.Nursery, ops: Any, opts: Options, stop: trio.Event) -> None:
+    """Mount, start serving, and return once the mount answers with 1 MiB read-ahead."""
+    global _fuse_session_open
+    import pyfuse3
+
+    from .ops import mount_options, raise_read_ahead
+
+    assert opts.fuse is not None
+    pyfuse3.init(ops, opts.fuse.mountpoint, mount_options(opts.fuse))
+    _fuse_session_open = True
+
+    async def fuse_main() -> None:
+        try:
+            await pyfuse3.main()  # returns when unmounted, or after pyfuse3.terminate()
+        finally:
+            stop.set()
+
+    nursery.start_soon(fuse_main, name="fuse")
+    # The kernel sets the mount's read-ahead from our INIT reply, overwriting anything written
+    # before it.  A stat is the first request after INIT: once it returns, INIT is done, the
+    # value we write stays, and the mount is known to serve.
+    await trio.to_thread.run_sync(os.stat, opts.fuse.mountpoint)
+    raise_read_ahead(opts.fuse.mountpoint, opts.fuse.read_ahead_kb)
+
+
+def run(opts: Options, ready: Callable[[str], None], kernel: KernelDoor | None = None) -> None:
+    """Run :func:`serve` on a new trio loop; close the FUSE session (unmounting if it is still
+    mounted) however the loop ends.  pyfuse3.close() on a session never opened would crash."""
+    global _fuse_session_open
+    try:
+        trio.run(lambda: serve(opts, ready=ready, kernel=kernel))
+    finally:
+        if _fuse_session_open and opts.fuse is not None:
+            import pyfuse3
+
+            _fuse_session_open = False
+            pyfuse3.close(unmount=unmount_after(opts.fuse.mountpoint))
+
+
+async def _watch_signals(stop: trio.Event, fuse: bool) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: shutting down", signum)
+            stop.set()
+            if fuse:
+                import pyfuse3
+
+                pyfuse3.terminate()
+            return
+
+
+def _state(cache: StubCache, path: str) -> dict[str, Any]:
+    rel = os.path.relpath(os.path.abspath(path), cache.cfg.cache_dir) if os.path.isabs(
+        path) else path
+    stub = cache.stub_at(rel)
+    if stub is None:
+        return describe(os.path.join(cache.cfg.cache_dir, rel))
+    state, resident = cache.state_of(stub)
+    return {"path": path, "state": state, "size": stub.size, "resident_bytes": resident,
+            "key": stub.version.key, "etag": stub.version.etag}
+
+
+def unmount_after(mountpoint: str) -> bool:
+    """Whether the FUSE mount is still in place (so closing must unmount it)."""
+    from .ops import mountinfo
+
+    target = os.path.abspath(mountpoint)
+    return any(fields[4] == target for fields in mountinfo())

@@ -1,0 +1,386 @@
+"""The FUSE door: pyfuse3 operations over the backing tree.
+
+A translation, nothing more: a FUSE request in, :meth:`StubCache.ensure` for the bytes it
+touches, the backing file's bytes or an errno out.  What is resident, when to fetch and which
+errno belong to the core (``cache.py``, ``errors.to_errno``).
+
+Choices (measured in FUSE_BASELINE.md):
+
+* FUSE inode numbers are the backing files' own ``st_ino`` (the cache root maps to
+  ``ROOT_INODE``), so both doors name a file the same way and no table must survive a restart.
+* ``keep_cache=True``: a re-read of a resident file is served by the kernel page cache and never
+  reaches Python.  Requests are 1 MiB (the mount's ``read_ahead_kb`` is raised right after
+  mounting), and entry/attribute timeouts are long (never 0).
+* Reads first try ``preadv(RWF_NOWAIT)`` inline — a page-cache hit costs no thread hop — and
+  only go to a worker thread when the data is not cached.  All other file I/O runs in threads.
+* The door is read-only in this release: the mount is ``ro`` and write opens get ``EROFS``.
+* Only ``FUSEError`` may leave a handler (pyfuse3's contract); :func:`_boundary` turns anything
+  else into ``EIO`` with one log line, so a bug fails one request instead of the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from .cache import XATTR_STATE, Stub, StubCache
+from .config import FuseConfig
+from .errors import HsmError, to_errno
+from .keys import STATE_DIR
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+#: The kernel opens an executable with ``__FMODE_EXEC`` in the flags it passes to FUSE_OPEN.
+#: A binary is fetched whole before it runs: pages of a running text must never be missing.
+FMODE_EXEC = 0x20
+
+#: Xattrs the door computes rather than reads from the backing file.
+XATTR_CACHE_DIR = "user.hsmfs.cache_dir"
+
+
+def _boundary(fn: F) -> F:
+    """Let only FUSEError out of a handler; log anything else once and answer EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FUSEError(exc.errno) from None
+            log.warning("%s%r: %s", fn.__name__, args[:3], exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected failure in %s%r", fn.__name__, args[:3])
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class _Handle:
+    fd: int
+    stub: Stub | None  # None: a local file hsmfs does not manage
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, cache: StubCache, cfg: FuseConfig) -> None:
+        super().__init__()
+        self.cache = cache
+        self.cfg = cfg
+        self.root_fd = cache.root_fd
+        self.root_ino = os.stat(".", dir_fd=self.root_fd).st_ino
+        # inode -> path relative to the cache root ("" for the root); filled by lookup/readdir.
+        self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        self._next_fh = 1
+        self.requests: dict[str, int] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _count(self, op: str) -> None:
+        self.requests[op] = self.requests.get(op, 0) + 1
+
+    def _path(self, inode: int) -> str:
+        try:
+            return self._paths[inode]
+        except KeyError:
+            raise FUSEError(errno.ENOENT) from None
+
+    def _rel(self, path: str) -> str:
+        return path or "."
+
+    def _inode_of(self, st: os.stat_result) -> int:
+        return pyfuse3.ROOT_INODE if st.st_ino == self.root_ino else st.st_ino
+
+    def _attrs(self, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._inode_of(st)
+        a.generation = 0
+        a.entry_timeout = self.cfg.attr_timeout_s
+        a.attr_timeout = self.cfg.attr_timeout_s
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = 1 << 20  # tells cp & co. to use 1 MiB buffers: fewer, larger requests
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _stat(self, path: str) -> os.stat_result:
+        return os.stat(self._rel(path), dir_fd=self.root_fd, follow_symlinks=False)
+
+    def _hidden(self, parent_path: str, name: str) -> bool:
+        return parent_path == "" and name == STATE_DIR
+
+    def _proc_path(self, path: str) -> str:
+        # Path-based calls (xattrs) reach the backing file through the private door's fd.
+        return f"/proc/self/fd/{self.root_fd}/{path}" if path else f"/proc/self/fd/{self.root_fd}"
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        self._count("lookup")
+        parent = self._path(parent_inode)
+        sname = os.fsdecode(name)
+        if self._hidden(parent, sname):
+            raise FUSEError(errno.ENOENT)
+        path = f"{parent}/{sname}" if parent else sname
+        st = self._stat(path)
+        self._paths[self._inode_of(st)] = path
+        return self._attrs(st)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self._count("getattr")
+        return self._attrs(self._stat(self._path(inode)))
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        self._count("readlink")
+        return os.fsencode(os.readlink(self._path(inode), dir_fd=self.root_fd))
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self._count("opendir")
+        path = self._path(inode)
+        entries = await trio.to_thread.run_sync(self._list_dir, path)
+        fh = self._new_fh()
+        self._dirs[fh] = entries
+        return fh
+
+    def _list_dir(self, path: str) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """Snapshot a directory with full attributes (readdirplus: a walk needs no lookups)."""
+        fd = os.open(self._rel(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.root_fd)
+        out: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if self._hidden(path, entry.name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    child = f"{path}/{entry.name}" if path else entry.name
+                    self._paths[self._inode_of(st)] = child
+                    out.append((os.fsencode(entry.name), self._attrs(st)))
+        finally:
+            os.close(fd)
+        out.sort(key=lambda e: e[0])
+        return out
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        self._count("readdir")
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, attrs = entries[i]
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                break
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_boundary
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        self._count("statfs")
+        sv = await trio.to_thread.run_sync(os.statvfs, self.cache.cfg.cache_dir)
+        d = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(d, attr, getattr(sv, attr))
+        return d
+
+    @_boundary
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        # default_permissions is on: the kernel checks modes itself; only refuse writes.
+        return not (mode & os.W_OK)
+
+    # -- xattrs: the state word and remote identity, for HSM-aware tools ---------------------
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self._count("getxattr")
+        sname = os.fsdecode(name)
+        path = self._path(inode)
+        if inode == pyfuse3.ROOT_INODE and sname == XATTR_CACHE_DIR:
+            return os.fsencode(self.cache.cfg.cache_dir)
+        stub = self.cache.stub_at(path)
+        if sname == XATTR_STATE and stub is not None:
+            # Computed, not read: the core's state is fresher than the xattr it writes.
+            return self.cache.state_of(stub)[0].encode()
+        try:
+            return os.getxattr(self._proc_path(path), sname)
+        except OSError as exc:
+            raise FUSEError(errno.ENODATA if exc.errno == errno.ENODATA else exc.errno) from None
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        self._count("listxattr")
+        names = [os.fsencode(n) for n in os.listxattr(self._proc_path(self._path(inode)))]
+        if inode == pyfuse3.ROOT_INODE:
+            names.append(XATTR_CACHE_DIR.encode())
+        return names
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        self._count("open")
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FUSEError(errno.EROFS)
+        path = self._path(inode)
+        fd = await trio.to_thread.run_sync(
+            functools.partial(os.open, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=self.root_fd))
+        stub = self.cache.stub_at(path)
+        if stub is not None and flags & FMODE_EXEC:
+            try:
+                await self.cache.ensure(stub, 0, stub.size, whole=True)
+            except Exception as exc:
+                os.close(fd)
+                raise FUSEError(_errno_for(exc, "exec open", path)) from None
+        fh = self._new_fh()
+        self._handles[fh] = _Handle(fd, stub)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        self._count("read")
+        h = self._handles[fh]
+        if h.stub is not None:
+            try:
+                await self.cache.ensure(h.stub, off, off + size)
+            except Exception as exc:
+                raise FUSEError(_errno_for(exc, "read", h.stub.path)) from None
+        data = self._pread_nowait(h.fd, size, off)
+        if data is None:
+            data = await trio.to_thread.run_sync(os.pread, h.fd, size, off)
+        self.cache.note_served(len(data))
+        return data
+
+    @staticmethod
+    def _pread_nowait(fd: int, size: int, off: int) -> bytes | None:
+        """A page-cache hit, inline; None when the read would block on the disk."""
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise
+        if n < size and n < _remaining(fd, off):
+            return None  # part of it was not cached; let a thread read it all
+        return bytes(buf[:n])
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+
+    # -- writes are refused in this release ---------------------------------------------------
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+                     ) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise FUSEError(errno.EROFS)
+
+    def stats(self) -> dict[str, object]:
+        return {"fuse_requests": dict(self.requests), "open_files": len(self._handles)}
+
+
+def _errno_for(exc: Exception, op: str, path: str) -> int:
+    """The errno table's answer; a failure the core did not expect is logged here, once (the
+    core already logged every fetch failure with its key, range and cause)."""
+    if not isinstance(exc, (HsmError, OSError)):
+        log.exception("unexpected failure in %s of %r", op, path)
+    return to_errno(exc)
+
+
+def _remaining(fd: int, off: int) -> int:
+    return max(os.fstat(fd).st_size - off, 0)
+
+
+def mount_options(cfg: FuseConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname={cfg.fsname}", "subtype=hsmfs", "ro"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def raise_read_ahead(mountpoint: str, kb: int) -> None:
+    """Set the mount's bdi ``read_ahead_kb`` (root only) so FUSE sends 1 MiB requests.
+
+    The device number comes from mountinfo, never from ``stat(mountpoint)``: that would be a
+    GETATTR to this very daemon before its loop runs, a deadlock.
+    """
+    target = os.path.abspath(mountpoint)  # realpath() would lstat the mount: the same deadlock
+    dev = None
+    for fields in mountinfo():
+        if fields[4] == target and fields[fields.index("-") + 1].startswith("fuse"):
+            dev = fields[2]
+    if dev is None:
+        log.warning("cannot find %s in mountinfo; read_ahead_kb unchanged", target)
+        return
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        # Not root: 128 KiB requests, about 30-40 % slower first reads (FUSE_BASELINE §2).
+        log.info("cannot raise %s to %d: %s", path, kb, exc)
+
+
+def mountinfo() -> list[list[str]]:
+    """Fields of /proc/self/mountinfo, with mount points' octal escapes (``\\040``) decoded."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fields[4] = fields[4].encode().decode("unicode_escape")
+            out.append(fields)
+    return out
