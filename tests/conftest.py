@@ -296,3 +296,7 @@ def daemon_log(cache: Path, mnt: Path) -> str:
 def run(cmd: list[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
     """An unaware program, bounded."""
     return subprocess.run(cmd, capture_output=True, timeout=timeout, **kw)
+
+
+# Shared by the backend, FUSE and kernel-door tests.
+from support.fixtures import fault_proxy  # noqa: E402, F401

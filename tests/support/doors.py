@@ -1,0 +1,108 @@
+"""Run one hsmfs door as a real subprocess and hand tests the path applications read.
+
+``fuse``: ``hsmfs mount -f SRC MNT`` — applications read the mountpoint.
+``kernel``: ``hsmfs serve -f SRC DIR`` — applications read the backing tree itself.
+The same test body runs against both (``door`` fixture), which is what makes the comparison of
+the doors honest.  Every daemon is stopped by PID and every mount removed, even on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DOORS = [
+    pytest.param("fuse", marks=pytest.mark.needs_fuse, id="fuse"),
+    pytest.param("kernel", marks=pytest.mark.needs_precontent, id="kernel"),
+]
+
+
+@dataclass
+class Served:
+    kind: str
+    root: Path  # where applications read the objects
+    cache: Path
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stats(self) -> dict:
+        out = subprocess.run([sys.executable, "-m", "hsmfs", "stats", "--json", str(self.cache)],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _is_mounted(path: Path) -> bool:
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _unmount(path: Path) -> None:
+    if _is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=10)
+    if _is_mounted(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 15) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # The whole process group: a kernel-door holder and its worker.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def serve_door(kind: str, source: str, workdir: Path, endpoint: str, *opts: str,
+               timeout: float = 60) -> Iterator[Served]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = workdir / "cache"
+    log_path = workdir / f"{kind}.log"
+    options = [f"endpoint={endpoint}", *opts]
+    if kind == "fuse":
+        root = workdir / "mnt"
+        root.mkdir(exist_ok=True)
+        cmd = ["mount", "-f", source, str(root), "-o", ",".join([f"cache={cache}", *options])]
+    else:
+        root = cache
+        cmd = ["serve", "-f", source, str(cache), "-o", ",".join(options)]
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "hsmfs", *cmd], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while b"ready:" not in log_path.read_bytes():
+            if proc.poll() is not None:
+                raise RuntimeError(f"hsmfs {kind} exited with {proc.returncode}:\n"
+                                   + log_path.read_text(errors="replace"))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"hsmfs {kind} not ready after {timeout}s:\n"
+                                   + log_path.read_text(errors="replace"))
+            time.sleep(0.02)
+        yield Served(kind, root, cache, proc, log_path)
+    finally:
+        if kind == "fuse" and _is_mounted(root):
+            subprocess.run(["fusermount3", "-u", str(root)], capture_output=True, timeout=10)
+        _stop(proc)
+        if kind == "fuse":
+            _unmount(root)
+        log.close()
