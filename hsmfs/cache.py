@@ -59,9 +59,12 @@ XATTR_ETAG = "user.hsmfs.etag"
 XATTR_SIZE = "user.hsmfs.size"  # remote size: bytes below it come from S3
 XATTR_VERSION = "user.hsmfs.version"
 XATTR_STATE = "user.hsm.state"
+XATTR_DIRTY = "user.hsmfs.dirty"  # "1": local changes S3 does not have
 IDENTITY_XATTRS = (XATTR_KEY, XATTR_ETAG, XATTR_SIZE, XATTR_VERSION)
 
-STUB, PARTIAL, RESIDENT, STALE = "stub", "partial", "resident", "stale"
+STUB, PARTIAL, RESIDENT, DIRTY, STALE = "stub", "partial", "resident", "dirty", "stale"
+#: States in which every byte is local: nothing to fetch, nothing for a door to guard.
+LOCAL_STATES = frozenset({RESIDENT, DIRTY})
 STAGING_DIR = f"{STATE_DIR}/staging"
 
 
@@ -111,6 +114,8 @@ class Stub:
     ranges: RangeMap | None = None  # None until loaded from the file's data extents
     fd: int | None = None  # O_RDWR through the private door, opened on first fill
     # Sequential read-ahead: where the last access ended, and the current window.
+    dirty: bool = False  # local changes S3 does not have (a local truncate, so far)
+    ra_last_start: int = 0
     ra_last_stop: int = 0
     ra_window: int = 0
 
@@ -340,12 +345,16 @@ class StubCache:
             # The listing shows this very version again, so an old "stale" no longer holds.
             # [test fix] Data extents, not st_blocks: st_blocks also counts an external xattr
             # block (ext4 with small inodes: the identity xattrs alone take 4 KiB).
-            state = (RESIDENT if ident.state == RESIDENT
-                     else PARTIAL if _has_data(fd, info.version.size) else STUB)
-            stub = Stub(path=rel, version=info.version, ino=st.st_ino, state=state)
+            version = info.version
+            if ident.size < version.size:  # truncated locally in an earlier run
+                version = _with_size(version, ident.size)
+            state = (ident.state if ident.state in LOCAL_STATES
+                     else PARTIAL if _has_data(fd, version.size) else STUB)
+            stub = Stub(path=rel, version=version, ino=st.st_ino, state=state,
+                        dirty=ident.state == DIRTY)
             self._register(stub)
             for listener in self.listeners:
-                listener.on_stub(fd, stub.state == RESIDENT)
+                listener.on_stub(fd, stub.state in LOCAL_STATES)
         finally:
             os.close(fd)
 
@@ -395,7 +404,7 @@ class StubCache:
         ``whole`` asks for the entire file (exec, open-time fill).  Ranges past the remote size
         are local bytes and need nothing.  Small files are fetched whole on first touch.
         """
-        if stub.state == RESIDENT:
+        if stub.state in LOCAL_STATES:
             self.counters.hits += 1
             return
         size = stub.size
@@ -414,6 +423,23 @@ class StubCache:
             await self._fetch(stub, start, stop, wait=True)
         if not whole:
             self._read_ahead(stub, start, stop)
+
+    def note_size(self, stub: Stub, size: int) -> None:
+        """A door saw the backing file at ``size`` bytes.  hsmfs never shrinks a stub, so a
+        size below the remote size is a local truncate: the bytes above it are gone from this
+        file and must never be fetched back over what the application writes next.  The remote
+        size drops to match (persisted), and the file is dirty: it no longer equals S3."""
+        if size >= stub.size:
+            return
+        log.info("%r truncated locally to %d bytes (remote size %d): now dirty", stub.path,
+                 size, stub.size)
+        stub.version = _with_size(stub.version, size)
+        stub.dirty = True
+        fd = self._rw_fd(stub)
+        os.setxattr(fd, XATTR_SIZE, str(size).encode())
+        os.setxattr(fd, XATTR_DIRTY, b"1")
+        if (stub.ranges is not None and stub.ranges.covers(0, size)) or size == 0:
+            self._mark_resident(stub)
 
     def note_served(self, nbytes: int) -> None:
         self.counters.served_bytes += nbytes
@@ -596,11 +622,12 @@ class StubCache:
                 os.setxattr(self._rw_fd(stub), XATTR_STATE, PARTIAL.encode())
 
     def _mark_resident(self, stub: Stub) -> None:
-        if stub.state == RESIDENT:
+        if stub.state in LOCAL_STATES:
             return
         fd = self._rw_fd(stub)
-        os.setxattr(fd, XATTR_STATE, RESIDENT.encode())
-        stub.state = RESIDENT
+        state = DIRTY if stub.dirty else RESIDENT
+        os.setxattr(fd, XATTR_STATE, state.encode())
+        stub.state = state
         for listener in self.listeners:
             listener.on_resident(fd)
         # A resident file is read through the doors' own fds; keep no descriptor for it.
@@ -611,14 +638,19 @@ class StubCache:
     def _read_ahead(self, stub: Stub, start: int, stop: int) -> None:
         """Grow a window on sequential access (double up to ``readahead_max``), drop it on a
         jump; prefetch the window's missing chunks in the background."""
-        if self._nursery is None or stub.state in (RESIDENT, STALE):
+        if self._nursery is None or stub.state in (RESIDENT, DIRTY, STALE):
             return
         chunk = self.cfg.chunk_size
+        if stub.ra_last_start <= start and stop <= stub.ra_last_stop:
+            # Nothing new: a repeat, or another reader of the same range (the kernel door sees
+            # one event per reader).  It says nothing about the direction of travel.
+            return
         sequential = start == 0 or abs(start - stub.ra_last_stop) <= chunk
         if sequential:
             stub.ra_window = min(max(stub.ra_window * 2, chunk), self.cfg.readahead_max)
         else:
             stub.ra_window = 0
+        stub.ra_last_start = start
         stub.ra_last_stop = max(stop, stub.ra_last_stop) if sequential else stop
         if stub.ra_window and stop < stub.size:
             self._nursery.start_soon(self._prefetch, stub, stop,
@@ -631,8 +663,8 @@ class StubCache:
 
     def state_of(self, stub: Stub) -> tuple[str, int]:
         """(state word, resident bytes below the remote size)."""
-        if stub.state == RESIDENT:
-            return RESIDENT, stub.size
+        if stub.state in LOCAL_STATES:
+            return stub.state, stub.size
         if stub.state == STUB and stub.ranges is None:
             # [test fix] Nothing was ever written (a fill would have made it partial); the
             # st_blocks estimate below would count an external xattr block as data.
@@ -655,13 +687,20 @@ class StubCache:
             "prefetched_bytes": c.prefetched_bytes,
             "errors": dict(c.errors),
             "stubs": len(self._by_path),
-            "resident_files": sum(1 for s in self._by_path.values() if s.state == RESIDENT),
+            "resident_files": sum(1 for s in self._by_path.values()
+                                  if s.state in LOCAL_STATES),
             "inflight_chunks": len(self._inflight),
         }
         backend_stats = getattr(self.fetcher, "stats", None)
         if callable(backend_stats):
             out.update(backend_stats())
         return out
+
+
+def _with_size(version: ObjectVersionLike, size: int) -> ObjectVersionLike:
+    import dataclasses
+
+    return dataclasses.replace(version, size=size)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)
@@ -718,9 +757,9 @@ def describe(path: str) -> dict[str, object]:
     except OSError:
         info.update(state="local", resident_bytes=st.st_size, key=None)
         return info
-    if state not in (RESIDENT, STALE):
+    if state not in (RESIDENT, DIRTY, STALE):
         state = PARTIAL if st.st_blocks else STUB
-    resident = remote if state == RESIDENT else min(st.st_blocks * 512, remote)
+    resident = remote if state in LOCAL_STATES else min(st.st_blocks * 512, remote)
     info.update(state=state, resident_bytes=resident, key=key, remote_size=remote,
                 etag=os.getxattr(path, XATTR_ETAG).decode(), mtime=time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)))
