@@ -161,7 +161,7 @@ class S3Backend:
             except botocore.exceptions.ReadTimeoutError as exc:
                 raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
             except (botocore.exceptions.ResponseStreamingError, ConnectionError) as exc:
-                # [test fix] A body cut off mid-stream is a short body (DESIGN §5: EIO), not
+                # A body cut off mid-stream is a short body (DESIGN §5: EIO), not
                 # throttling (EAGAIN): only a timeout says "try again later".
                 raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
             if len(body) != stop - start:

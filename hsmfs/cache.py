@@ -233,7 +233,7 @@ class StubCache:
                 kept += 1
                 continue
             if old is None and not self._parents_are_dirs(rel):
-                # [test fix] *at() calls follow symlinks in parent components: a symlink planted
+                # *at() calls follow symlinks in parent components: a symlink planted
                 # in the tree (kernel door: apps write here) must not take a stub outside it.
                 log.warning("skipping object %r: a parent of %r is not a directory", key, rel)
                 continue
@@ -256,7 +256,7 @@ class StubCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(rel, dir_fd=self.root_fd)
                 removed += 1
-            # [test fix] Forget it as well, or stub_at()/stub_for_ino() keep answering for a
+            # Forget it as well, or stub_at()/stub_for_ino() keep answering for a
             # file that is gone.  (Its fd, if any, is left open: a flight may still write to it.)
             gone = self._by_path.pop(rel, None)
             if gone is not None:
@@ -282,12 +282,12 @@ class StubCache:
 
     def _mkdir(self, rel: str) -> None:
         if not self._parents_are_dirs(rel):
-            # [test fix] Never create a directory through a symlinked parent (see populate).
+            # Never create a directory through a symlinked parent (see populate).
             log.warning("cannot create directory %r: a parent is not a directory", rel)
             return
         try:
             os.mkdir(rel, self.cfg.dir_mode, dir_fd=self.root_fd)
-            # [test fix] mkdir's mode is filtered by the daemon's umask; dir_mode is what the
+            # mkdir's mode is filtered by the daemon's umask; dir_mode is what the
             # user asked for (stubs get file modes with fchmod, umask-free, likewise).
             os.chmod(rel, self.cfg.dir_mode, dir_fd=self.root_fd)
         except FileExistsError:
@@ -300,7 +300,7 @@ class StubCache:
             log.warning("cannot create directory %r: %s", rel, exc)
 
     def _parents_are_dirs(self, rel: str) -> bool:
-        """[test fix] True when every parent of ``rel`` is a real directory, not a symlink.
+        """True when every parent of ``rel`` is a real directory, not a symlink.
         Checked from the root down, so each lstat resolves through real directories only."""
         parts = rel.split("/")[:-1]
         for i in range(1, len(parts) + 1):
@@ -343,7 +343,7 @@ class StubCache:
         try:
             st = os.fstat(fd)
             # The listing shows this very version again, so an old "stale" no longer holds.
-            # [test fix] Data extents, not st_blocks: st_blocks also counts an external xattr
+            # Data extents, not st_blocks: st_blocks also counts an external xattr
             # block (ext4 with small inodes: the identity xattrs alone take 4 KiB).
             version = info.version
             if ident.size < version.size:  # truncated locally in an earlier run
@@ -525,7 +525,7 @@ class StubCache:
                 self._nursery.start_soon(self._fly, stub, f, True)
             return
         if self._nursery is not None:
-            # [test fix] Own flights run in the cache's nursery, not the reader's: a reader
+            # Own flights run in the cache's nursery, not the reader's: a reader
             # cancelled mid-fetch (FUSE interrupt, killed process) must not fail the readers
             # waiting on its flights with "fetch cancelled"; the fetch completes for them.
             for f in own:
@@ -553,7 +553,7 @@ class StubCache:
                 limiter=self._s3_limiter)
             self.counters.s3_gets += 1
             if len(data) != flight.stop - flight.start:
-                # [test fix] Never claim a hole: the range is claimed below, so its length is
+                # Never claim a hole: the range is claimed below, so its length is
                 # verified here too, whatever the Fetcher promised (DESIGN §3).
                 raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
                                 f"fetcher returned {len(data)} bytes")
@@ -666,7 +666,7 @@ class StubCache:
         if stub.state in LOCAL_STATES:
             return stub.state, stub.size
         if stub.state == STUB and stub.ranges is None:
-            # [test fix] Nothing was ever written (a fill would have made it partial); the
+            # Nothing was ever written (a fill would have made it partial); the
             # st_blocks estimate below would count an external xattr block as data.
             return STUB, 0
         resident = stub.ranges.total() if stub.ranges is not None else None
@@ -726,7 +726,7 @@ class _Identity:
 
 
 def _has_data(fd: int, size: int) -> bool:
-    """[test fix] Whether any byte below ``size`` is data (``SEEK_DATA``)."""
+    """Whether any byte below ``size`` is data (``SEEK_DATA``)."""
     try:
         return os.lseek(fd, 0, os.SEEK_DATA) < size
     except OSError as exc:
