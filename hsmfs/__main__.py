@@ -210,22 +210,60 @@ def _is_fuse(path: str) -> bool:
 
 
 def _cmd_state(args: argparse.Namespace) -> int:
-    from .cache import describe
+    from .cache import PARTIAL, describe
 
     rows = []
     code = 0
     for p in args.paths:
         try:
-            rows.append(describe(p))
+            row = describe(p)
         except OSError as exc:
             print(f"hsmfs: {p}: {exc.strerror}", file=sys.stderr)
             code = 1
+            continue
+        if row["state"] == PARTIAL:
+            row["resident_bytes"] = _exact_resident(p, row)
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
             print(f"{r['state']:<9} {r['resident_bytes']:>12}/{r['size']:<12} {r['path']}")
     return code
+
+
+def _locate(path: str) -> tuple[str, str, bool] | None:
+    """(cache dir, path relative to it, through FUSE?) for a file of an hsmfs tree."""
+    path = os.path.abspath(path)
+    d = os.path.dirname(path)
+    while True:
+        if os.path.exists(os.path.join(d, STATE_DIR)):
+            return d, os.path.relpath(path, d), False
+        with contextlib.suppress(OSError):
+            cache = os.getxattr(d, "user.hsmfs.cache_dir").decode()
+            return cache, os.path.relpath(path, d), True
+        if d == "/":
+            return None
+        d = os.path.dirname(d)
+
+
+def _exact_resident(path: str, row: dict) -> object:
+    """A partial file's resident bytes: from the daemon's map, else from the extents."""
+    from . import control
+    from .cache import scan_resident_bytes
+
+    where = _locate(path)
+    if where is None:
+        return row["resident_bytes"]
+    cache, rel, via_fuse = where
+    try:
+        [state] = control.query(cache, {"cmd": "state", "paths": [rel]})["states"]
+        return state["resident_bytes"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if via_fuse:
+        return row["resident_bytes"]
+    return scan_resident_bytes(path, int(row["remote_size"]))  # no daemon: no marks, safe
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

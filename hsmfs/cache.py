@@ -662,17 +662,13 @@ class StubCache:
     # -- reporting ---------------------------------------------------------------------------
 
     def state_of(self, stub: Stub) -> tuple[str, int]:
-        """(state word, resident bytes below the remote size)."""
+        """(state word, resident bytes below the remote size): exact, from the data extents."""
         if stub.state in LOCAL_STATES:
             return stub.state, stub.size
-        if stub.state == STUB and stub.ranges is None:
-            # Nothing was ever written (a fill would have made it partial); the
-            # st_blocks estimate below would count an external xattr block as data.
-            return STUB, 0
-        resident = stub.ranges.total() if stub.ranges is not None else None
-        if resident is None:
-            resident = describe_fd_resident_bytes(self.root_fd, stub.path, stub.size)
-        return stub.state, resident
+        if stub.ranges is None:
+            # SEEK_DATA through the private door: a few syscalls, no event, no fill.
+            stub.ranges = self._load_ranges(stub)
+        return stub.state, stub.ranges.total()
 
     def stats(self) -> dict[str, object]:
         c = self.counters
@@ -735,19 +731,11 @@ def _has_data(fd: int, size: int) -> bool:
         raise
 
 
-def describe_fd_resident_bytes(root_fd: int, rel: str, size: int) -> int:
-    """Resident bytes of a stub without loading it: its allocated blocks, capped at its size.
-    Costs one stat and raises no fanotify event (stat never does)."""
-    try:
-        st = os.stat(rel, dir_fd=root_fd, follow_symlinks=False)
-    except OSError:
-        return 0
-    return min(st.st_blocks * 512, size)
-
-
 def describe(path: str) -> dict[str, object]:
-    """State of one backing file (for ``hsmfs state``): read from its xattrs and ``st_blocks``
-    only, so it works without a daemon and never triggers a fill."""
+    """State of one file (for ``hsmfs state``) from its xattrs and ``stat`` alone, so it never
+    opens the file (an open may be a fill) and works through either door or with no daemon.
+    ``resident_bytes`` of a partial file is an estimate here (``st_blocks`` may count an xattr
+    block); ``hsmfs state`` asks the daemon, or scans the extents, for the exact figure."""
     st = os.stat(path)
     info: dict[str, object] = {"path": path, "size": st.st_size}
     try:
@@ -757,10 +745,34 @@ def describe(path: str) -> dict[str, object]:
     except OSError:
         info.update(state="local", resident_bytes=st.st_size, key=None)
         return info
-    if state not in (RESIDENT, DIRTY, STALE):
-        state = PARTIAL if st.st_blocks else STUB
-    resident = remote if state in LOCAL_STATES else min(st.st_blocks * 512, remote)
+    if state not in (STUB, PARTIAL, RESIDENT, DIRTY, STALE):
+        state = STUB
+    resident = (remote if state in LOCAL_STATES else 0 if state == STUB
+                else min(st.st_blocks * 512, remote))
     info.update(state=state, resident_bytes=resident, key=key, remote_size=remote,
                 etag=os.getxattr(path, XATTR_ETAG).decode(), mtime=time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)))
     return info
+
+
+def scan_resident_bytes(path: str, remote_size: int) -> int:
+    """Exact resident bytes of a backing file by its data extents.  Opens the file: call it
+    only when no daemon guards the tree (with no marks, an open raises no event)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        total, pos = 0, 0
+        while pos < remote_size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= remote_size:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            total += min(hole, remote_size) - data
+            pos = hole
+        return total
+    finally:
+        os.close(fd)
