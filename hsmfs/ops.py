@@ -11,8 +11,10 @@ Choices (measured in FUSE_BASELINE.md):
 * ``keep_cache=True``: a re-read of a resident file is served by the kernel page cache and never
   reaches Python.  Requests are 1 MiB (the mount's ``read_ahead_kb`` is raised right after
   mounting), and entry/attribute timeouts are long (never 0).
-* Reads first try ``preadv(RWF_NOWAIT)`` inline — a page-cache hit costs no thread hop — and
-  only go to a worker thread when the data is not cached.  All other file I/O runs in threads.
+* Nothing blocks the trio loop: every syscall that may touch the disk (stat, open, readdir,
+  xattrs, pread) runs in a worker thread.  Reads first try ``preadv(RWF_NOWAIT)`` inline, which
+  never blocks by definition — a page-cache hit costs no thread hop — and go to a thread only
+  when the data is not cached.  ``close`` of a read-only local fd stays inline: it does no I/O.
 * The door is read-only in this release: the mount is ``ro`` and write opens get ``EROFS``.
 * Only ``FUSEError`` may leave a handler (pyfuse3's contract); :func:`_boundary` turns anything
   else into ``EIO`` with one log line, so a bug fails one request instead of the mount.
@@ -150,25 +152,27 @@ class Operations(pyfuse3.Operations):
         if self._hidden(parent, sname):
             raise FUSEError(errno.ENOENT)
         path = f"{parent}/{sname}" if parent else sname
-        st = self._stat(path)
+        st = await _io(self._stat, path)
         self._paths[self._inode_of(st)] = path
         return self._attrs(st)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self._count("getattr")
-        return self._attrs(self._stat(self._path(inode)))
+        return self._attrs(await _io(self._stat, self._path(inode)))
 
     @_boundary
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         self._count("readlink")
-        return os.fsencode(os.readlink(self._path(inode), dir_fd=self.root_fd))
+        target = await _io(functools.partial(os.readlink, self._path(inode),
+                                             dir_fd=self.root_fd))
+        return os.fsencode(target)
 
     @_boundary
     async def opendir(self, inode: int, ctx: Any) -> int:
         self._count("opendir")
         path = self._path(inode)
-        entries = await trio.to_thread.run_sync(self._list_dir, path)
+        entries = await _io(self._list_dir, path)
         fh = self._new_fh()
         self._dirs[fh] = entries
         return fh
@@ -211,7 +215,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         self._count("statfs")
-        sv = await trio.to_thread.run_sync(os.statvfs, self.cache.cfg.cache_dir)
+        sv = await _io(os.statvfs, self.cache.cfg.cache_dir)
         d = pyfuse3.StatvfsData()
         for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                      "f_ffree", "f_favail", "f_namemax"):
@@ -237,14 +241,15 @@ class Operations(pyfuse3.Operations):
             # Computed, not read: the core's state is fresher than the xattr it writes.
             return self.cache.state_of(stub)[0].encode()
         try:
-            return os.getxattr(self._proc_path(path), sname)
+            return await _io(os.getxattr, self._proc_path(path), sname)
         except OSError as exc:
             raise FUSEError(errno.ENODATA if exc.errno == errno.ENODATA else exc.errno) from None
 
     @_boundary
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         self._count("listxattr")
-        names = [os.fsencode(n) for n in os.listxattr(self._proc_path(self._path(inode)))]
+        names = [os.fsencode(n)
+                 for n in await _io(os.listxattr, self._proc_path(self._path(inode)))]
         if inode == pyfuse3.ROOT_INODE:
             names.append(XATTR_CACHE_DIR.encode())
         return names
@@ -262,9 +267,9 @@ class Operations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FUSEError(errno.EROFS)
         path = self._path(inode)
-        fd = await trio.to_thread.run_sync(
-            functools.partial(os.open, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=self.root_fd))
+        fd = await _io(functools.partial(os.open, path,
+                                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         dir_fd=self.root_fd))
         stub = self.cache.stub_at(path)
         if stub is not None and flags & FMODE_EXEC:
             try:
@@ -287,7 +292,7 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(_errno_for(exc, "read", h.stub.path)) from None
         data = self._pread_nowait(h.fd, size, off)
         if data is None:
-            data = await trio.to_thread.run_sync(os.pread, h.fd, size, off)
+            data = await _io(os.pread, h.fd, size, off)
         self.cache.note_served(len(data))
         return data
 
@@ -330,6 +335,16 @@ class Operations(pyfuse3.Operations):
 
     def stats(self) -> dict[str, object]:
         return {"fuse_requests": dict(self.requests), "open_files": len(self._handles)}
+
+
+#: Local-disk syscalls in flight at once: enough to keep a disk queue busy, few enough that a
+#: slow disk cannot pile up threads.
+_DISK = trio.CapacityLimiter(16)
+
+
+async def _io(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a syscall that may block on the disk in a worker thread, off the trio loop."""
+    return await trio.to_thread.run_sync(fn, *args, limiter=_DISK)
 
 
 def _errno_for(exc: Exception, op: str, path: str) -> int:
