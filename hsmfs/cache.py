@@ -32,7 +32,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -455,22 +455,7 @@ class StubCache:
 
     def _load_ranges(self, stub: Stub) -> RangeMap:
         """Read residency from the file's own data extents (``SEEK_DATA``/``SEEK_HOLE``)."""
-        fd = self._rw_fd(stub)
-        ranges = RangeMap()
-        pos, end = 0, stub.size
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            if data >= end:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            ranges.add(data, min(hole, end))
-            pos = hole
-        return ranges
+        return RangeMap(data_extents(self._rw_fd(stub), stub.size))
 
     def _rw_fd(self, stub: Stub) -> int:
         with self._fd_lock:  # worker threads of one stub may race to open it
@@ -755,24 +740,29 @@ def describe(path: str) -> dict[str, object]:
     return info
 
 
+def data_extents(fd: int, end: int) -> Iterator[tuple[int, int]]:
+    """The data extents of a file below ``end``, by ``SEEK_DATA``/``SEEK_HOLE`` (which raise no
+    fanotify event).  Dirty page-cache data counts as data; holes and unwritten extents don't."""
+    pos = 0
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            raise
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, min(hole, end)
+        pos = hole
+
+
 def scan_resident_bytes(path: str, remote_size: int) -> int:
     """Exact resident bytes of a backing file by its data extents.  Opens the file: call it
     only when no daemon guards the tree (with no marks, an open raises no event)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        total, pos = 0, 0
-        while pos < remote_size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            if data >= remote_size:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            total += min(hole, remote_size) - data
-            pos = hole
-        return total
+        return sum(stop - start for start, stop in data_extents(fd, remote_size))
     finally:
         os.close(fd)

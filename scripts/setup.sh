@@ -10,7 +10,7 @@ extra="${1:-}"
 python="${PYTHON:-python3}"
 
 apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc)
-[ "$extra" = test ] && apt_pkgs+=(sqlite3 rsync attr util-linux e2fsprogs)
+[ "$extra" = test ] && apt_pkgs+=(sqlite3 rsync attr util-linux e2fsprogs xfsprogs btrfs-progs)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

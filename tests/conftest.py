@@ -108,7 +108,8 @@ def free_port() -> int:
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL: by PID, bounded."""
+    """SIGTERM, then SIGKILL of its whole process group (a kernel-door holder and its worker,
+    started with ``start_new_session``): by PID, bounded."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -116,6 +117,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(timeout)

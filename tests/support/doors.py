@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import stop_process
 
 DOORS = [
     pytest.param("fuse", marks=pytest.mark.needs_fuse, id="fuse"),
@@ -58,19 +58,6 @@ def _unmount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 15) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            # The whole process group: a kernel-door holder and its worker.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
-
-
 @contextlib.contextmanager
 def serve_door(kind: str, source: str, workdir: Path, endpoint: str, *opts: str,
                timeout: float = 60) -> Iterator[Served]:
@@ -102,7 +89,7 @@ def serve_door(kind: str, source: str, workdir: Path, endpoint: str, *opts: str,
     finally:
         if kind == "fuse" and _is_mounted(root):
             subprocess.run(["fusermount3", "-u", str(root)], capture_output=True, timeout=10)
-        _stop(proc)
+        stop_process(proc, timeout=15)
         if kind == "fuse":
             _unmount(root)
         log.close()
