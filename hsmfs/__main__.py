@@ -266,6 +266,33 @@ def _exact_resident(path: str, row: dict) -> object:
     return scan_resident_bytes(path, int(row["remote_size"]))  # no daemon: no marks, safe
 
 
+def _cmd_restore(args: argparse.Namespace) -> int:
+    """Make files resident now (prefetch), through the daemon that serves them."""
+    from . import control
+
+    code = 0
+    for p in args.paths:
+        where = _locate(p)
+        if where is None:
+            print(f"hsmfs: {p}: not in an hsmfs tree", file=sys.stderr)
+            code = 1
+            continue
+        cache, rel, _ = where
+        try:
+            [row] = control.query(cache, {"cmd": "restore", "paths": [rel]}, timeout=None)[
+                "states"]
+        except OSError as exc:
+            print(f"hsmfs: {p}: no daemon serves it: {exc}", file=sys.stderr)
+            code = 1
+            continue
+        if "error" in row:
+            print(f"hsmfs: {p}: {row['error']}", file=sys.stderr)
+            code = 1
+        else:
+            print(f"{row['state']:<9} {row['resident_bytes']:>12}/{row['size']:<12} {p}")
+    return code
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from . import control
 
@@ -323,6 +350,10 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("paths", nargs="+")
     sa.add_argument("--json", action="store_true")
     sa.set_defaults(func=_cmd_state)
+
+    sr = sub.add_parser("restore", help="make files resident now (prefetch them whole)")
+    sr.add_argument("paths", nargs="+")
+    sr.set_defaults(func=_cmd_restore)
 
     sb = sub.add_parser("stats", help="counters of a running daemon")
     sb.add_argument("path")

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1 << 16
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def socket_path(cache_dir: str) -> str:
@@ -62,11 +62,12 @@ async def _answer(conn: trio.socket.SocketType, handler: Handler) -> None:
                         break
                     buf += chunk
                 request = json.loads(buf or b"{}")
-                try:
-                    reply = handler(request)
-                except Exception as exc:  # a bad request must not take the daemon down
-                    log.exception("control request %r failed", request)
-                    reply = {"error": str(exc)}
+            try:
+                reply = await handler(request)  # may take long (restore): no deadline
+            except Exception as exc:  # a bad request must not take the daemon down
+                log.exception("control request %r failed", request)
+                reply = {"error": str(exc)}
+            with trio.fail_after(5):
                 out = memoryview(json.dumps(reply).encode() + b"\n")
                 while out:
                     out = out[await conn.send(out):]
@@ -76,7 +77,8 @@ async def _answer(conn: trio.socket.SocketType, handler: Handler) -> None:
             log.exception("control connection failed")
 
 
-def query(cache_dir: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+def query(cache_dir: str, request: dict[str, Any], timeout: float | None = 10.0
+          ) -> dict[str, Any]:
     """Client side (blocking): send one request to the daemon serving ``cache_dir``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

@@ -7,6 +7,7 @@ Must not: parse argv (``__main__`` does), or know how a door works inside.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -21,7 +22,7 @@ from . import control
 from .backend_s3 import ObjectInfo, S3Backend
 from .cache import StubCache, describe
 from .config import Options
-from .errors import HsmError
+from .errors import HsmError, to_errno
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
 
         ops = Operations(cache, opts.fuse)
 
-    def handle(request: dict[str, Any]) -> dict[str, Any]:
+    async def handle(request: dict[str, Any]) -> dict[str, Any]:
         match request.get("cmd"):
             case "stats":
                 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -96,6 +97,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                 return out
             case "state":
                 return {"states": [_state(cache, p) for p in request.get("paths", [])]}
+            case "restore":
+                return {"states": [await _restore(cache, p) for p in request.get("paths", [])]}
             case other:
                 return {"error": f"unknown command {other!r}"}
 
@@ -181,6 +184,18 @@ def _state(cache: StubCache, path: str) -> dict[str, Any]:
     state, resident = cache.state_of(stub)
     return {"path": path, "state": state, "size": stub.size, "resident_bytes": resident,
             "key": stub.version.key, "etag": stub.version.etag}
+
+
+async def _restore(cache: StubCache, path: str) -> dict[str, Any]:
+    """Make a file resident (the whole file, through the same engine as any read)."""
+    stub = cache.stub_at(path)
+    if stub is None:
+        return {"path": path, "error": "not a stub of this cache"}
+    try:
+        await cache.ensure(stub, 0, stub.size, whole=True)
+    except Exception as exc:
+        return {"path": path, "error": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+    return _state(cache, path)
 
 
 def unmount_after(mountpoint: str) -> bool:

@@ -236,3 +236,19 @@ def test_hostile_keys_are_contained(door: str, bucket: Bucket, moto: MotoServer,
     assert not escaped
     assert subprocess.run(["find", str(tmp_path), "-name", "escape*"], capture_output=True,
                           text=True).stdout == ""
+
+
+def test_restore_makes_files_resident(door: str, bucket: Bucket, moto: MotoServer,
+                                      tmp_path: Path) -> None:
+    data = bucket.put("dir/r.bin", seeded(6 * CHUNK + 9, "restore"))
+    with serve_door(door, f"s3://{bucket.name}", tmp_path, moto.endpoint, *RANGED) as d:
+        path = d.root / "dir/r.bin"
+        out = run([sys.executable, "-m", "hsmfs", "restore", str(path)])
+        assert out.returncode == 0, out
+        assert out.stdout.split()[0] == b"resident"
+        fetched = d.stats()["fetched_bytes"]
+        assert fetched == len(data)
+        assert _digest(path) == sha256(data)
+        assert d.stats()["fetched_bytes"] == fetched  # nothing more from S3
+        out = run([sys.executable, "-m", "hsmfs", "restore", str(tmp_path / "nowhere")])
+        assert out.returncode == 1
