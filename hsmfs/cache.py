@@ -12,9 +12,12 @@ Invariants (see docs/design.md):
   every byte of it into the backing file.  The map is a cache of the file's own data extents
   (``SEEK_DATA``), which are its source of truth across restarts: data written before a crash is
   data after it, and nothing else is.
-* **One fetch per chunk.**  ``_inflight`` maps ``(inode, chunk)`` to the one :class:`_Flight` that
-  fetches it; any other reader of that chunk, through either door, waits on that flight.
+* **Each byte fetched once.**  ``_inflight`` maps ``(inode, chunk)`` to the flights carrying
+  bytes of that chunk; a reader, through either door, waits for the flights that carry bytes it
+  needs and fetches only what no flight carries.  No two flights carry the same missing byte.
   Between the check of ``_inflight`` and the registration of new flights there is no ``await``.
+* **Remote bytes never overwrite resident ones**: a flight writes only the gaps that are still
+  missing when its data arrives (resident bytes may hold an application's writes).
 * **Pinned versions.**  Every fetch names the stub's ETag; a changed object marks the stub
   ``stale`` and is never stitched into it.
 * All I/O happens through ``root_fd``, the daemon's private door (for the kernel door, a detached
@@ -48,7 +51,7 @@ from .errors import (
     cause_of,
 )
 from .keys import STATE_DIR, place
-from .ranges import RangeMap
+from .ranges import RangeMap, Span
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ class _Flight:
 
     start: int
     stop: int
+    chunks: list[int]  # the chunk indices this flight owns in ``_inflight``
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
 
@@ -170,7 +174,8 @@ class StubCache:
         self.listeners: list[CacheListener] = []
         self._by_path: dict[str, Stub] = {}
         self._by_ino: dict[int, Stub] = {}
-        self._inflight: dict[tuple[int, int], _Flight] = {}
+        # (inode, chunk) -> the flights carrying bytes of that chunk right now.
+        self._inflight: dict[tuple[int, int], list[_Flight]] = {}
         self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
         # Local disk writes: a few at a time are enough to keep a disk busy.
         self._disk_limiter = trio.CapacityLimiter(4)
@@ -403,26 +408,30 @@ class StubCache:
 
         ``whole`` asks for the entire file (exec, open-time fill).  Ranges past the remote size
         are local bytes and need nothing.  Small files are fetched whole on first touch.
+        Sequential access fetches whole chunks and reads ahead; random access fetches only the
+        pages it touches (a small GET costs about the latency of a large one, and the bytes
+        around a random read are rarely read next).
         """
         if stub.state in LOCAL_STATES:
             self.counters.hits += 1
             return
         size = stub.size
         if whole or size <= self.cfg.small_file:
-            start, stop = 0, size
+            start, stop, whole = 0, size, True
         start, stop = max(start, 0), min(stop, size)
         if stop <= start:
             return
         ranges = await self._ranges(stub)
+        sequential = whole or self._note_access(stub, start, stop)
         if ranges.covers(start, stop):
             self.counters.hits += 1
         else:
             self.counters.misses += 1
             if stub.state == STALE:
                 raise ObjectChanged(f"{stub.version.key!r} changed in S3; stub is stale")
-            await self._fetch(stub, start, stop, wait=True)
+            await self._fetch(stub, start, stop, wait=True, whole_chunks=sequential)
         if not whole:
-            self._read_ahead(stub, start, stop)
+            self._read_ahead(stub, stop)
 
     def note_size(self, stub: Stub, size: int) -> None:
         """A door saw the backing file at ``size`` bytes.  hsmfs never shrinks a stub, so a
@@ -474,64 +483,93 @@ class StubCache:
         c = self.cfg.chunk_size
         return index * c, min((index + 1) * c, stub.size)
 
-    async def _fetch(self, stub: Stub, start: int, stop: int, *, wait: bool) -> None:
-        """Fetch the missing chunks of ``[start, stop)``: merge adjacent ones into GETs of at
-        most ``max_request``, wait for chunks already in flight, and (``wait``) raise the
-        failure of any flight the range depended on."""
+    async def _fetch(self, stub: Stub, start: int, stop: int, *, wait: bool,
+                     whole_chunks: bool = True) -> None:
+        """Fetch what is missing of ``[start, stop)``.
+
+        Per chunk, the missing bytes (the whole chunk's when ``whole_chunks``, else only the
+        pages of the range) become one piece; adjacent pieces merge into GETs of at most
+        ``max_request``.  A chunk already in flight is waited for, not fetched again.  With
+        ``wait``, return once the range is resident or raise the failure it depended on.
+        Another reader's flight may have covered other pages of a shared chunk than ours, so
+        after waiting the plan is made again (a few rounds at most).
+        """
         assert stub.ranges is not None
-        chunk = self.cfg.chunk_size
-        per_request = max(self.cfg.max_request // chunk, 1)
-        waits: list[_Flight] = []
-        runs: list[list[int]] = []
-        # No await from here until every new flight is registered (coalescing invariant).
-        for index in range(start // chunk, (stop + chunk - 1) // chunk):
-            c0, c1 = self._chunk_span(stub, index)
-            if stub.ranges.covers(c0, c1):
-                continue
-            flight = self._inflight.get((stub.ino, index))
-            if flight is not None:
-                if wait and flight not in waits:
-                    waits.append(flight)
-                    self.counters.coalesced_waits += 1
-                continue
-            if runs and runs[-1][-1] == index - 1 and len(runs[-1]) < per_request:
-                runs[-1].append(index)
-            else:
-                runs.append([index])
-        own: list[_Flight] = []
-        for run in runs:
-            f = _Flight(self._chunk_span(stub, run[0])[0], self._chunk_span(stub, run[-1])[1])
-            for index in run:
-                self._inflight[(stub.ino, index)] = f
-            own.append(f)
-        if not wait:
-            assert self._nursery is not None
-            for f in own:
-                self._nursery.start_soon(self._fly, stub, f, True)
-            return
-        if self._nursery is not None:
-            # Own flights run in the cache's nursery, not the reader's: a reader
-            # cancelled mid-fetch (FUSE interrupt, killed process) must not fail the readers
-            # waiting on its flights with "fetch cancelled"; the fetch completes for them.
-            for f in own:
-                self._nursery.start_soon(self._fly, stub, f, False)
-        else:
-            async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            own, waits = self._plan_flights(stub, start, stop, wait, whole_chunks)
+            if self._nursery is not None:
+                # Own flights run in the cache's nursery, not the reader's: a reader
+                # cancelled mid-fetch (FUSE interrupt, killed process) must not fail the
+                # readers waiting on its flights with "fetch cancelled".
                 for f in own:
-                    nursery.start_soon(self._fly, stub, f, False)
-        for f in own + waits:
-            await f.done.wait()
-        if not stub.ranges.covers(start, stop):
+                    self._nursery.start_soon(self._fly, stub, f, not wait)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for f in own:
+                        nursery.start_soon(self._fly, stub, f, not wait)
+            if not wait:
+                return
+            for f in own + waits:
+                await f.done.wait()
+            if stub.ranges.covers(start, stop):
+                return
             failed = [f.error for f in own + waits if f.error is not None]
             if failed:
                 raise failed[0]
-            # A flight we waited for succeeded for its own range but ours is still missing
-            # (e.g. the stub turned stale meanwhile): never hand out the hole.
-            raise BackendUnavailable(f"{stub.path!r} [{start}, {stop}) not resident after fetch")
+            if not own and not waits:
+                break
+        # Never hand out the hole (e.g. the stub turned stale between plan and fetch).
+        raise BackendUnavailable(f"{stub.path!r} [{start}, {stop}) not resident after fetch")
+
+    def _plan_flights(self, stub: Stub, start: int, stop: int, wait: bool,
+                      whole_chunks: bool) -> tuple[list[_Flight], list[_Flight]]:
+        """(new flights, registered; flights of others to wait for).  Synchronous on purpose:
+        no await between reading ``_inflight`` and registering in it (coalescing invariant).
+
+        Per chunk: the bytes wanted (the whole chunk, or the range's pages in it) minus what is
+        resident minus what flights in progress already carry.  A reader waits only for flights
+        that carry bytes it needs, and fetches the rest alongside them.
+        """
+        assert stub.ranges is not None
+        chunk = self.cfg.chunk_size
+        per_request = max(self.cfg.max_request // chunk, 1)
+        lo, hi = _page_floor(start), min(_page_ceil(stop), stub.size)
+        waits: list[_Flight] = []
+        pieces: list[tuple[int, int, list[int]]] = []
+        for index in range(start // chunk, (stop + chunk - 1) // chunk):
+            c0, c1 = self._chunk_span(stub, index)
+            want = (c0, c1) if whole_chunks else (max(c0, lo), min(c1, hi))
+            missing = stub.ranges.missing(*want)
+            if not missing:
+                continue
+            need = RangeMap(missing)
+            flying = self._inflight.get((stub.ino, index), ())
+            for f in flying:
+                if any(f.start < m.stop and m.start < f.stop for m in need):
+                    if wait and f not in waits:
+                        waits.append(f)
+                        self.counters.coalesced_waits += 1
+                    need.remove(f.start, f.stop)
+            gaps = list(need)
+            if gaps and whole_chunks and not flying:
+                gaps = [Span(gaps[0].start, gaps[-1].stop)]  # one GET; only gaps get written
+            for gap in gaps:
+                last = pieces[-1] if pieces else None
+                if (last and last[1] == gap.start
+                        and len(set(last[2]) | {index}) <= per_request):
+                    pieces[-1] = (last[0], gap.stop, sorted(set(last[2]) | {index}))
+                else:
+                    pieces.append((gap.start, gap.stop, [index]))
+        own = []
+        for p0, p1, indices in pieces:
+            f = _Flight(p0, p1, indices)
+            for index in indices:
+                self._inflight.setdefault((stub.ino, index), []).append(f)
+            own.append(f)
+        return own, waits
 
     async def _fly(self, stub: Stub, flight: _Flight, prefetch: bool) -> None:
         """Run one flight to the end.  Never raises: the error is kept for every waiter."""
-        chunk = self.cfg.chunk_size
         try:
             data = await trio.to_thread.run_sync(
                 self.fetcher.fetch, stub.version, flight.start, flight.stop,
@@ -542,13 +580,17 @@ class StubCache:
                 # verified here too, whatever the Fetcher promised (DESIGN §3).
                 raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
                                 f"fetcher returned {len(data)} bytes")
-            await trio.to_thread.run_sync(self._write, stub, flight.start, data,
-                                          limiter=self._disk_limiter)
             assert stub.ranges is not None
+            # Write only what is still missing: resident bytes inside the span may hold an
+            # application's writes (kernel door), which remote bytes must never overwrite.
+            # Flights never carry the same missing bytes, so no other one fills these.
+            gaps = stub.ranges.missing(flight.start, flight.stop)
+            await trio.to_thread.run_sync(self._write_gaps, stub, flight.start, data, gaps,
+                                          limiter=self._disk_limiter)
             stub.ranges.add(flight.start, flight.stop)
             n = flight.stop - flight.start
             self.counters.fetched_bytes += n
-            self.counters.chunks_fetched += (n + chunk - 1) // chunk
+            self.counters.chunks_fetched += len(flight.chunks)
             if prefetch:
                 self.counters.prefetched_bytes += n
             await self._after_fill(stub)
@@ -559,9 +601,12 @@ class StubCache:
             flight.error = exc
             self._record_failure(stub, flight, exc, prefetch)
         finally:
-            for index in range(flight.start // chunk, (flight.stop + chunk - 1) // chunk):
-                if self._inflight.get((stub.ino, index)) is flight:
-                    del self._inflight[(stub.ino, index)]
+            for index in flight.chunks:
+                flying = self._inflight.get((stub.ino, index))
+                if flying is not None and flight in flying:
+                    flying.remove(flight)
+                    if not flying:
+                        del self._inflight[(stub.ino, index)]
             flight.done.set()
 
     def _record_failure(self, stub: Stub, flight: _Flight, exc: BaseException,
@@ -580,18 +625,18 @@ class StubCache:
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
                     cause, exc)
 
-    def _write(self, stub: Stub, offset: int, data: bytes) -> None:
-        """Write fetched bytes into the stub; return only when all of them are there."""
+    def _write_gaps(self, stub: Stub, base: int, data: bytes, gaps: list[Span]) -> None:
+        """Write the fetched bytes of each gap into the stub; return when all are there."""
         fd = self._rw_fd(stub)
         # The file may have been truncated below the remote size through the kernel door since;
         # never extend it again with remote bytes.
         size = os.fstat(fd).st_size
-        view = memoryview(data)[: max(0, size - offset)]
+        view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view = view[n:]
-                offset += n
+            for gap in gaps:
+                offset, end = gap.start, min(gap.stop, size)
+                while offset < end:
+                    offset += os.pwrite(fd, view[offset - base:end - base], offset)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFull(f"cache disk full writing {stub.path!r}: {exc}") from exc
@@ -620,23 +665,30 @@ class StubCache:
             os.close(fd)
             stub.fd = None
 
-    def _read_ahead(self, stub: Stub, start: int, stop: int) -> None:
-        """Grow a window on sequential access (double up to ``readahead_max``), drop it on a
-        jump; prefetch the window's missing chunks in the background."""
-        if self._nursery is None or stub.state in (RESIDENT, DIRTY, STALE):
-            return
+    def _note_access(self, stub: Stub, start: int, stop: int) -> bool:
+        """Follow the access pattern: grow the read-ahead window on sequential access (double
+        up to ``readahead_max``), drop it on a jump.  Returns whether access is sequential."""
         chunk = self.cfg.chunk_size
+        # In pages: two reads of the same page are one access, whatever their byte offsets.
+        start, stop = _page_floor(start), _page_ceil(stop)
         if stub.ra_last_start <= start and stop <= stub.ra_last_stop:
             # Nothing new: a repeat, or another reader of the same range (the kernel door sees
             # one event per reader).  It says nothing about the direction of travel.
-            return
-        sequential = start == 0 or abs(start - stub.ra_last_stop) <= chunk
+            return stub.ra_window > 0
+        sequential = (start == 0 and stub.ra_last_stop == 0) or abs(
+            start - stub.ra_last_stop) <= chunk
         if sequential:
             stub.ra_window = min(max(stub.ra_window * 2, chunk), self.cfg.readahead_max)
         else:
             stub.ra_window = 0
         stub.ra_last_start = start
         stub.ra_last_stop = max(stop, stub.ra_last_stop) if sequential else stop
+        return sequential
+
+    def _read_ahead(self, stub: Stub, stop: int) -> None:
+        """Prefetch the window's missing chunks past ``stop`` in the background."""
+        if self._nursery is None or stub.state in (RESIDENT, DIRTY, STALE):
+            return
         if stub.ra_window and stop < stub.size:
             self._nursery.start_soon(self._prefetch, stub, stop,
                                      min(stop + stub.ra_window, stub.size))
@@ -738,6 +790,17 @@ def describe(path: str) -> dict[str, object]:
                 etag=os.getxattr(path, XATTR_ETAG).decode(), mtime=time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)))
     return info
+
+
+PAGE = 4096
+
+
+def _page_floor(n: int) -> int:
+    return n - n % PAGE
+
+
+def _page_ceil(n: int) -> int:
+    return -(-n // PAGE) * PAGE
 
 
 def data_extents(fd: int, end: int) -> Iterator[tuple[int, int]]:

@@ -62,7 +62,9 @@ class KernelConfig:
     #: Whole-file fill at open (FAN_OPEN_PERM) for files up to this size, so that cp/tar/rsync,
     #: which trust SEEK_DATA/st_blocks, never copy holes as zeros (KERNEL_FACTS_2 §1).
     #: -1 means every file (the opt-in "closed for every file" mode); 0 disables it.
-    open_fill_max: int = 64 * MiB
+    #: 8 MiB: most files of a source or config tree, a fill of ~20 ms from Ceph; larger files
+    #: keep range-by-range fetching (an open of a big file must not cost the whole object).
+    open_fill_max: int = 8 * MiB
 
 
 @dataclass(frozen=True)

@@ -447,14 +447,15 @@ async def test_ensure_fetches_exactly_the_missing_chunks_merged(h):
     await cache.populate(f.listing())
     stub = cache.stub_at("f")
     async with serving(cache, f):
-        await cache.ensure(stub, 2 * C + 5, 2 * C + 6)  # one byte: its whole chunk
+        await cache.ensure(stub, 2 * C + 5, 2 * C + 6)  # one random byte: its page
         await cache.ensure(stub, 5 * C, 6 * C)
-        assert f.calls == [("f", 2 * C, 3 * C), ("f", 5 * C, 6 * C)]
+        assert f.calls == [("f", 2 * C, 2 * C + 4096), ("f", 5 * C, 6 * C)]
         f.calls.clear()
 
         await cache.ensure(stub, 0, 12 * C)
-        # Missing: 0-1, 3-4, 6-11; runs merge up to 4 chunks per GET.
-        assert sorted(f.calls) == [("f", 0, 2 * C), ("f", 3 * C, 5 * C),
+        # Missing: 0-1, chunk 2 past its first page, 3-4, 6-11; adjacent gaps merge up to 4
+        # chunks per GET.
+        assert sorted(f.calls) == [("f", 0, 2 * C), ("f", 2 * C + 4096, 5 * C),
                                    ("f", 6 * C, 10 * C), ("f", 10 * C, 12 * C)]
         f.calls.clear()
         assert spans(stub.ranges) == [(0, 12 * C)]
@@ -477,7 +478,7 @@ async def test_ensure_fetches_exactly_the_missing_chunks_merged(h):
     assert stub.fd is None  # a resident file keeps no descriptor
     h.assert_content("f", "f")
     c = cache.counters
-    assert c.chunks_fetched == 17
+    assert c.chunks_fetched == 18  # chunk 2 was fetched in two pieces
     assert c.fetched_bytes == size
     assert c.s3_gets == 8
     assert c.prefetched_bytes == 0
@@ -533,7 +534,7 @@ async def test_concurrent_ensures_of_a_cold_chunk_make_one_fetch(h):
 
     async def reader(i: int) -> None:
         try:
-            await cache.ensure(stub, 3 * C + i * 1000, 3 * C + i * 1000 + 10)
+            await cache.ensure(stub, 3 * C + i * 500, 3 * C + i * 500 + 10)  # one page
         except BaseException as exc:  # collected, then asserted
             errors.append(exc)
             raise
@@ -545,14 +546,14 @@ async def test_concurrent_ensures_of_a_cold_chunk_make_one_fetch(h):
         # All eight are in: one fetch held at the gate, seven waiting on its flight.
         await until(lambda: f.blocked == 1 and cache.counters.coalesced_waits == 7,
                     "one fetch and seven waiters")
-        assert f.calls == [("f", 3 * C, 4 * C)]
+        assert f.calls == [("f", 3 * C, 3 * C + 4096)]
         f.release()
     assert errors == []
-    assert f.calls == [("f", 3 * C, 4 * C)]
+    assert f.calls == [("f", 3 * C, 3 * C + 4096)]
     assert cache.counters.coalesced_waits == 7
     assert cache.counters.misses == 8
     assert cache.counters.s3_gets == 1
-    h.assert_content("f", "f", 3 * C, 4 * C)
+    h.assert_content("f", "f", 3 * C, 3 * C + 4096)
 
 
 async def test_overlapping_ensures_share_in_flight_chunks(h):
@@ -604,8 +605,8 @@ async def test_cancelled_reader_does_not_fail_the_readers_waiting_on_its_fetch(h
         await trio.testing.wait_all_tasks_blocked()
         f.release()
     assert errors == []
-    assert owner_scope.cancelled_caught or stub.ranges.covers(3 * C, 4 * C)
-    h.assert_content("f", "f", 3 * C, 4 * C)
+    assert owner_scope.cancelled_caught or stub.ranges.covers(3 * C, 3 * C + 4096)
+    h.assert_content("f", "f", 3 * C, 3 * C + 4096)
 
 
 # -- read-ahead -----------------------------------------------------------------------------------
@@ -653,10 +654,11 @@ async def test_random_reads_do_not_read_ahead(h):
             await cache.ensure(stub, i * C + 7, i * C + 4000)
             await trio.testing.wait_all_tasks_blocked()
         await settle(cache)
-    assert sorted(f.calls) == sorted(("rnd", i * C, (i + 1) * C) for i in order)
+    # Random reads fetch only the pages they touch: no amplification, no read-ahead.
+    assert sorted(f.calls) == sorted(("rnd", i * C, i * C + 4096) for i in order)
     assert cache.counters.prefetched_bytes == 0
     for i in order:
-        h.assert_content("rnd", "rnd", i * C, (i + 1) * C)
+        h.assert_content("rnd", "rnd", i * C, i * C + 4096)
 
 
 # -- residency across restarts ------------------------------------------------------------------
@@ -761,8 +763,8 @@ async def test_fetch_error_reaches_every_waiter_and_is_counted(h, exc):
     f.fail = None
     async with serving(cache, f):
         await cache.ensure(stub, 2 * C, 2 * C + 1)
-    assert f.calls[-1] == ("f", 2 * C, 3 * C)
-    h.assert_content("f", "f", 2 * C, 3 * C)
+    assert f.calls[-1] == ("f", 2 * C, 2 * C + 4096)
+    h.assert_content("f", "f", 2 * C, 2 * C + 4096)
 
 
 async def test_object_changed_marks_the_stub_stale(h):
