@@ -1,0 +1,265 @@
+"""`hsmfs bench`: report generation, data-set determinism, the latency proxy, and a smoke run.
+
+The smoke run goes through `bench_main` end to end against moto (the shared `moto` fixture: a
+server in its own process, stopped by PID) with the hidden --tiny sizes, so it takes seconds.
+moto is fine for checking the plumbing and never for numbers (it copies the whole object for
+every ranged GET).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hsmfs.bench import bench_main, dataset, report
+from hsmfs.bench.latency_proxy import (
+    ProxyConfig,
+    ProxyProcess,
+    ProxyThread,
+    parse_bandwidth_mbps,
+    parse_latency_ms,
+)
+from hsmfs.bench.workloads import Sample, child_env, random_offsets
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- data set -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_dataset_same_seed_same_bytes(tmp_path: Path) -> None:
+    sizes = dataset.PROFILES["tiny"]
+    a = dataset.build(tmp_path / "a", sizes, seed=7)
+    b = dataset.build(tmp_path / "b", sizes, seed=7)
+    c = dataset.build(tmp_path / "c", sizes, seed=8)
+    assert a.entries == b.entries and a.digest == b.digest
+    assert c.digest != a.digest
+    # Only the seeded groups change with the seed; the copied ones do not.
+    changed = {e.rel for e, f in zip(a.entries, c.entries, strict=True) if e.sha256 != f.sha256}
+    assert dataset.BIG in changed and not any(r.startswith(dataset.SRC) for r in changed)
+
+
+@pytest.mark.timeout(60)
+def test_dataset_layout(tmp_path: Path) -> None:
+    sizes = dataset.PROFILES["tiny"]
+    ds = dataset.build(tmp_path / "d", sizes)
+    assert (tmp_path / "d" / dataset.BIG).stat().st_size == sizes.big_bytes
+    tree = ds.group("tree")
+    assert len(tree) == sizes.tree_files
+    assert all(sizes.tree_min <= e.size <= sizes.tree_max for e in tree)
+    [binary] = ds.group("bin")
+    assert binary.mode == 33261  # what s3fs stores for an executable
+    assert (tmp_path / "d" / binary.rel).read_bytes()[:4] == b"\x7fELF"
+    assert ds.group("src") and all(e.rel.endswith(".py") for e in ds.group("src"))
+    assert ds.total_bytes("src") == sum(e.size for e in ds.group("src"))
+
+
+def test_random_offsets_are_seeded_and_aligned() -> None:
+    a = random_offsets(1, 1 << 20, 4096, 50)
+    assert a == random_offsets(1, 1 << 20, 4096, 50)
+    assert a != random_offsets(2, 1 << 20, 4096, 50)
+    assert all(o % 4096 == 0 and 0 <= o <= (1 << 20) - 4096 for o in a)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _row(door: str, workload: str, cache: str, pc: str | None, mbps: float, p50: float,
+         s3_bytes: int | None = None, rep: int = 0) -> report.Row:
+    seconds = 1.0
+    sample = Sample(int(mbps * 1e6 * seconds), seconds, [p50] * 10, p50)
+    counters = {"s3_requests": 1 if s3_bytes else 0, "s3_bytes": s3_bytes}
+    return report.sample_row(door, workload, (cache, pc), rep, sample, counters)
+
+
+def _synthetic() -> list[report.Row]:
+    return [
+        _row("native", "seq", "cold", "dropped", 1000, 1.0),
+        _row("native", "seq", "warm", "hot", 10000, 0.1),
+        _row("s3", "seq", "cold", None, 400, 10.0, s3_bytes=400_000_000),
+        _row("kernel", "seq", "cold", "dropped", 380, 10.0, s3_bytes=380_000_000),
+        _row("kernel", "seq", "warm", "dropped", 990, 1.0),
+        _row("kernel", "seq", "warm", "hot", 9000, 0.1),
+        _row("s3", "rand4k", "cold", None, 2, 2.0, s3_bytes=2_000_000),
+        _row("native", "rand4k", "cold", "dropped", 40, 0.1),
+        _row("kernel", "rand4k", "cold", "dropped", 1.5, 2.5, s3_bytes=3_000_000),
+        report.sample_row("fuse", "seq", ("cold", "dropped"), 0, None,
+                          skipped="command not found: hsmfs"),
+    ]
+
+
+def test_ratios_against_native_and_s3() -> None:
+    rows = report.aggregate(_synthetic())
+    k_cold = report.find_row(rows, "kernel", "seq", "cold", "dropped")
+    k_hot = report.find_row(rows, "kernel", "seq", "warm", "hot")
+    assert k_cold and k_hot
+    assert k_cold["x_s3"] == pytest.approx(0.95)
+    assert k_cold["x_native"] == pytest.approx(0.38)
+    assert k_hot["x_native"] == pytest.approx(0.9)  # warm/hot compares with native warm/hot
+    assert k_cold["amplification"] == pytest.approx(1.0)
+
+
+def test_goals_met_and_missed() -> None:
+    goals = {(g.goal, g.door, g.workload, g.cache): g for g in report.evaluate_goals(
+        report.aggregate(_synthetic()))}
+    seq_goal = "cold sequential >= 0.9x raw S3"
+    assert goals[(seq_goal, "kernel", "seq", "cold")].status == "met"
+    assert goals[(seq_goal, "fuse", "seq", "cold")].status == "n/a"  # skipped door
+    warm = "kernel warm >= 0.97x native"
+    assert goals[(warm, "kernel", "seq", "warm/dropped")].status == "met"
+    assert goals[(warm, "kernel", "seq", "warm/hot")].status == "missed"
+    rand = goals[("cold 4 KiB random read p50 <= raw GET p50 + 1 ms", "kernel", "rand4k", "cold")]
+    assert rand.status == "met" and rand.value == pytest.approx(2.5)
+    amp = goals[("fetch amplification (S3 bytes / bytes read)", "kernel", "rand4k", "cold")]
+    assert amp.status == "missed" and amp.value == pytest.approx(2.0)
+
+
+def test_median_over_repetitions_and_skips() -> None:
+    samples = [_row("native", "seq", "warm", "hot", v, 1.0, rep=i)
+               for i, v in enumerate((100, 300, 200))]
+    samples.append(report.sample_row("kernel", "seq", ("cold", "dropped"), 0, None,
+                                     skipped="no kernel door"))
+    rows = report.aggregate(samples)
+    nat = report.find_row(rows, "native", "seq", "warm", "hot")
+    assert nat and nat["MBps"] == pytest.approx(200) and nat["n"] == 3
+    ker = report.find_row(rows, "kernel", "seq", "cold", "dropped")
+    assert ker and ker["skipped"] == "no kernel door" and ker["MBps"] is None
+
+
+def test_markdown_json_and_plots(tmp_path: Path) -> None:
+    rows = report.aggregate(_synthetic())
+    goals = report.evaluate_goals(rows)
+    md = report.markdown(rows, goals, {"profile": "tiny"})
+    assert "| fuse | seq | cold | skipped: command not found: hsmfs |" in md
+    assert "| kernel | seq | cold | 380.0 |" in md and "0.95x" in md
+    assert "## Goals" in md and "**missed**" in md
+    report.write_json(tmp_path / "r.json", {"profile": "tiny"}, rows, goals, _synthetic())
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {"door", "workload", "cache", "MBps", "p50_ms", "p99_ms", "ttfb_ms", "s3_requests",
+            "s3_bytes", "daemon_cpu_s"} <= set(doc["results"][0])
+    assert {r["door"] for r in doc["results"]} == {"native", "kernel", "fuse", "s3"}
+    for png in report.plots(rows, tmp_path):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_percentile() -> None:
+    assert report.percentile([], 50) is None
+    assert report.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert report.percentile([float(i) for i in range(101)], 99) == pytest.approx(99.0)
+
+
+# -- latency proxy ------------------------------------------------------------------------------
+
+
+def test_parse_latency_and_bandwidth() -> None:
+    assert parse_latency_ms("20:80ms") == "20:80"
+    assert parse_latency_ms("30") == "30"
+    assert parse_bandwidth_mbps("90MB/s") == 90.0
+    for bad in ("80:20ms", "fast"):
+        with pytest.raises(ValueError):
+            parse_latency_ms(bad)
+    with pytest.raises(ValueError):
+        parse_bandwidth_mbps("0MB/s")
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_upstream(tmp_path: Path) -> Iterator[int]:
+    (tmp_path / "blob").write_bytes(b"x" * 1000)
+    handler = lambda *a: _Quiet(*a, directory=str(tmp_path))  # noqa: E731
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield int(srv.server_address[1])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+
+
+def _get(port: int) -> tuple[float, bytes]:
+    t = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/blob", timeout=10) as r:
+        body = r.read()
+    return time.perf_counter() - t, body
+
+
+@pytest.mark.timeout(30)
+def test_proxy_thread_delays_first_byte(http_upstream: int) -> None:
+    proxy = ProxyThread(ProxyConfig("127.0.0.1", http_upstream, ttfb_ms="60")).start()
+    try:
+        took, body = _get(proxy.port)
+    finally:
+        proxy.stop()
+    assert body == b"x" * 1000
+    assert took >= 0.06
+    assert proxy.proxy.counters.requests == 1
+    assert proxy.proxy.counters.bytes_down > 1000  # body plus headers
+
+
+@pytest.mark.timeout(30)
+def test_proxy_process_reports_counters(http_upstream: int, tmp_path: Path) -> None:
+    proxy = ProxyProcess(ProxyConfig("127.0.0.1", http_upstream, ttfb_ms="20", seed=1),
+                         tmp_path / "stats.json")
+    proxy.start(env=child_env())
+    try:
+        took, _ = _get(proxy.port)
+        _get(proxy.port)
+        stats = proxy.stats()
+    finally:
+        proxy.stop()
+    assert took >= 0.02
+    assert stats is not None and stats.requests == 2 and stats.bytes_down > 2000
+
+
+# -- the whole command, against moto ------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_bench_smoke_against_moto(moto: Any, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    json_path = tmp_path / "results.json"
+    argv = [
+        "--quick", "--tiny", "--doors", "native,s3,kernel", "--workloads", "seq,rand4k",
+        "--endpoint", moto.endpoint, "--bucket", f"bench-{uuid.uuid4().hex[:8]}",
+        "--out", str(out), "--json", str(json_path), "--no-drop-caches", "--no-prefault",
+        # A door whose command does not exist must be reported as skipped, not crash the run.
+        "--hsmfs-cmd", str(tmp_path / "no-such-hsmfs"),
+    ]
+    assert bench_main(argv) == 0
+    doc = json.loads(json_path.read_text())
+    rows = {(r["door"], r["workload"], r["cache"], r["page_cache"]): r for r in doc["results"]}
+    big = dataset.PROFILES["tiny"].big_bytes
+
+    s3_seq = rows[("s3", "seq", "cold", None)]
+    assert s3_seq["s3_bytes"] == big and s3_seq["MBps"] > 0 and s3_seq["ttfb_ms"] > 0
+    s3_rand = rows[("s3", "rand4k", "cold", None)]
+    assert s3_rand["s3_requests"] == dataset.PROFILES["tiny"].rand_ops
+    assert s3_rand["amplification"] == pytest.approx(1.0)
+
+    nat = rows[("native", "seq", "warm", "hot")]
+    assert nat["bytes"] == big and nat["MBps"] > 0 and nat["x_s3"] > 0
+    assert "drop" in rows[("native", "seq", "cold", "dropped")]["skipped"]
+    assert "command not found" in rows[("kernel", "rand4k", "cold", "dropped")]["skipped"]
+
+    assert (json_path.with_suffix(".md")).read_text().startswith("# hsmfs bench")
+    for name in ("throughput.png", "latency.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "scratch").exists()  # the bench cleans up after itself
