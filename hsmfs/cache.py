@@ -118,6 +118,7 @@ class Stub:
     fd: int | None = None  # O_RDWR through the private door, opened on first fill
     # Sequential read-ahead: where the last access ended, and the current window.
     dirty: bool = False  # local changes S3 does not have (a local truncate, so far)
+    ra_streak: int = 0  # consecutive accesses near the previous one
     ra_last_start: int = 0
     ra_last_stop: int = 0
     ra_window: int = 0
@@ -391,8 +392,9 @@ class StubCache:
             raise
         finally:
             os.close(fd)
+        # A new stub has no data: its range map is known without a scan.
         self._register(Stub(path=rel, version=v, ino=st.st_ino,
-                            state=RESIDENT if resident else STUB))
+                            state=RESIDENT if resident else STUB, ranges=RangeMap()))
 
     def _register(self, stub: Stub) -> None:
         old = self._by_path.get(stub.path)
@@ -585,7 +587,11 @@ class StubCache:
             # application's writes (kernel door), which remote bytes must never overwrite.
             # Flights never carry the same missing bytes, so no other one fills these.
             gaps = stub.ranges.missing(flight.start, flight.stop)
-            await trio.to_thread.run_sync(self._write_gaps, stub, flight.start, data, gaps,
+            # Does this flight complete the file?  Then mark it resident in the same thread
+            # call as the write (one hop fewer per small file).
+            completes = all(flight.start <= g.start and g.stop <= flight.stop
+                            for g in stub.ranges.missing(0, stub.size))
+            await trio.to_thread.run_sync(self._fill, stub, flight.start, data, gaps, completes,
                                           limiter=self._disk_limiter)
             stub.ranges.add(flight.start, flight.stop)
             n = flight.stop - flight.start
@@ -625,6 +631,16 @@ class StubCache:
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
                     cause, exc)
 
+    def _fill(self, stub: Stub, base: int, data: bytes, gaps: list[Span],
+              completes: bool) -> None:
+        """Worker thread: write the gaps, then record the new state word."""
+        self._write_gaps(stub, base, data, gaps)
+        if completes:
+            self._mark_resident(stub)
+        elif stub.state == STUB:
+            os.setxattr(self._rw_fd(stub), XATTR_STATE, PARTIAL.encode())
+            stub.state = PARTIAL
+
     def _write_gaps(self, stub: Stub, base: int, data: bytes, gaps: list[Span]) -> None:
         """Write the fetched bytes of each gap into the stub; return when all are there."""
         fd = self._rw_fd(stub)
@@ -644,12 +660,9 @@ class StubCache:
 
     async def _after_fill(self, stub: Stub) -> None:
         assert stub.ranges is not None
-        if stub.ranges.covers(0, stub.size):
+        if stub.ranges.covers(0, stub.size) and stub.state not in LOCAL_STATES:
+            # Completed by bytes that were already local (e.g. a truncate): mark it now.
             await trio.to_thread.run_sync(self._mark_resident, stub)
-        elif stub.state == STUB:
-            stub.state = PARTIAL
-            with contextlib.suppress(OSError):
-                os.setxattr(self._rw_fd(stub), XATTR_STATE, PARTIAL.encode())
 
     def _mark_resident(self, stub: Stub) -> None:
         if stub.state in LOCAL_STATES:
@@ -666,8 +679,15 @@ class StubCache:
             stub.fd = None
 
     def _note_access(self, stub: Stub, start: int, stop: int) -> bool:
-        """Follow the access pattern: grow the read-ahead window on sequential access (double
-        up to ``readahead_max``), drop it on a jump.  Returns whether access is sequential."""
+        """Follow the access pattern; return whether access is sequential.
+
+        Sequential means: the read starts the file, or it is the second access in a row that
+        lands near the previous one (within ``SEQ_SLACK``, which absorbs the kernel's
+        out-of-order async read-ahead requests).  One near access in a random stream is luck,
+        not a pattern, so it does not switch to whole chunks.  A sequential stream starts
+        with a window of ``SEQ_START_CHUNKS`` chunks and doubles it up to ``readahead_max``;
+        a jump drops it.
+        """
         chunk = self.cfg.chunk_size
         # In pages: two reads of the same page are one access, whatever their byte offsets.
         start, stop = _page_floor(start), _page_ceil(stop)
@@ -675,12 +695,21 @@ class StubCache:
             # Nothing new: a repeat, or another reader of the same range (the kernel door sees
             # one event per reader).  It says nothing about the direction of travel.
             return stub.ra_window > 0
-        sequential = (start == 0 and stub.ra_last_stop == 0) or abs(
-            start - stub.ra_last_stop) <= chunk
-        if sequential:
-            stub.ra_window = min(max(stub.ra_window * 2, chunk), self.cfg.readahead_max)
+        first = stub.ra_last_stop == 0
+        near = stub.ra_last_start - SEQ_SLACK <= start <= stub.ra_last_stop + SEQ_SLACK
+        if first and start == 0:
+            stub.ra_streak = 2
+        elif near and not first:
+            stub.ra_streak += 1
         else:
+            stub.ra_streak = 0
+        sequential = stub.ra_streak >= 2
+        if not sequential:
             stub.ra_window = 0
+        elif stub.ra_window == 0:
+            stub.ra_window = min(SEQ_START_CHUNKS * chunk, self.cfg.readahead_max)
+        else:
+            stub.ra_window = min(stub.ra_window * 2, self.cfg.readahead_max)
         stub.ra_last_start = start
         stub.ra_last_stop = max(stop, stub.ra_last_stop) if sequential else stop
         return sequential
@@ -793,6 +822,12 @@ def describe(path: str) -> dict[str, object]:
 
 
 PAGE = 4096
+#: How far from the previous access a read may start and still continue a sequential stream:
+#: FUSE has up to 12 async read-ahead requests of 1 MiB in flight, answered out of order.
+SEQ_SLACK = 1 << 20
+#: A sequential stream's first read-ahead window, in chunks: a sequential reader is about to
+#: want them all, and starting at one chunk left S3's parallelism idle for several round trips.
+SEQ_START_CHUNKS = 4
 
 
 def _page_floor(n: int) -> int:

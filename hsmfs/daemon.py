@@ -64,9 +64,21 @@ async def list_objects(backend: S3Backend, opts: Options) -> list[ObjectInfo]:
     return [infos[v.key] for v in versions]
 
 
+def _raise_nofile_limit() -> None:
+    """Open files are the daemon's working set (cached backing fds, event fds): use the hard
+    limit, not the soft default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.info("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
 async def serve(opts: Options, *, ready: Callable[[str], None],
                 kernel: KernelDoor | None = None) -> None:
     started = time.monotonic()
+    _raise_nofile_limit()
     backend = S3Backend(opts.s3)
     log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
     objects = await list_objects(backend, opts)

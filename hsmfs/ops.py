@@ -26,6 +26,8 @@ import errno
 import functools
 import logging
 import os
+import resource
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +47,10 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 #: The kernel opens an executable with ``__FMODE_EXEC`` in the flags it passes to FUSE_OPEN.
 #: A binary is fetched whole before it runs: pages of a running text must never be missing.
 FMODE_EXEC = 0x20
+
+#: Backing fds kept open for warm opens: at most this many, and at most a quarter of the
+#: open-file limit (the daemon raises its soft limit to the hard one at start).
+MAX_CACHED_FDS = 4096
 
 #: Xattrs the door computes rather than reads from the backing file.
 XATTR_CACHE_DIR = "user.hsmfs.cache_dir"
@@ -73,8 +79,9 @@ def _boundary(fn: F) -> F:
 
 @dataclass
 class _Handle:
-    fd: int
+    fd: int  # shared with other handles of the inode: see Operations._backing_fd
     stub: Stub | None  # None: a local file hsmfs does not manage
+    inode: int
 
 
 class Operations(pyfuse3.Operations):
@@ -91,6 +98,9 @@ class Operations(pyfuse3.Operations):
         # inode -> path relative to the cache root ("" for the root); filled by lookup/readdir.
         self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
         self._handles: dict[int, _Handle] = {}
+        self._fds: OrderedDict[int, list[int]] = OrderedDict()  # inode -> [fd, open handles]
+        self._max_fds = min(MAX_CACHED_FDS,
+                            resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
         self._dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         self._next_fh = 1
         self.requests: dict[str, int] = {}
@@ -267,19 +277,40 @@ class Operations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FUSEError(errno.EROFS)
         path = self._path(inode)
-        fd = await _io(functools.partial(os.open, path,
-                                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                         dir_fd=self.root_fd))
         stub = self.cache.stub_at(path)
         if stub is not None and flags & FMODE_EXEC:
             try:
                 await self.cache.ensure(stub, 0, stub.size, whole=True)
             except Exception as exc:
-                os.close(fd)
                 raise FUSEError(_errno_for(exc, "exec open", path)) from None
+        fd = await self._backing_fd(inode, path)
         fh = self._new_fh()
-        self._handles[fh] = _Handle(fd, stub)
+        self._handles[fh] = _Handle(fd, stub, inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def _backing_fd(self, inode: int, path: str) -> int:
+        """A read-only fd of the backing file, shared by every handle of the inode and kept
+        after the last release (LRU), so a warm open costs no syscall and no thread hop.
+        Sharing is safe: every read is positional."""
+        entry = self._fds.get(inode)
+        if entry is None:
+            fd = await _io(functools.partial(os.open, path,
+                                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                             dir_fd=self.root_fd))
+            entry = self._fds.get(inode)  # another open may have won the race meanwhile
+            if entry is None:
+                entry = self._fds[inode] = [fd, 0]
+            else:
+                os.close(fd)
+        self._fds.move_to_end(inode)
+        entry[1] += 1
+        self._trim_fds()
+        return entry[0]
+
+    def _trim_fds(self) -> None:
+        idle = [i for i, (_, users) in self._fds.items() if users == 0]
+        for inode in idle[: max(len(self._fds) - self._max_fds, 0)]:
+            os.close(self._fds.pop(inode)[0])
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -316,7 +347,10 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
-            os.close(h.fd)
+            entry = self._fds.get(h.inode)
+            if entry is not None:
+                entry[1] -= 1
+                self._trim_fds()
 
     # -- writes are refused in this release ---------------------------------------------------
 
