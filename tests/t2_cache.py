@@ -641,6 +641,29 @@ async def test_sequential_reads_grow_read_ahead(h):
         h.assert_content("seq", "seq", start, stop)
 
 
+async def test_one_near_read_in_a_random_stream_stays_page_sized(h):
+    """Luck is not a pattern: a random read that happens to land near the previous one fetches
+    its pages only; two near reads in a row are a stream and switch to whole chunks."""
+    f = h.fetcher
+    f.put("r", seeded(64 * C, "near"))
+    cache = h.cache(readahead_max=4 * C, max_request=4 * C)
+    await cache.populate(f.listing())
+    stub = cache.stub_at("r")
+    async with serving(cache, f):
+        for off in (40 * C, 40 * C + 2 * 4096, 10 * C, 50 * C):  # one near pair, then jumps
+            await cache.ensure(stub, off, off + 4096)
+            await settle(cache)
+        assert all(stop - start == 4096 for _, start, stop in f.calls), f.calls
+        assert cache.counters.prefetched_bytes == 0
+        f.calls.clear()
+        for off in (20 * C, 20 * C + 4096, 20 * C + 2 * 4096):  # a stream: near, near
+            await cache.ensure(stub, off, off + 4096)
+            await settle(cache)
+        assert any(stop - start >= C for _, start, stop in f.calls), f.calls
+        assert cache.counters.prefetched_bytes > 0
+    h.assert_content("r", "r", 20 * C, 21 * C)
+
+
 async def test_random_reads_do_not_read_ahead(h):
     f = h.fetcher
     f.put("rnd", seeded(64 * C, "rnd"))
