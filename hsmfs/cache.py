@@ -424,14 +424,17 @@ class StubCache:
         if stop <= start:
             return
         ranges = await self._ranges(stub)
-        sequential = whole or self._note_access(stub, start, stop)
+        sequential = self._note_access(stub, start, stop) if not whole else True
+        # Whole chunks once a stream's window has grown to a chunk; pages before that, so a
+        # stream that turns out to be luck costs little.
+        whole_chunks = whole or (sequential and stub.ra_window >= self.cfg.chunk_size)
         if ranges.covers(start, stop):
             self.counters.hits += 1
         else:
             self.counters.misses += 1
             if stub.state == STALE:
                 raise ObjectChanged(f"{stub.version.key!r} changed in S3; stub is stale")
-            await self._fetch(stub, start, stop, wait=True, whole_chunks=sequential)
+            await self._fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
         if not whole:
             self._read_ahead(stub, stop)
 
@@ -684,11 +687,11 @@ class StubCache:
         Sequential means: the read starts the file, or it is the second access in a row that
         lands near the previous one (within ``SEQ_SLACK``, which absorbs the kernel's
         out-of-order async read-ahead requests).  One near access in a random stream is luck,
-        not a pattern, so it does not switch to whole chunks.  A sequential stream starts
-        with a window of ``SEQ_START_CHUNKS`` chunks and doubles it up to ``readahead_max``;
-        a jump drops it.
+        not a pattern.  A stream's read-ahead window starts at 4x the request (at least
+        ``SEQ_MIN_WINDOW``) and doubles with every access up to ``readahead_max``, so a
+        mistaken stream costs little and a real one ramps up within a few reads (as Linux's
+        own read-ahead does); a jump drops it.
         """
-        chunk = self.cfg.chunk_size
         # In pages: two reads of the same page are one access, whatever their byte offsets.
         start, stop = _page_floor(start), _page_ceil(stop)
         if stub.ra_last_start <= start and stop <= stub.ra_last_stop:
@@ -707,7 +710,8 @@ class StubCache:
         if not sequential:
             stub.ra_window = 0
         elif stub.ra_window == 0:
-            stub.ra_window = min(SEQ_START_CHUNKS * chunk, self.cfg.readahead_max)
+            stub.ra_window = min(max(SEQ_MIN_WINDOW, 4 * (stop - start)),
+                                 self.cfg.readahead_max)
         else:
             stub.ra_window = min(stub.ra_window * 2, self.cfg.readahead_max)
         stub.ra_last_start = start
@@ -723,7 +727,8 @@ class StubCache:
                                      min(stop + stub.ra_window, stub.size))
 
     async def _prefetch(self, stub: Stub, start: int, stop: int) -> None:
-        await self._fetch(stub, start, stop, wait=False)
+        await self._fetch(stub, start, stop, wait=False,
+                          whole_chunks=stub.ra_window >= self.cfg.chunk_size)
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -825,9 +830,8 @@ PAGE = 4096
 #: How far from the previous access a read may start and still continue a sequential stream:
 #: FUSE has up to 12 async read-ahead requests of 1 MiB in flight, answered out of order.
 SEQ_SLACK = 1 << 20
-#: A sequential stream's first read-ahead window, in chunks: a sequential reader is about to
-#: want them all, and starting at one chunk left S3's parallelism idle for several round trips.
-SEQ_START_CHUNKS = 4
+#: A stream's smallest first read-ahead window (it is 4x the request when that is larger).
+SEQ_MIN_WINDOW = 128 << 10
 
 
 def _page_floor(n: int) -> int:

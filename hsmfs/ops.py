@@ -308,8 +308,11 @@ class Operations(pyfuse3.Operations):
         return entry[0]
 
     def _trim_fds(self) -> None:
-        idle = [i for i, (_, users) in self._fds.items() if users == 0]
-        for inode in idle[: max(len(self._fds) - self._max_fds, 0)]:
+        excess = len(self._fds) - self._max_fds
+        if excess <= 0:
+            return  # the common case: no scan at all
+        idle = [i for i, (_, users) in self._fds.items() if users == 0]  # LRU first
+        for inode in idle[:excess]:
             os.close(self._fds.pop(inode)[0])
 
     @_boundary
