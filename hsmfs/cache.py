@@ -178,8 +178,6 @@ class StubCache:
         # (inode, chunk) -> the flights carrying bytes of that chunk right now.
         self._inflight: dict[tuple[int, int], list[_Flight]] = {}
         self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
-        # Local disk writes: a few at a time are enough to keep a disk busy.
-        self._disk_limiter = trio.CapacityLimiter(4)
         self._nursery: trio.Nursery | None = None
         self._fd_lock = threading.Lock()
         self._ensure_state_dirs()
@@ -576,26 +574,20 @@ class StubCache:
     async def _fly(self, stub: Stub, flight: _Flight, prefetch: bool) -> None:
         """Run one flight to the end.  Never raises: the error is kept for every waiter."""
         try:
-            data = await trio.to_thread.run_sync(
-                self.fetcher.fetch, stub.version, flight.start, flight.stop,
-                limiter=self._s3_limiter)
-            self.counters.s3_gets += 1
-            if len(data) != flight.stop - flight.start:
-                # Never claim a hole: the range is claimed below, so its length is
-                # verified here too, whatever the Fetcher promised (DESIGN §3).
-                raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
-                                f"fetcher returned {len(data)} bytes")
             assert stub.ranges is not None
-            # Write only what is still missing: resident bytes inside the span may hold an
+            # Write only what is missing: resident bytes inside the span may hold an
             # application's writes (kernel door), which remote bytes must never overwrite.
-            # Flights never carry the same missing bytes, so no other one fills these.
+            # The flight owns its missing bytes (no other flight carries them, and
+            # applications write only resident ranges), so the gaps cannot change until it
+            # lands: they are computed here, and the GET and the write happen in one worker
+            # thread call (one hop per miss, not two).  If the flight completes the file, the
+            # same call marks it resident.
             gaps = stub.ranges.missing(flight.start, flight.stop)
-            # Does this flight complete the file?  Then mark it resident in the same thread
-            # call as the write (one hop fewer per small file).
             completes = all(flight.start <= g.start and g.stop <= flight.stop
                             for g in stub.ranges.missing(0, stub.size))
-            await trio.to_thread.run_sync(self._fill, stub, flight.start, data, gaps, completes,
-                                          limiter=self._disk_limiter)
+            await trio.to_thread.run_sync(self._fetch_and_fill, stub, flight, gaps, completes,
+                                          limiter=self._s3_limiter)
+            self.counters.s3_gets += 1
             stub.ranges.add(flight.start, flight.stop)
             n = flight.stop - flight.start
             self.counters.fetched_bytes += n
@@ -633,6 +625,17 @@ class StubCache:
             log.log(level, "%sfetch of %r [%d, %d) failed (%s): %s",
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
                     cause, exc)
+
+    def _fetch_and_fill(self, stub: Stub, flight: _Flight, gaps: list[Span],
+                        completes: bool) -> None:
+        """Worker thread: GET the flight's span, verify its length, fill the gaps."""
+        data = self.fetcher.fetch(stub.version, flight.start, flight.stop)
+        if len(data) != flight.stop - flight.start:
+            # Never claim a hole: the range is claimed after this returns, so its length is
+            # verified here too, whatever the Fetcher promised (DESIGN §3).
+            raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
+                            f"fetcher returned {len(data)} bytes")
+        self._fill(stub, flight.start, data, gaps, completes)
 
     def _fill(self, stub: Stub, base: int, data: bytes, gaps: list[Span],
               completes: bool) -> None:
