@@ -3,7 +3,7 @@
 What this module owns:
   * the numeric constants of the fanotify uapi that hsmfs needs.  The system header on the build
     machine (Debian 12, 6.1-era) lacks the pre-content ones, so every value is written out here
-    and justified by a pointer to ``/work/shared/KERNEL_FACTS.md`` (cited as "KF §n") or
+    and justified by a pointer to ``shared/KERNEL_FACTS.md`` (the team shelf) (cited as "KF §n") or
     ``KERNEL_FACTS_2.md`` ("KF2 §n"), where it was verified on this kernel;
   * thin ctypes wrappers for ``fanotify_init(2)``, ``fanotify_mark(2)`` and ``open_tree(2)`` that
     raise :class:`OSError` with the kernel's errno;
@@ -207,7 +207,7 @@ _RESPONSE = struct.Struct("=iI")
 # open_tree(2) (x86_64 syscall 428; same number on every architecture since the 5.1 unified
 # syscall table).  Measured today: a clone of the cache directory is a *detached* mount that no
 # path reaches, and a FAN_MARK_MOUNT ignore mark on it silences every access made through it
-# (DESIGN §6 update, /tmp/otp/t.py).
+# (DESIGN §6 update; see docs/design.md).
 
 AT_FDCWD = -100
 _SYS_OPEN_TREE = 428
