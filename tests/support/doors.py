@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import stop_process
+from conftest import force_unmount, is_mounted, stop_process
 
 DOORS = [
     pytest.param("fuse", marks=pytest.mark.needs_fuse, id="fuse"),
@@ -43,19 +42,6 @@ class Served:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def _is_mounted(path: Path) -> bool:
-    target = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def _unmount(path: Path) -> None:
-    if _is_mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=10)
-    if _is_mounted(path):
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
 
 
 @contextlib.contextmanager
@@ -87,9 +73,9 @@ def serve_door(kind: str, source: str, workdir: Path, endpoint: str, *opts: str,
             time.sleep(0.02)
         yield Served(kind, root, cache, proc, log_path)
     finally:
-        if kind == "fuse" and _is_mounted(root):
+        if kind == "fuse" and is_mounted(root):
             subprocess.run(["fusermount3", "-u", str(root)], capture_output=True, timeout=10)
         stop_process(proc, timeout=15)
         if kind == "fuse":
-            _unmount(root)
+            force_unmount(root)
         log.close()
