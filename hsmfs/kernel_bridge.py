@@ -218,8 +218,10 @@ class KernelBridge:
                 start = event.offset or 0
                 # Count 0 means "from offset to EOF" (a whole-file clone reports (0, 0));
                 # ranges are page-rounded and not clipped to EOF: clip to the file.
-                stop = start + event.count if event.count else st.st_size
-                await self.cache.ensure(stub, start, min(stop, st.st_size))
+                stop = min(start + event.count if event.count else st.st_size, st.st_size)
+                await self.cache.ensure(stub, start, stop)
+                # Bytes released to the application (page-rounded: the event's own range).
+                self.cache.note_served(max(stop - start, 0))
             return FAN_ALLOW
         except Exception as exc:
             code = to_errno(exc)

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 extra="${1:-}"
 python="${PYTHON:-python3}"
 
-apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc)
-[ "$extra" = test ] && apt_pkgs+=(sqlite3 rsync attr util-linux e2fsprogs xfsprogs btrfs-progs)
+apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc sqlite3)  # sqlite3: the demo queries through both doors
+[ "$extra" = test ] && apt_pkgs+=(rsync attr util-linux e2fsprogs xfsprogs btrfs-progs)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
