@@ -119,6 +119,7 @@ class Stub:
     # Sequential read-ahead: where the last access ended, and the current window.
     dirty: bool = False  # local changes S3 does not have (a local truncate, so far)
     ra_streak: int = 0  # consecutive accesses near the previous one
+    ra_horizon: int = 0  # end of what read-ahead has requested so far
     ra_last_start: int = 0
     ra_last_stop: int = 0
     ra_window: int = 0
@@ -722,12 +723,25 @@ class StubCache:
         return sequential
 
     def _read_ahead(self, stub: Stub, stop: int) -> None:
-        """Prefetch the window's missing chunks past ``stop`` in the background."""
+        """Prefetch the window past ``stop`` in the background, in batches.
+
+        Like Linux's async read-ahead marker: the next batch goes out only once the reader is
+        within half a window of what has been requested (``ra_horizon``), so a batch is at
+        least half a window and merges into ``max_request`` GETs.  Sliding the window by every
+        read instead exposed one new chunk per read: chunk-sized GETs, and boto3's per-request
+        CPU (~1 ms) for every one of them (profiled: 200 GETs for 256 MiB).
+        """
         if self._nursery is None or stub.state in (RESIDENT, DIRTY, STALE):
             return
-        if stub.ra_window and stop < stub.size:
-            self._nursery.start_soon(self._prefetch, stub, stop,
-                                     min(stop + stub.ra_window, stub.size))
+        if not stub.ra_window or stop >= stub.size:
+            stub.ra_horizon = 0
+            return
+        horizon = max(stub.ra_horizon, stop)
+        target = min(stop + stub.ra_window, stub.size)
+        batch = min(max(stub.ra_window // 2, self.cfg.chunk_size), self.cfg.readahead_max)
+        if target - horizon >= batch or (target == stub.size and horizon < target):
+            stub.ra_horizon = target
+            self._nursery.start_soon(self._prefetch, stub, horizon, target)
 
     async def _prefetch(self, stub: Stub, start: int, stop: int) -> None:
         await self._fetch(stub, start, stop, wait=False,
