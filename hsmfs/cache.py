@@ -602,6 +602,9 @@ class StubCache:
         except BaseException as exc:
             flight.error = exc
             self._record_failure(stub, flight, exc, prefetch)
+            if stub.state == STALE:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._persist_stale, stub)
         finally:
             for index in flight.chunks:
                 flying = self._inflight.get((stub.ino, index))
@@ -616,9 +619,7 @@ class StubCache:
         cause = cause_of(exc)
         self.counters.errors[cause] += 1
         if isinstance(exc, ObjectChanged) and stub.state != STALE:
-            stub.state = STALE
-            with contextlib.suppress(OSError):
-                os.setxattr(self._rw_fd(stub), XATTR_STATE, STALE.encode())
+            stub.state = STALE  # the xattr follows in _persist_stale, off the loop
         level = logging.INFO if prefetch else logging.ERROR
         if not isinstance(exc, (HsmError, OSError)):
             log.exception("unexpected failure fetching %r", stub.version.key)
@@ -626,6 +627,11 @@ class StubCache:
             log.log(level, "%sfetch of %r [%d, %d) failed (%s): %s",
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
                     cause, exc)
+
+    def _persist_stale(self, stub: Stub) -> None:
+        """Worker thread: record ``stale`` on the file, for HSM-aware tools and restarts."""
+        with contextlib.suppress(OSError):
+            os.setxattr(self._rw_fd(stub), XATTR_STATE, STALE.encode())
 
     def _fetch_and_fill(self, stub: Stub, flight: _Flight, gaps: list[Span],
                         completes: bool) -> None:

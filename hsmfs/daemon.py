@@ -108,7 +108,11 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                     out["kernel"] = kernel.stats()
                 return out
             case "state":
-                return {"states": [_state(cache, p) for p in request.get("paths", [])]}
+                # stat, xattrs and SEEK_DATA scans: disk work, off the loop.
+                paths = list(request.get("paths", []))
+                states = await trio.to_thread.run_sync(
+                    lambda: [_state(cache, p) for p in paths])
+                return {"states": states}
             case "restore":
                 return {"states": [await _restore(cache, p) for p in request.get("paths", [])]}
             case other:

@@ -203,7 +203,8 @@ class KernelBridge:
             self.stats_.not_ours += 1  # a local file, or something the filesystem mark saw
             return FAN_ALLOW
         try:
-            self.cache.note_size(stub, st.st_size)  # an application may have truncated it
+            if st.st_size < stub.size:  # an application truncated it: record that off the loop
+                await trio.to_thread.run_sync(self.cache.note_size, stub, st.st_size)
             if kind == "exec":
                 await self.cache.ensure(stub, 0, stub.size, whole=True)
             elif kind == "open":

@@ -248,8 +248,8 @@ class Operations(pyfuse3.Operations):
             return os.fsencode(self.cache.cfg.cache_dir)
         stub = self.cache.stub_at(path)
         if sname == XATTR_STATE and stub is not None:
-            # Computed, not read: the core's state is fresher than the xattr it writes.
-            return self.cache.state_of(stub)[0].encode()
+            # The core's word, fresher than the xattr it writes; no I/O (state_of would scan).
+            return stub.state.encode()
         try:
             return await _io(os.getxattr, self._proc_path(path), sname)
         except OSError as exc:
