@@ -7,6 +7,7 @@ the domain errors in :mod:`hsmfs.errors`, so nothing above knows about HTTP.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import random
 import threading
@@ -139,6 +140,22 @@ class S3Backend:
         """Bytes ``[start, stop)`` of exactly this version, or a domain error.  Never short."""
         if stop <= start:
             return b""
+        buf = bytearray(stop - start)
+        self.fetch_into(version, start, memoryview(buf))
+        return bytes(buf)
+
+    def fetch_into(self, version: ObjectVersion, start: int, buf: memoryview) -> int:
+        """Fill ``buf`` with bytes ``[start, start + len(buf))`` of exactly this version and
+        return ``len(buf)``, or raise a domain error.  Never short.
+
+        The body goes from the socket straight into ``buf`` (one copy, no allocation): the
+        cache passes a buffer it reuses, because allocating and faulting in a fresh 8 MiB
+        ``bytes`` per GET, then unmapping it, cost about a tenth of a cold sequential read's
+        CPU on a 2-vCPU machine (perf).
+        """
+        stop = start + len(buf)
+        if stop <= start:
+            return 0
         if stop > version.size:
             raise ObjectChanged(f"range {start}-{stop} past size {version.size} of {version.key!r}")
         kw: dict[str, Any] = {
@@ -151,27 +168,28 @@ class S3Backend:
             kw["VersionId"] = version.version_id
         what = f"get {version.key!r} [{start}, {stop})"
 
-        def attempt() -> bytes:
+        def attempt() -> int:
             resp = self._client.get_object(**kw)
             etag = resp.get("ETag")
             if etag and etag != version.etag:
+                resp["Body"].close()
                 raise ObjectChanged(f"{what}: ETag {etag} != {version.etag}")
             try:
-                body = resp["Body"].read()
+                got = _read_body_into(resp["Body"], buf)
             except botocore.exceptions.ReadTimeoutError as exc:
                 raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
             except (botocore.exceptions.ResponseStreamingError, ConnectionError) as exc:
                 # A body cut off mid-stream is a short body (DESIGN §5: EIO), not
                 # throttling (EAGAIN): only a timeout says "try again later".
                 raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
-            if len(body) != stop - start:
-                raise _Retryable(ShortBody(f"{what}: got {len(body)} bytes"))
-            return body
+            if got != len(buf):
+                raise _Retryable(ShortBody(f"{what}: got {got} bytes"))
+            return got
 
-        body = self._call(what, attempt)
+        got = self._call(what, attempt)
         with self._lock:
-            self.bytes += len(body)
-        return body
+            self.bytes += got
+        return got
 
     # -- retry and classification ---------------------------------------------------------------
 
@@ -246,3 +264,51 @@ class S3Backend:
         with self._lock:
             return {"s3_requests": self.requests, "s3_bytes": self.bytes,
                     "s3_retries": self.retries}
+
+
+def _read_body_into(body: Any, buf: memoryview) -> int:
+    """Read a GET's body into ``buf``; return how many bytes came (less = the body was short;
+    ``len(buf) + 1`` = it was longer, e.g. a server that ignored the range).
+
+    botocore's StreamingBody offers only ``read()`` (a new ``bytes`` per call).  It wraps a
+    urllib3 response, which wraps an ``http.client.HTTPResponse`` whose ``readinto`` fills our
+    buffer from the socket directly; botocore never content-decodes S3 bodies, so these raw
+    bytes are the object's bytes.  http.client closes its response at the end of the body;
+    the connection then goes back to urllib3's pool.  A body left unfinished (an error, extra
+    bytes) closes the connection instead: it is mid-stream and cannot be reused.  A body of any
+    other shape falls back to ``read()`` and a copy.  Socket-level failures leave here as the
+    exceptions botocore would raise, so the caller classifies them in one place.
+    """
+    stream = getattr(body, "_raw_stream", None)
+    raw = getattr(stream, "_fp", None)
+    if stream is None or not hasattr(raw, "readinto") or not hasattr(stream, "release_conn"):
+        return _read_body_copying(body, buf)
+    got = 0
+    try:
+        while got < len(buf):
+            n = raw.readinto(buf[got:])
+            if not n:
+                break
+            got += n
+    except TimeoutError as exc:
+        stream.close()
+        raise botocore.exceptions.ReadTimeoutError(endpoint_url=str(exc)) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        stream.close()
+        raise ConnectionError(f"body cut off after {got} bytes: {exc!r}") from exc
+    if raw.isclosed():
+        stream.release_conn()
+        return got
+    stream.close()
+    return len(buf) + 1 if got == len(buf) else got
+
+
+def _read_body_copying(body: Any, buf: memoryview) -> int:
+    got = 0
+    while got < len(buf):
+        chunk = body.read(len(buf) - got)
+        if not chunk:
+            return got
+        buf[got:got + len(chunk)] = chunk
+        got += len(chunk)
+    return len(buf) + 1 if body.read(1) else got

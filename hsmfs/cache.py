@@ -86,10 +86,12 @@ class ObjectInfoLike(Protocol):
 
 class Fetcher(Protocol):
     """The seam to S3: the backend, or an in-memory fake in unit tests.  Blocking; the cache
-    calls it from worker threads.  Must return exactly ``stop - start`` bytes of that version
-    or raise a :class:`~hsmfs.errors.HsmError`."""
+    calls it from worker threads.  Must fill the whole buffer with bytes of that version or
+    raise a :class:`~hsmfs.errors.HsmError`."""
 
-    def fetch(self, version: ObjectVersionLike, start: int, stop: int) -> bytes: ...
+    def fetch_into(self, version: ObjectVersionLike, start: int, buf: memoryview) -> int:
+        """Fill ``buf`` with the bytes at ``start``; return how many came."""
+        ...
 
 
 class CacheListener(Protocol):
@@ -181,6 +183,9 @@ class StubCache:
         self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
         self._nursery: trio.Nursery | None = None
         self._fd_lock = threading.Lock()
+        # One GET buffer per worker thread (at most ``concurrency`` x ``max_request`` bytes);
+        # trio retires idle worker threads, and their buffers with them.
+        self._buffers = threading.local()
         self._ensure_state_dirs()
 
     # -- life cycle --------------------------------------------------------------------------
@@ -636,15 +641,25 @@ class StubCache:
     def _fetch_and_fill(self, stub: Stub, flight: _Flight, gaps: list[Span],
                         completes: bool) -> None:
         """Worker thread: GET the flight's span, verify its length, fill the gaps."""
-        data = self.fetcher.fetch(stub.version, flight.start, flight.stop)
-        if len(data) != flight.stop - flight.start:
+        data = self._buffer(flight.stop - flight.start)
+        got = self.fetcher.fetch_into(stub.version, flight.start, data)
+        if got != len(data):
             # Never claim a hole: the range is claimed after this returns, so its length is
             # verified here too, whatever the Fetcher promised (DESIGN §3).
             raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
-                            f"fetcher returned {len(data)} bytes")
+                            f"fetcher returned {got} bytes")
         self._fill(stub, flight.start, data, gaps, completes)
 
-    def _fill(self, stub: Stub, base: int, data: bytes, gaps: list[Span],
+    def _buffer(self, size: int) -> memoryview:
+        """Worker thread: this thread's GET buffer, at least ``size`` bytes, reused across
+        flights (a flight's bytes are written out before the thread takes another)."""
+        buf: bytearray | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = bytearray(max(size, self.cfg.max_request))
+            self._buffers.buf = buf
+        return memoryview(buf)[:size]
+
+    def _fill(self, stub: Stub, base: int, data: bytes | memoryview, gaps: list[Span],
               completes: bool) -> None:
         """Worker thread: write the gaps, then record the new state word."""
         self._write_gaps(stub, base, data, gaps)
@@ -654,7 +669,8 @@ class StubCache:
             os.setxattr(self._rw_fd(stub), XATTR_STATE, PARTIAL.encode())
             stub.state = PARTIAL
 
-    def _write_gaps(self, stub: Stub, base: int, data: bytes, gaps: list[Span]) -> None:
+    def _write_gaps(self, stub: Stub, base: int, data: bytes | memoryview,
+                    gaps: list[Span]) -> None:
         """Write the fetched bytes of each gap into the stub; return when all are there."""
         fd = self._rw_fd(stub)
         # The file may have been truncated below the remote size through the kernel door since;

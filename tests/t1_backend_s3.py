@@ -8,10 +8,13 @@ compares bytes against the seeded source.  Backoff is set tiny so retries cost m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -147,6 +150,48 @@ def test_ranged_fetch_is_byte_exact(direct, bucket):
     assert stats["s3_bytes"] == total
     assert stats["s3_requests"] == 1 + len(spans)  # the listing, then one GET per range
     assert stats["s3_retries"] == 0
+
+
+def _established_to(port: int) -> int:
+    """This process's established TCP connections to ``port`` on loopback."""
+    own = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                own.add(link[8:-1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if int(cols[2].rsplit(":", 1)[1], 16) == port and cols[3] == "01" \
+                        and cols[9] in own:
+                    count += 1
+    return count
+
+
+def test_fetch_into_fills_the_buffer_and_reuses_one_connection(proxied, bucket,
+                                                                fault_proxy):  # noqa: F811
+    """Bodies are read straight into the caller's buffer; each finished body hands its
+    keep-alive connection back to the pool, so sequential GETs share one connection (through
+    the proxy: it keeps connections alive, moto's server closes them)."""
+    data = bucket.put("k", seeded(2 * MiB, "into"))
+    v = listed(proxied)["k"]
+    buf = bytearray(2 * MiB)
+    for start, stop in [(0, MiB), (5, 6), (MiB - 3, 2 * MiB), (MiB, 2 * MiB)] * 5:
+        view = memoryview(buf)[:stop - start]
+        assert proxied.fetch_into(v, start, view) == stop - start
+        assert sha256(view) == sha256(data[start:stop])
+    assert _established_to(urllib.parse.urlsplit(fault_proxy.endpoint).port) == 1
+    assert fault_proxy.count(method="GET", match="/k") == 20
+
+
+def test_fetch_into_a_buffer_past_the_object_is_object_changed(direct, bucket):
+    bucket.put("k", b"0123456789")
+    v = listed(direct)["k"]
+    with pytest.raises(ObjectChanged):
+        direct.fetch_into(v, 5, memoryview(bytearray(6)))
 
 
 def test_fetch_empty_range_makes_no_request(direct, bucket):

@@ -110,6 +110,11 @@ class MemFetcher:
 
     # -- the seam ------------------------------------------------------------------------------
 
+    def fetch_into(self, version, start: int, buf: memoryview) -> int:
+        got = self.fetch(version, start, start + len(buf))
+        buf[:len(got)] = got
+        return len(got)
+
     def fetch(self, version, start: int, stop: int) -> bytes:
         with self._lock:
             self.calls.append((version.key, start, stop))
