@@ -30,6 +30,7 @@ import contextlib
 import errno
 import logging
 import os
+import posixpath
 import secrets
 import stat
 import threading
@@ -52,6 +53,7 @@ from .errors import (
 )
 from .keys import STATE_DIR, place
 from .ranges import RangeMap, Span
+from .siblings import SiblingReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ class Counters:
     misses: int = 0  # ensure() calls that had to wait for S3
     coalesced_waits: int = 0  # chunks a reader waited for instead of fetching again
     prefetched_bytes: int = 0
+    sibling_prefetches: int = 0  # files fetched by directory read-ahead
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -181,6 +184,12 @@ class StubCache:
         # (inode, chunk) -> the flights carrying bytes of that chunk right now.
         self._inflight: dict[tuple[int, int], list[_Flight]] = {}
         self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
+        # Directory read-ahead takes at most half the GET slots: a program's own misses
+        # must never queue behind a directory's worth of guesses.
+        self._sibling_slots = trio.Semaphore(max(cfg.concurrency // 2, 1))
+        self._siblings = SiblingReadAhead(cfg.dir_readahead, cfg.small_file,
+                                          self._stubs_in, self._wants_fetch)
+        self._dir_index: dict[str, list[Stub]] | None = None  # rebuilt after changes
         self._nursery: trio.Nursery | None = None
         self._fd_lock = threading.Lock()
         # One GET buffer per worker thread (at most ``concurrency`` x ``max_request`` bytes);
@@ -271,6 +280,7 @@ class StubCache:
             gone = self._by_path.pop(rel, None)
             if gone is not None:
                 self._by_ino.pop(gone.ino, None)
+        self._dir_index = None
         report = PopulateReport(created, kept, replaced, removed, layout.rejected,
                                 len(layout.dirs))
         log.info("populated %s: %d new, %d kept, %d replaced, %d removed, %d refused",
@@ -406,6 +416,16 @@ class StubCache:
             self._by_ino.pop(old.ino, None)
         self._by_path[stub.path] = stub
         self._by_ino[stub.ino] = stub
+        self._dir_index = None
+
+    def _stubs_in(self, directory: str) -> list[Stub]:
+        """The stubs directly in ``directory`` (relative, '' = the root)."""
+        if self._dir_index is None:
+            index: dict[str, list[Stub]] = {}
+            for stub in list(self._by_path.values()):
+                index.setdefault(posixpath.dirname(stub.path), []).append(stub)
+            self._dir_index = index
+        return self._dir_index.get(directory, [])
 
     # -- the one entry point of both doors ----------------------------------------------------
 
@@ -438,6 +458,9 @@ class StubCache:
             self.counters.misses += 1
             if stub.state == STALE:
                 raise ObjectChanged(f"{stub.version.key!r} changed in S3; stub is stale")
+            if whole:
+                # Before our own GET, so the siblings' GETs overlap it.
+                self._read_siblings_ahead(stub)
             await self._fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
         if not whole:
             self._read_ahead(stub, stop)
@@ -493,7 +516,7 @@ class StubCache:
         return index * c, min((index + 1) * c, stub.size)
 
     async def _fetch(self, stub: Stub, start: int, stop: int, *, wait: bool,
-                     whole_chunks: bool = True) -> None:
+                     whole_chunks: bool = True, prefetch: bool | None = None) -> None:
         """Fetch what is missing of ``[start, stop)``.
 
         Per chunk, the missing bytes (the whole chunk's when ``whole_chunks``, else only the
@@ -504,6 +527,8 @@ class StubCache:
         after waiting the plan is made again (a few rounds at most).
         """
         assert stub.ranges is not None
+        if prefetch is None:
+            prefetch = not wait
         for _ in range(4):
             own, waits = self._plan_flights(stub, start, stop, wait, whole_chunks)
             if self._nursery is not None:
@@ -511,11 +536,11 @@ class StubCache:
                 # cancelled mid-fetch (FUSE interrupt, killed process) must not fail the
                 # readers waiting on its flights with "fetch cancelled".
                 for f in own:
-                    self._nursery.start_soon(self._fly, stub, f, not wait)
+                    self._nursery.start_soon(self._fly, stub, f, prefetch)
             else:
                 async with trio.open_nursery() as nursery:
                     for f in own:
-                        nursery.start_soon(self._fly, stub, f, not wait)
+                        nursery.start_soon(self._fly, stub, f, prefetch)
             if not wait:
                 return
             for f in own + waits:
@@ -767,6 +792,42 @@ class StubCache:
             stub.ra_horizon = target
             self._nursery.start_soon(self._prefetch, stub, horizon, target)
 
+    def _read_siblings_ahead(self, stub: Stub) -> None:
+        """A program reads ``stub`` whole: if that reveals a walk of its directory, fetch
+        the siblings it will read next in the background (:mod:`hsmfs.siblings`)."""
+        if self._nursery is None:
+            return
+        picked = self._siblings.note_whole_read(stub)
+        if picked:
+            log.debug("directory read-ahead in %r: %d files",
+                      posixpath.dirname(stub.path) or ".", len(picked))
+            self._nursery.start_soon(self._prefetch_files, picked)
+
+    def _wants_fetch(self, stub: Stub) -> bool:
+        return stub.state in (STUB, PARTIAL) and (stub.ino, 0) not in self._inflight
+
+    async def _prefetch_files(self, stubs: list[Stub]) -> None:
+        async with trio.open_nursery() as nursery:
+            for stub in stubs:
+                await self._sibling_slots.acquire()
+                nursery.start_soon(self._prefetch_file, stub)
+
+    async def _prefetch_file(self, stub: Stub) -> None:
+        """Fetch one sibling whole, unless a reader got to it first.  Failures are logged
+        and counted by the flight; the file stays a stub for its reader to retry."""
+        try:
+            if not self._wants_fetch(stub):
+                return
+            await self._ranges(stub)
+            if stub.state not in (STUB, PARTIAL):  # changed while its ranges loaded
+                return
+            self.counters.sibling_prefetches += 1
+            await self._fetch(stub, 0, stub.size, wait=True, prefetch=True)
+        except (HsmError, OSError):
+            pass
+        finally:
+            self._sibling_slots.release()
+
     async def _prefetch(self, stub: Stub, start: int, stop: int) -> None:
         await self._fetch(stub, start, stop, wait=False,
                           whole_chunks=stub.ra_window >= self.cfg.chunk_size)
@@ -793,6 +854,7 @@ class StubCache:
             "misses": c.misses,
             "coalesced_waits": c.coalesced_waits,
             "prefetched_bytes": c.prefetched_bytes,
+            "sibling_prefetches": c.sibling_prefetches,
             "errors": dict(c.errors),
             "stubs": len(self._by_path),
             "resident_files": sum(1 for s in self._by_path.values()

@@ -51,6 +51,10 @@ class CacheConfig:
     small_file: int = 1 * MiB
     #: Simultaneous ranged GETs across the whole cache.
     concurrency: int = 16
+    #: Directory read-ahead budget (:mod:`hsmfs.siblings`): once a program has read two small
+    #: files of a directory, up to this many bytes of its other small files with the same
+    #: extensions are fetched in the background.  0 disables it.
+    dir_readahead: int = 64 * MiB
     file_mode: int = 0o644
     dir_mode: int = 0o755
     #: HEAD each object at population to read s3fs's ``x-amz-meta-mode`` (exec bits).
@@ -179,6 +183,8 @@ def build_options(
                 cache_kw["readahead_max"] = parse_size(value)
             case "small_file":
                 cache_kw["small_file"] = parse_size(value)
+            case "dir_readahead":
+                cache_kw["dir_readahead"] = 0 if value == "off" else parse_size(value)
             case "concurrency":
                 cache_kw["concurrency"] = int(value)
             case "file_mode":
