@@ -16,8 +16,9 @@ What keeps this from fetching bytes nobody reads:
   the size the cache fetches whole anyway).
 * A byte budget per directory (``dir_readahead``, default 64 MiB): a program that reads two
   files of a huge directory and stops costs at most that much.
-* Each directory triggers once.  A subdirectory of a triggered directory triggers on its first
-  small-file read (the walk has already shown itself one level up).
+* Each directory triggers once.  A directory next to or below a triggered one triggers on its
+  first small-file read: the walk has already shown itself (`src/json/` walked, then
+  `src/http/` or `src/json/tests/` is the walk going on, not a new guess).
 
 This module only decides; the cache fetches.  It sees whole-file misses only: files already
 resident raise no event on the kernel door, so there is no signal of "consumed" to pace by,
@@ -72,6 +73,8 @@ class SiblingReadAhead:
         self._siblings = siblings
         self._wanted = wanted
         self._dirs: OrderedDict[str, _DirState] = OrderedDict()
+        # Parents of triggered directories: a walk seen there makes their other children hot.
+        self._walked_parents: OrderedDict[str, None] = OrderedDict()
 
     def note_whole_read(self, stub: SiblingLike) -> list[SiblingLike]:
         """A program read ``stub`` whole from S3 (a miss).  Return the siblings to fetch now:
@@ -84,11 +87,11 @@ class SiblingReadAhead:
             return []
         state.read.add(stub.path)
         state.extensions.add(extension(stub.path))
-        above = self._dirs.get(posixpath.dirname(parent)) if parent else None
-        walked_into = above is not None and above.triggered
-        if len(state.read) < WALK_THRESHOLD and not walked_into:
+        if len(state.read) < WALK_THRESHOLD and not self._walked_into(parent):
             return []
         state.triggered = True
+        if parent:
+            self._remember_walk(posixpath.dirname(parent))
         picked = self._pick(parent, state)
         state.read.clear()
         return picked
@@ -105,6 +108,20 @@ class SiblingReadAhead:
             spent += sib.size
             picked.append(sib)
         return picked
+
+    def _walked_into(self, directory: str) -> bool:
+        """Whether ``directory`` is below a triggered directory or next to one."""
+        if not directory:
+            return False
+        above = posixpath.dirname(directory)
+        state = self._dirs.get(above)
+        return (state is not None and state.triggered) or above in self._walked_parents
+
+    def _remember_walk(self, parent: str) -> None:
+        self._walked_parents[parent] = None
+        self._walked_parents.move_to_end(parent)
+        while len(self._walked_parents) > MAX_REMEMBERED_DIRS:
+            self._walked_parents.popitem(last=False)
 
     def _state(self, parent: str) -> _DirState:
         state = self._dirs.get(parent)

@@ -73,13 +73,24 @@ def test_the_budget_bounds_the_bytes_picked():
 
 def test_a_walk_continues_into_subdirectories_on_their_first_read():
     files = [F("top/a.c"), F("top/b.c"), F("top/sub/x.c"), F("top/sub/y.c"),
-             F("top/sub/deeper/z.c"), F("top/sub/deeper/w.c"), F("other/p.c"), F("other/q.c")]
+             F("top/sub/deeper/z.c"), F("top/sub/deeper/w.c"), F("far/away/p.c"),
+             F("far/away/q.c")]
     p = policy(files)
     p.note_whole_read(files[0])
     p.note_whole_read(files[1])
     assert paths(p.note_whole_read(files[2])) == ["top/sub/y.c"]
     assert paths(p.note_whole_read(files[4])) == ["top/sub/deeper/w.c"]
-    assert p.note_whole_read(files[6]) == []  # an unrelated directory still needs two
+    assert p.note_whole_read(files[6]) == []  # neither below nor next to a walk: needs two
+
+
+def test_a_walk_continues_into_sibling_directories_on_their_first_read():
+    files = [F("src/json/a.py"), F("src/json/b.py"), F("src/json/c.py"),
+             F("src/http/x.py"), F("src/http/y.py"), F("doc/m.txt"), F("doc/n.txt")]
+    p = policy(files)
+    p.note_whole_read(files[0])
+    assert paths(p.note_whole_read(files[1])) == ["src/json/c.py"]
+    assert paths(p.note_whole_read(files[3])) == ["src/http/y.py"]  # next to a walked one
+    assert p.note_whole_read(files[5]) == []  # doc/ is next to src/, not to src/json/
 
 
 def test_big_files_and_a_zero_budget_never_trigger():
