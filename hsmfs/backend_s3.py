@@ -1,23 +1,33 @@
 """S3 access: list, head, ranged GET pinned to an ETag.  The only module that imports boto3.
 
-Every call here blocks; the cache runs them in worker threads.  Retries live here and only here
-(exponential backoff with full jitter), and every botocore failure leaves this module as one of
-the domain errors in :mod:`hsmfs.errors`, so nothing above knows about HTTP.
+Every call here blocks; the cache runs them in worker threads.  Ranged GETs, the hot path,
+skip botocore's request pipeline: they are signed with botocore's own SigV4 signer and sent
+over a urllib3 pool (:class:`_LeanGet`), ~0.5 ms of CPU per GET instead of ~1.5 ms.  Retries
+live here and only here (exponential backoff with full jitter), and every botocore or urllib3
+failure leaves this module as one of the domain errors in :mod:`hsmfs.errors`, so nothing
+above knows about HTTP.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import os
 import random
 import threading
 import time
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import boto3
 import botocore.exceptions
+import urllib3
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
 from .config import S3Config
@@ -90,6 +100,7 @@ class S3Backend:
                 tcp_keepalive=True,
             ),
         )
+        self._lean = _LeanGet.for_client(self._client, session, cfg) if cfg.lean_get else None
         self._lock = threading.Lock()
         self.requests = 0
         self.bytes = 0
@@ -169,6 +180,8 @@ class S3Backend:
         what = f"get {version.key!r} [{start}, {stop})"
 
         def attempt() -> int:
+            if self._lean is not None:
+                return self._lean.get_into(version, start, buf, what)
             resp = self._client.get_object(**kw)
             etag = resp.get("ETag")
             if etag and etag != version.etag:
@@ -220,6 +233,18 @@ class S3Backend:
                 if not isinstance(final, _Retryable):
                     raise final from exc
                 last = final.final
+            except _HttpError as exc:
+                final = classify_status(what, exc.status, exc.code)
+                if not isinstance(final, _Retryable):
+                    raise final from exc
+                last = final.final
+            except urllib3.exceptions.NewConnectionError as exc:  # a ConnectTimeoutError too
+                last = BackendUnavailable(f"{what}: {exc}")
+            except (urllib3.exceptions.ConnectTimeoutError,
+                    urllib3.exceptions.ReadTimeoutError) as exc:
+                last = Throttled(f"{what}: timed out: {exc}")
+            except urllib3.exceptions.HTTPError as exc:
+                last = BackendUnavailable(f"{what}: {exc}")
             except (botocore.exceptions.ConnectTimeoutError,
                     botocore.exceptions.ReadTimeoutError) as exc:
                 last = Throttled(f"{what}: timed out: {exc}")
@@ -243,27 +268,32 @@ class S3Backend:
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        detail = f"{what}: HTTP {status} {code}"
-        if status == 412 or code == "PreconditionFailed":
-            return ObjectChanged(f"{detail}: object changed since its stub was made")
-        if status == 404 or code in {"NoSuchKey", "NotFound", "NoSuchVersion"}:
-            return ObjectMissing(f"{detail}: object gone")
-        if status == 416 or code == "InvalidRange":
-            return ObjectChanged(f"{detail}: object shrank")
-        if status == 403 or code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-            return AccessDenied(detail)
-        if code in _THROTTLE_CODES or status == 429:
-            return _Retryable(Throttled(detail))
-        if status in _RETRY_STATUS or code in {"InternalError", "ServiceUnavailable"}:
-            return _Retryable(BackendUnavailable(detail))
-        if code == "NoSuchBucket":
-            return ObjectMissing(detail)
-        return BackendUnavailable(detail)
+        return classify_status(what, status, code)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"s3_requests": self.requests, "s3_bytes": self.bytes,
                     "s3_retries": self.retries}
+
+
+def classify_status(what: str, status: int, code: str) -> HsmError | _Retryable:
+    """An S3 error response (HTTP status, XML ``Code``) as a domain error, or as retryable."""
+    detail = f"{what}: HTTP {status} {code}"
+    if status == 412 or code == "PreconditionFailed":
+        return ObjectChanged(f"{detail}: object changed since its stub was made")
+    if status == 404 or code in {"NoSuchKey", "NotFound", "NoSuchVersion"}:
+        return ObjectMissing(f"{detail}: object gone")
+    if status == 416 or code == "InvalidRange":
+        return ObjectChanged(f"{detail}: object shrank")
+    if status == 403 or code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return AccessDenied(detail)
+    if code in _THROTTLE_CODES or status == 429:
+        return _Retryable(Throttled(detail))
+    if status in _RETRY_STATUS or code in {"InternalError", "ServiceUnavailable"}:
+        return _Retryable(BackendUnavailable(detail))
+    if code == "NoSuchBucket":
+        return ObjectMissing(detail)
+    return BackendUnavailable(detail)
 
 
 def _read_body_into(body: Any, buf: memoryview) -> int:
@@ -280,9 +310,15 @@ def _read_body_into(body: Any, buf: memoryview) -> int:
     exceptions botocore would raise, so the caller classifies them in one place.
     """
     stream = getattr(body, "_raw_stream", None)
-    raw = getattr(stream, "_fp", None)
-    if stream is None or not hasattr(raw, "readinto") or not hasattr(stream, "release_conn"):
+    if stream is None or not hasattr(getattr(stream, "_fp", None), "readinto") \
+            or not hasattr(stream, "release_conn"):
         return _read_body_copying(body, buf)
+    return _read_urllib3_into(stream, buf)
+
+
+def _read_urllib3_into(stream: urllib3.BaseHTTPResponse, buf: memoryview) -> int:
+    """:func:`_read_body_into` for a urllib3 response (the lean path's, or botocore's)."""
+    raw: Any = getattr(stream, "_fp", None)
     got = 0
     try:
         while got < len(buf):
@@ -312,3 +348,93 @@ def _read_body_copying(body: Any, buf: memoryview) -> int:
         buf[got:got + len(chunk)] = chunk
         got += len(chunk)
     return len(buf) + 1 if body.read(1) else got
+
+
+class _HttpError(Exception):
+    """An S3 error response on the lean path, classified by :func:`classify_status`."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(f"HTTP {status} {code}")
+        self.status = status
+        self.code = code
+
+
+class _LeanGet:
+    """Ranged GETs signed with botocore's SigV4 signer and sent over a urllib3 pool.
+
+    botocore's client pipeline (event hooks, parameter validation, serializer, response
+    parser) costs ~1.5 ms of CPU per GET on this class of machine; signing and sending the
+    same request directly costs ~0.5 ms (measured against Ceph, 4 KiB ranges).  On 2 vCPUs
+    that CPU is the limit for trees of small files and for random reads, so the hot path
+    takes the lean road; listing and HEAD keep boto3.  Same endpoint, region, credentials
+    (refreshable ones refresh here too), path-style URLs, timeouts and pool size as the
+    client; no retries in urllib3 (ours classify first).  Not used behind an HTTP proxy or
+    without credentials: boto3 knows those cases, this class does not.
+    """
+
+    def __init__(self, endpoint: str, region: str, bucket: str, credentials: Any,
+                 cfg: S3Config) -> None:
+        self._base = f"{endpoint.rstrip('/')}/{urllib.parse.quote(bucket, safe='')}/"
+        self._region = region
+        self._credentials = credentials
+        self._pool = urllib3.PoolManager(
+            num_pools=2, maxsize=cfg.max_connections, retries=False,
+            timeout=urllib3.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s),
+            ca_certs=os.environ.get("AWS_CA_BUNDLE") or None,
+        )
+
+    @classmethod
+    def for_client(cls, client: Any, session: Any, cfg: S3Config) -> _LeanGet | None:
+        credentials = session.get_credentials()
+        if credentials is None or urllib.request.getproxies():
+            return None
+        return cls(client.meta.endpoint_url, client.meta.region_name, cfg.bucket, credentials,
+                   cfg)
+
+    def url(self, version: ObjectVersion) -> str:
+        # S3's canonical URI: every byte of the key percent-encoded except unreserved
+        # characters and "/", exactly as botocore builds it, so the signature matches.
+        url = self._base + urllib.parse.quote(version.key, safe="/~")
+        if version.version_id:
+            url += "?versionId=" + urllib.parse.quote(version.version_id, safe="~")
+        return url
+
+    def get_into(self, version: ObjectVersion, start: int, buf: memoryview, what: str) -> int:
+        url = self.url(version)
+        request = AWSRequest(method="GET", url=url, headers={
+            "Range": f"bytes={start}-{start + len(buf) - 1}",
+            "If-Match": version.etag,
+        })
+        S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3",
+                    self._region).add_auth(request)
+        resp = self._pool.request("GET", url, headers=dict(request.headers.items()),
+                                  preload_content=False, redirect=False)
+        try:
+            if resp.status >= 300:
+                raise _HttpError(resp.status, _error_code(resp.read(64 * 1024)))
+            etag = resp.headers.get("ETag")
+            if etag and etag != version.etag:
+                raise ObjectChanged(f"{what}: ETag {etag} != {version.etag}")
+            length = resp.headers.get("Content-Length")
+            if length is not None and int(length) != len(buf):
+                raise _Retryable(ShortBody(f"{what}: {resp.status} with {length} bytes"))
+            try:
+                got = _read_urllib3_into(resp, buf)
+            except botocore.exceptions.ReadTimeoutError as exc:
+                raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
+            except ConnectionError as exc:
+                raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
+            if got != len(buf):
+                raise _Retryable(ShortBody(f"{what}: got {got} bytes"))
+            return got
+        finally:
+            resp.release_conn()
+
+
+def _error_code(body: bytes) -> str:
+    """The ``<Code>`` of an S3 XML error body ('' if there is none: HEAD-like or garbage)."""
+    try:
+        node = ET.fromstring(body).find("Code")
+    except ET.ParseError:
+        return ""
+    return (node.text or "") if node is not None else ""
