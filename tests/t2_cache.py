@@ -27,6 +27,7 @@ import trio.testing
 from conftest import seeded, sha256
 
 from hsmfs.backend_s3 import ObjectInfo, ObjectVersion
+from hsmfs.bench.workloads import random_offsets
 from hsmfs.cache import (
     PARTIAL,
     RESIDENT,
@@ -649,7 +650,8 @@ async def test_sequential_reads_grow_read_ahead(h):
 
 async def test_one_near_read_in_a_random_stream_stays_page_sized(h):
     """Luck is not a pattern: a random read that happens to land near the previous one fetches
-    its pages only; two near reads in a row are a stream and switch to whole chunks."""
+    its pages only; two near reads in a row are a stream and switch to whole chunks, and read
+    ahead once its window has doubled to READ_AHEAD_MIN_WINDOW (capped by readahead_max)."""
     f = h.fetcher
     f.put("r", seeded(64 * C, "near"))
     cache = h.cache(readahead_max=4 * C, max_request=4 * C)
@@ -665,9 +667,34 @@ async def test_one_near_read_in_a_random_stream_stays_page_sized(h):
         for off in (20 * C, 20 * C + 4096, 20 * C + 2 * 4096):  # a stream: near, near
             await cache.ensure(stub, off, off + 4096)
             await settle(cache)
+        assert f.calls[-1][2] == 21 * C, f.calls  # whole chunks now: the rest of chunk 20
+        assert cache.counters.prefetched_bytes == 0  # but no guesses yet: the window is small
+        await cache.ensure(stub, 20 * C + 3 * 4096, 20 * C + 4 * 4096)  # the window doubles
+        await settle(cache)
         assert any(stop - start >= C for _, start, stop in f.calls), f.calls
         assert cache.counters.prefetched_bytes > 0
     h.assert_content("r", "r", 20 * C, 21 * C)
+
+
+async def test_near_pairs_by_luck_in_random_reads_fetch_nothing_extra(h):
+    """500 random 4 KiB reads over a file of 1024 chunks, as the bench's rand4k does: pairs
+    of near reads happen by luck, and must not turn into read-ahead (amplification 1.24
+    before READ_AHEAD_MIN_WINDOW, measured; 1.00 after)."""
+    f = h.fetcher
+    size = 1024 * C
+    f.put("big", seeded(size, "luck"))
+    cache = h.cache(readahead_max=1024 * C, max_request=128 * C, chunk_size=128 * C)
+    await cache.populate(f.listing())
+    stub = cache.stub_at("big")
+    offsets = random_offsets(1, size, 4096, 500)  # the bench's: it has near pairs
+    async with serving(cache, f):
+        for off in offsets:
+            await cache.ensure(stub, off, off + 4096)
+        await settle(cache)
+    assert cache.counters.prefetched_bytes == 0
+    assert sum(stop - start for _, start, stop in f.calls) == 4096 * len(set(offsets))
+    for off in offsets[:20]:
+        h.assert_content("big", "big", off, off + 4096)
 
 
 async def test_random_reads_do_not_read_ahead(h):
