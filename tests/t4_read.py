@@ -161,6 +161,30 @@ def test_concurrent_readers_of_one_cold_chunk_fetch_it_once(
         assert stats["cache_s3_gets"] - before == 1, stats
 
 
+def test_grep_over_a_cold_tree_reads_each_object_once(door: str, bucket: Bucket,
+                                                     moto: MotoServer, tmp_path: Path) -> None:
+    """grep -r over a cold tree: directory read-ahead fetches siblings in the background while
+    grep reads them on demand in its own (readdir) order.  Every file's bytes are S3's, each
+    object is fetched exactly once, and the data file next to the sources is never guessed."""
+    tree = {}
+    for pkg in ("alpha", "beta", "beta/inner"):
+        for i in range(12):
+            key = f"src/{pkg}/m{i:02}.py"
+            tree[key] = bucket.put(key, seeded(2000 + 97 * i, key) + b"\nneedle\n")
+    bucket.put("src/alpha/blob.dat", seeded(50_000, "blob"))
+    with serve_door(door, f"s3://{bucket.name}", tmp_path, moto.endpoint) as d:
+        out = run(["grep", "-r", "-c", "--include=*.py", "needle", str(d.root / "src")])
+        assert out.returncode == 0, out.stderr
+        counts = dict(line.rsplit(b":", 1) for line in out.stdout.splitlines())
+        assert len(counts) == len(tree) and set(counts.values()) == {b"1"}
+        for key, data in tree.items():
+            assert _digest(d.root / key) == sha256(data), key
+        stats = d.stats()
+        assert stats["sibling_prefetches"] > 0, stats
+        assert stats["fetched_bytes"] == sum(map(len, tree.values())), stats  # once, no blob
+        assert stats["cache_s3_gets"] == len(tree), stats
+
+
 def _expect_errno(path: Path, want: int, off: int = 0) -> None:
     # os.pread, not FileIO.read: the latter turns EAGAIN into a silent None.
     with open(path, "rb", buffering=0) as f, pytest.raises(OSError) as err:
