@@ -428,7 +428,17 @@ class _LeanGet:
                 raise _Retryable(ShortBody(f"{what}: got {got} bytes"))
             return got
         finally:
-            resp.release_conn()
+            _finish(resp)
+
+
+def _finish(resp: urllib3.BaseHTTPResponse) -> None:
+    """Hand the connection back to the pool if its response was read to the end; close it
+    otherwise (an unread body would be the next request's response)."""
+    fp: Any = getattr(resp, "_fp", None)
+    if fp is not None and fp.isclosed():
+        resp.release_conn()
+    else:
+        resp.close()
 
 
 def _error_code(body: bytes) -> str:
