@@ -183,21 +183,13 @@ class S3Backend:
             if self._lean is not None:
                 return self._lean.get_into(version, start, buf, what)
             resp = self._client.get_object(**kw)
-            etag = resp.get("ETag")
-            if etag and etag != version.etag:
-                resp["Body"].close()
-                raise ObjectChanged(f"{what}: ETag {etag} != {version.etag}")
+            body = resp["Body"]
             try:
-                got = _read_body_into(resp["Body"], buf)
-            except botocore.exceptions.ReadTimeoutError as exc:
-                raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
-            except (botocore.exceptions.ResponseStreamingError, ConnectionError) as exc:
-                # A body cut off mid-stream is a short body (DESIGN §5: EIO), not
-                # throttling (EAGAIN): only a timeout says "try again later".
-                raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
-            if got != len(buf):
-                raise _Retryable(ShortBody(f"{what}: got {got} bytes"))
-            return got
+                return _take_body(what, version, resp.get("ETag"), len(buf),
+                                  lambda: _read_body_into(body, buf))
+            except BaseException:
+                body.close()  # mid-stream or refused: the connection cannot be reused
+                raise
 
         got = self._call(what, attempt)
         with self._lock:
@@ -412,23 +404,31 @@ class _LeanGet:
         try:
             if resp.status >= 300:
                 raise _HttpError(resp.status, _error_code(resp.read(64 * 1024)))
-            etag = resp.headers.get("ETag")
-            if etag and etag != version.etag:
-                raise ObjectChanged(f"{what}: ETag {etag} != {version.etag}")
             length = resp.headers.get("Content-Length")
             if length is not None and int(length) != len(buf):
                 raise _Retryable(ShortBody(f"{what}: {resp.status} with {length} bytes"))
-            try:
-                got = _read_urllib3_into(resp, buf)
-            except botocore.exceptions.ReadTimeoutError as exc:
-                raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
-            except ConnectionError as exc:
-                raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
-            if got != len(buf):
-                raise _Retryable(ShortBody(f"{what}: got {got} bytes"))
-            return got
+            return _take_body(what, version, resp.headers.get("ETag"), len(buf),
+                              lambda: _read_urllib3_into(resp, buf))
         finally:
             _finish(resp)
+
+
+def _take_body(what: str, version: ObjectVersion, etag: str | None, want: int,
+               read: Callable[[], int]) -> int:
+    """The rules for a GET's answer, whichever path sent it: the ETag is the stub's, and the
+    body is exactly ``want`` bytes.  A timeout mid-body is throttling; a body cut off
+    mid-stream is a short body (DESIGN §5: EIO, not EAGAIN).  Both are worth another try."""
+    if etag and etag != version.etag:
+        raise ObjectChanged(f"{what}: ETag {etag} != {version.etag}")
+    try:
+        got = read()
+    except botocore.exceptions.ReadTimeoutError as exc:
+        raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
+    except (botocore.exceptions.ResponseStreamingError, ConnectionError) as exc:
+        raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
+    if got != want:
+        raise _Retryable(ShortBody(f"{what}: got {got} bytes"))
+    return got
 
 
 def _finish(resp: urllib3.BaseHTTPResponse) -> None:

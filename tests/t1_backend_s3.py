@@ -56,9 +56,11 @@ def direct(moto, bucket):
     return make_backend(moto.endpoint, bucket.name)
 
 
-@pytest.fixture
-def proxied(fault_proxy, bucket):  # noqa: F811 - fixture argument
-    return make_backend(fault_proxy.endpoint, bucket.name)
+@pytest.fixture(params=[True, False], ids=["lean-get", "boto3-get"])
+def proxied(request, fault_proxy, bucket):  # noqa: F811 - fixture argument
+    """A backend behind the fault proxy, once per GET path: every fault must read the same
+    through the lean signed GET and through boto3's client."""
+    return make_backend(fault_proxy.endpoint, bucket.name, lean_get=request.param)
 
 
 # -- listing ------------------------------------------------------------------------------------
