@@ -631,18 +631,9 @@ class Holder:
         # A worker closes its socket as it exits: give it a moment to finish on its own (a
         # stopping one may be unmounting or flushing: the whole stop timeout).
         grace = self._stop_timeout if (w.stopping or self._stop_requested) else _EXIT_GRACE
-        try:
-            w.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            # Socket closed but process alive: it must not live on next to its successor with
-            # a copy of the group fd.
-            _kill(w.proc)
-            try:
-                w.proc.wait(_REAP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.error("worker pid %d not reaped after SIGKILL; abandoning it", w.proc.pid)
-        w.sock.close()
-        os.close(w.pidfd)
+        # Socket closed but process alive past the grace: it must not live on next to its
+        # successor with a copy of the group fd.
+        _reap(w, grace)
         self.stats.worker_exits += 1
         rc = w.proc.returncode
         lived = time.monotonic() - w.started
@@ -752,14 +743,7 @@ class Holder:
         w = self._worker
         if w is not None:
             self._worker = None
-            if w.proc.poll() is None:
-                _kill(w.proc)
-            try:
-                w.proc.wait(_REAP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.error("worker pid %d not reaped after SIGKILL", w.proc.pid)
-            w.sock.close()
-            os.close(w.pidfd)
+            _reap(w, 0.0)
         # Closing the group would ALLOW every pending and queued event (KF §8: apps read zeros).
         # So: deny what H holds, then drain and deny what is still queued.  An access that
         # arrives between the last drain and close() is still allowed by the kernel, and after
@@ -780,6 +764,22 @@ class Holder:
         os.close(self._wake_r)
         os.close(self._wake_w)
         log.info("holder stopped; stats %s", self.stats.as_dict())
+
+
+def _reap(w: _Worker, grace: float) -> None:
+    """Give worker ``w`` up to ``grace`` seconds to exit, SIGKILL it if it is still alive,
+    reap it (bounded), and close H's ends of it (socket, pidfd)."""
+    if grace > 0:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(grace)
+    if w.proc.poll() is None:
+        _kill(w.proc)
+        try:
+            w.proc.wait(_REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("worker pid %d not reaped after SIGKILL; abandoning it", w.proc.pid)
+    w.sock.close()
+    os.close(w.pidfd)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
