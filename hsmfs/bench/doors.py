@@ -315,6 +315,16 @@ class _HsmfsDoor(Door):
                 os.kill(pid, signal.SIGKILL)
         ceph.reap(pid)  # a no-op unless it is our child
 
+    def _bring_up(self, launch: Callable[[], None]) -> None:
+        """Run ``launch`` (start the daemon, wait for it), then check the tree it serves; on
+        any failure, stop whatever came up before re-raising."""
+        try:
+            launch()
+            self._check_tree()
+        except BaseException:
+            self.stop()
+            raise
+
     def _check_tree(self) -> None:
         assert self.root is not None
         if not (self.root / BIG).exists():
@@ -331,14 +341,10 @@ class KernelDoor(_HsmfsDoor):
         tree = base / "tree"
         tree.mkdir()
         self.root = self.backing = tree
-        try:
-            # The same fetch unit as the FUSE door: the comparison is of doors, not settings.
-            self._checked("serve", self.cfg.target.url, str(tree), "-o",
-                          f"endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk}")
-            self._check_tree()
-        except BaseException:
-            self.stop()
-            raise
+        # The same fetch unit as the FUSE door: the comparison is of doors, not settings.
+        self._bring_up(lambda: self._checked(
+            "serve", self.cfg.target.url, str(tree), "-o",
+            f"endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk}"))
 
     def stop(self) -> None:
         if self.root is None:
@@ -367,13 +373,12 @@ class FuseDoor(_HsmfsDoor):
         cache.mkdir()
         self.root, self.backing = mnt, cache
         opts = f"cache={cache},endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk}"
-        try:
+
+        def launch() -> None:
             self._checked("mount", self.cfg.target.url, str(mnt), "-o", opts)
             _wait_for(lambda: os.path.ismount(mnt), self.cfg.timeout, "mount")
-            self._check_tree()
-        except BaseException:
-            self.stop()
-            raise
+
+        self._bring_up(launch)
 
     def stop(self) -> None:
         if self.root is None:
