@@ -25,7 +25,8 @@ from pathlib import Path
 
 from hsmfs.backend_s3 import S3Backend
 from hsmfs.bench.ceph import ceph_cluster
-from hsmfs.bench.dataset import PROFILES, _source_files
+from hsmfs.bench.dataset import PROFILES, source_files
+from hsmfs.bench.doors import S3Target
 from hsmfs.config import S3Config
 
 BUCKET = "getfloor"
@@ -53,7 +54,7 @@ def main() -> int:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    files = list(_source_files(PROFILES[args.profile].src_packages))
+    files = list(source_files(PROFILES[args.profile].src_packages))
     work = Path(tempfile.mkdtemp(prefix="hsmfs-getfloor-"))
     try:
         local = work / "tree"
@@ -66,9 +67,10 @@ def main() -> int:
                               AWS_SECRET_ACCESS_KEY=ep.secret_key)
             cfg = S3Config(bucket=BUCKET, endpoint_url=ep.url, region="us-east-1")
             backend = S3Backend(cfg)
-            backend._client.create_bucket(Bucket=BUCKET)
+            s3 = S3Target(ep.url, BUCKET, "", ep.access_key, ep.secret_key).client()
+            s3.create_bucket(Bucket=BUCKET)
             for src, rel in files:
-                backend._client.put_object(Bucket=BUCKET, Key=rel, Body=src.read_bytes())
+                s3.put_object(Bucket=BUCKET, Key=rel, Body=src.read_bytes())
             boto = S3Backend(S3Config(bucket=BUCKET, endpoint_url=ep.url, region="us-east-1",
                                       lean_get=False))
             rows = [("grep -r, local copy, page cache dropped", lambda: native_grep(local))]

@@ -152,7 +152,7 @@ def _write_binary(root: Path) -> None:
     dest.chmod(MODE_EXEC & 0o7777)
 
 
-def _source_files(packages: Iterable[str]) -> Iterable[tuple[Path, str]]:
+def source_files(packages: Iterable[str]) -> Iterable[tuple[Path, str]]:
     """(absolute source, relative destination) of every .py file of the stdlib packages."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"__pycache__", "test", "tests", "idle_test"}
@@ -166,7 +166,7 @@ def _source_files(packages: Iterable[str]) -> Iterable[tuple[Path, str]]:
 
 
 def _write_src(root: Path, packages: Iterable[str]) -> None:
-    for src, rel in _source_files(packages):
+    for src, rel in source_files(packages):
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
