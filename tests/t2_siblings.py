@@ -152,9 +152,10 @@ async def test_a_reader_racing_the_prefetch_fetches_each_file_once(h):  # noqa: 
     cache = h.cache(dir_readahead=1 << 20, concurrency=4)
     await cache.populate(f.listing())
     async with serving(cache, f):
-        async with trio.open_nursery() as nursery:
-            for key in reversed(sorted(tree)):  # against the prefetch's order
-                nursery.start_soon(cache.ensure, cache.stub_at(key), 0, 10)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for key in reversed(sorted(tree)):  # against the prefetch's order
+                    nursery.start_soon(cache.ensure, cache.stub_at(key), 0, 10)
         await settle(cache)
     assert sorted(key for key, _, _ in f.calls) == sorted(tree)
     for key in tree:
