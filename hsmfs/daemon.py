@@ -8,6 +8,7 @@ Must not: parse argv (``__main__`` does), or know how a door works inside.
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
 import resource
@@ -138,6 +139,16 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
 
 
 _fuse_session_open = False
+#: How long a new mount may take to answer its first request.  It is answered by this very loop
+#: once the kernel's INIT is processed (milliseconds); a mount that never answers must not
+#: leave `hsmfs mount` waiting for ever.
+MOUNT_ANSWER_TIMEOUT_S = 30.0
+# trio >= 0.23 renamed to_thread.run_sync's `cancellable`; we support both (pyfuse3 allows 0.22).
+_ABANDON_ON_CANCEL = (
+    {"abandon_on_cancel": True}
+    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
+    else {"cancellable": True}
+)
 
 
 async def _start_fuse(nursery: trio.Nursery, ops: Any, opts: Options, stop: trio.Event) -> None:
@@ -161,8 +172,13 @@ async def _start_fuse(nursery: trio.Nursery, ops: Any, opts: Options, stop: trio
     # The kernel sets the mount's read-ahead from our INIT reply, overwriting anything written
     # before it.  A stat is the first request after INIT: once it returns, INIT is done, the
     # value we write stays, and the mount is known to serve.
-    await trio.to_thread.run_sync(os.stat, opts.fuse.mountpoint)
-    raise_read_ahead(opts.fuse.mountpoint, opts.fuse.read_ahead_kb)
+    with trio.move_on_after(MOUNT_ANSWER_TIMEOUT_S):
+        await trio.to_thread.run_sync(os.stat, opts.fuse.mountpoint, **_ABANDON_ON_CANCEL)
+        raise_read_ahead(opts.fuse.mountpoint, opts.fuse.read_ahead_kb)
+        return
+    # The abandoned stat thread is released when the session closes (the unmount answers it).
+    raise OSError(errno.ETIMEDOUT, f"the new FUSE mount did not answer a stat within "
+                  f"{MOUNT_ANSWER_TIMEOUT_S:.0f} s", opts.fuse.mountpoint)
 
 
 def run(opts: Options, ready: Callable[[str], None], kernel: KernelDoor | None = None) -> None:
