@@ -8,8 +8,12 @@ every ranged GET).
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -95,6 +99,8 @@ def _synthetic() -> list[report.Row]:
         _row("kernel", "rand4k", "cold", "dropped", 1.5, 2.5, s3_bytes=3_000_000),
         report.sample_row("fuse", "seq", ("cold", "dropped"), 0, None,
                           skipped="command not found: hsmfs"),
+        _row("fuse", "seq", "warm", "hot", 5000, 0.2),
+        _row("pyfuse3", "seq", "warm", "hot", 6250, 0.16),
     ]
 
 
@@ -143,11 +149,13 @@ def test_markdown_json_and_plots(tmp_path: Path) -> None:
     assert "| fuse | seq | cold | skipped: command not found: hsmfs |" in md
     assert "| kernel | seq | cold | 380.0 |" in md and "0.95x" in md
     assert "## Goals" in md and "**missed**" in md
+    # The FUSE door read against the bare pyfuse3 floor: 0.50x and 0.62x native, 0.80x of it.
+    assert "| seq | warm/hot | 0.50x | 0.62x | 0.80x |" in md
     report.write_json(tmp_path / "r.json", {"profile": "tiny"}, rows, goals, _synthetic())
     doc = json.loads((tmp_path / "r.json").read_text())
     assert {"door", "workload", "cache", "MBps", "p50_ms", "p99_ms", "ttfb_ms", "s3_requests",
             "s3_bytes", "daemon_cpu_s"} <= set(doc["results"][0])
-    assert {r["door"] for r in doc["results"]} == {"native", "kernel", "fuse", "s3"}
+    assert {r["door"] for r in doc["results"]} == {"native", "kernel", "fuse", "s3", "pyfuse3"}
     for png in report.plots(rows, tmp_path):
         assert png.read_bytes()[:8] == PNG_MAGIC
 
@@ -237,7 +245,7 @@ def test_bench_smoke_against_moto(moto: Any, tmp_path: Path) -> None:
     out = tmp_path / "out"
     json_path = tmp_path / "results.json"
     argv = [
-        "--quick", "--tiny", "--doors", "native,s3,kernel", "--workloads", "seq,rand4k",
+        "--quick", "--tiny", "--doors", "native,s3,kernel,pyfuse3", "--workloads", "seq,rand4k",
         "--endpoint", moto.endpoint, "--bucket", f"bench-{uuid.uuid4().hex[:8]}",
         "--out", str(out), "--json", str(json_path), "--no-drop-caches", "--no-prefault",
         # A door whose command does not exist must be reported as skipped, not crash the run.
@@ -258,8 +266,43 @@ def test_bench_smoke_against_moto(moto: Any, tmp_path: Path) -> None:
     assert nat["bytes"] == big and nat["MBps"] > 0 and nat["x_s3"] > 0
     assert "drop" in rows[("native", "seq", "cold", "dropped")]["skipped"]
     assert "command not found" in rows[("kernel", "rand4k", "cold", "dropped")]["skipped"]
+    floor = rows[("pyfuse3", "seq", "warm", "hot")]  # the bare passthrough needs no hsmfs command
+    assert floor["bytes"] == big and floor["MBps"] > 0 and floor["daemon_cpu_s"] is not None
 
     assert (json_path.with_suffix(".md")).read_text().startswith("# hsmfs bench")
     for name in ("throughput.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert not (out / "scratch").exists()  # the bench cleans up after itself
+
+
+# -- the bare pyfuse3 floor ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_passfs_serves_the_tree_byte_for_byte(tmp_path: Path) -> None:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    (src / "d" / "e").mkdir(parents=True)
+    mnt.mkdir()
+    files = {"a.bin": os.urandom(3 << 20), "d/b.txt": b"hello\n", "d/e/c": b""}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    proc = subprocess.Popen([sys.executable, "-m", "hsmfs.bench.passfs", str(src), str(mnt)],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"serving\n"
+        seen = {str(p.relative_to(mnt)) for p in mnt.rglob("*") if p.is_file()}
+        assert seen == set(files)
+        for rel, data in files.items():
+            got = (mnt / rel).read_bytes()
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), rel
+        with pytest.raises(OSError):  # read-only, like the door it stands beside
+            (mnt / "new").write_bytes(b"x")
+        proc.terminate()  # SIGTERM unmounts
+        assert proc.wait(timeout=20) == 0
+        assert not os.path.ismount(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)

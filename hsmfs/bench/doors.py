@@ -1,4 +1,5 @@
-"""The four ways the benchmark reads the data set: native, kernel door, FUSE door, raw S3.
+"""The ways the benchmark reads the data set: native, kernel door, FUSE door, raw S3, and a bare
+pyfuse3 passthrough (the floor under the FUSE door's warm rows).
 
 Owns: starting and stopping each door, warming it, reading its counters, and the raw-S3
 reference. Every door answers the same `Door` interface, so a door plugs in by subclassing it and
@@ -28,6 +29,7 @@ S3 has no cache, so only cold.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -250,14 +252,8 @@ class NativeDoor(Door):
 class _HsmfsDoor(Door):
     """What the kernel and FUSE doors share: running `hsmfs ...`, stats, finding the daemon."""
 
-    _serial = 0
-
     def _new_dir(self) -> Path:
-        _HsmfsDoor._serial += 1
-        path = self.cfg.scratch / f"{self.name}-{os.getpid()}-{_HsmfsDoor._serial}"
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        return path
+        return _fresh_dir(self.cfg.scratch, self.name)
 
     def _hsmfs(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
         argv = [*self.cfg.hsmfs_cmd, *args]
@@ -512,10 +508,81 @@ class S3Door(Door):
         return self._one_at_a_time([(p["path"], None, None)] * p["runs"])
 
 
-DOORS: dict[str, type[Door]] = {d.name: d for d in (NativeDoor, KernelDoor, FuseDoor, S3Door)}
+class PyFuse3Door(Door):
+    """A bare pyfuse3 passthrough of the native tree (`passfs.py`): the floor of any pyfuse3
+    door on this machine, for reading the FUSE door's warm rows.  Nothing comes from S3, so it
+    has warm rows only; its page cache is the FUSE mount's, warmed like the FUSE door's."""
+
+    name = "pyfuse3"
+    modes = (WARM_DROPPED, WARM_HOT)
+
+    def __init__(self, cfg: DoorConfig) -> None:
+        super().__init__(cfg)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._mnt: Path | None = None
+
+    def start(self) -> None:
+        base = _fresh_dir(self.cfg.scratch, self.name)
+        self._mnt = base / "mnt"
+        self._mnt.mkdir()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "hsmfs.bench.passfs", str(self.cfg.dataset.root),
+             str(self._mnt)],
+            env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        try:
+            _wait_for(lambda: self._serving(), self.cfg.timeout, "pyfuse3 passthrough mount")
+        except BaseException:
+            self.stop()
+            raise
+        self.root, self.backing = self._mnt, self.cfg.dataset.root
+
+    def _serving(self) -> bool:
+        assert self._proc is not None and self._mnt is not None
+        if self._proc.poll() is not None:
+            why = _error_line((self._proc.stderr.read() if self._proc.stderr else b"").decode())
+            raise DoorUnavailable(f"passfs exited {self._proc.returncode}: {why}")
+        return os.path.ismount(self._mnt)
+
+    def stop(self) -> None:
+        mnt, proc = self._mnt, self._proc
+        self.root = self.backing = self._mnt = self._proc = None
+        if mnt is not None and os.path.ismount(mnt):
+            _unmount(mnt, self.cfg.timeout, self.cfg.log)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+        if mnt is not None and not os.path.ismount(mnt):  # never rm -rf through a live mount
+            shutil.rmtree(mnt.parent, ignore_errors=True)
+
+    def counters(self) -> Counters:
+        return Counters(cpu_s=_proc_cpu_s(self._proc.pid if self._proc else None))
+
+
+DOORS: dict[str, type[Door]] = {
+    d.name: d for d in (NativeDoor, KernelDoor, FuseDoor, S3Door, PyFuse3Door)
+}
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+_serial = itertools.count(1)
+
+
+def _fresh_dir(scratch: Path, door: str) -> Path:
+    """A new empty directory for one start of a door (backing tree, mount point)."""
+    path = scratch / f"{door}-{os.getpid()}-{next(_serial)}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -25,7 +25,7 @@ Row = dict[str, Any]
 KEY_FIELDS = ("door", "workload", "cache", "page_cache")
 NUMERIC = ("MBps", "p50_ms", "p99_ms", "ttfb_ms", "s3_requests", "s3_bytes", "daemon_cpu_s",
            "bytes", "seconds", "ops", "resident_pct", "proxy_requests", "proxy_bytes")
-DOOR_ORDER = ("native", "kernel", "fuse", "s3")
+DOOR_ORDER = ("native", "kernel", "fuse", "pyfuse3", "s3")
 CACHE_ORDER = (("cold", "dropped"), ("cold", None), ("warm", "dropped"), ("warm", "hot"))
 # Goal targets from issue #3.
 KERNEL_WARM_MIN = 0.97
@@ -309,7 +309,38 @@ def markdown(rows: list[Row], goals: list[Goal], meta: dict[str, Any]) -> str:
     met = sum(g.status == "met" for g in goals)
     missed = sum(g.status == "missed" for g in goals)
     lines += ["", f"{met} met, {missed} missed, {len(goals) - met - missed} not measured.", ""]
+    lines += _floor_md(rows)
     return "\n".join(lines)
+
+
+def fuse_floor(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """(FUSE-door row, bare-pyfuse3 row) pairs of the same workload and cache state."""
+    pairs = []
+    for r in rows:
+        if r["door"] == "fuse" and r["cache"] == "warm" and not r["skipped"]:
+            floor = find_row(rows, "pyfuse3", r["workload"], r["cache"], r["page_cache"])
+            if floor is not None and not floor["skipped"]:
+                pairs.append((r, floor))
+    return pairs
+
+
+def _floor_md(rows: list[Row]) -> list[str]:
+    pairs = fuse_floor(rows)
+    if not pairs:
+        return []
+    lines = [
+        "## The FUSE door against a bare pyfuse3 passthrough", "",
+        "`pyfuse3` is hsmfs.bench.passfs mounted over the native tree: no cache, no S3, every "
+        "handler inline, the FUSE door's mount settings. What a pyfuse3 door can reach here at "
+        "all; the FUSE door's share of a warm miss is the gap between the two.", "",
+        "| workload | cache | fuse x native | pyfuse3 x native | fuse / pyfuse3 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for fuse, floor in pairs:
+        lines.append(f"| {fuse['workload']} | {cache_label(fuse['cache'], fuse['page_cache'])} "
+                     f"| {_ratio(fuse['x_native'])} | {_ratio(floor['x_native'])} "
+                     f"| {_ratio(speed_ratio(fuse, floor))} |")
+    return [*lines, ""]
 
 
 # ---- JSON and plots ---------------------------------------------------------------------------
@@ -324,7 +355,8 @@ def write_json(path: Path, meta: dict[str, Any], rows: list[Row], goals: list[Go
 
 
 # One hue per door, one shade per cache state, so a door's bars read as a group.
-DOOR_COLOURS = {"native": "#4c72b0", "kernel": "#55a868", "fuse": "#dd8452", "s3": "#8172b3"}
+DOOR_COLOURS = {"native": "#4c72b0", "kernel": "#55a868", "fuse": "#dd8452",
+                "pyfuse3": "#c44e52", "s3": "#8172b3"}
 CACHE_ALPHA = {"cold": 0.45, "warm/dropped": 0.7, "warm/hot": 1.0}
 
 
