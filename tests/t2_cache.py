@@ -648,6 +648,26 @@ async def test_sequential_reads_grow_read_ahead(h):
         h.assert_content("seq", "seq", start, stop)
 
 
+async def test_a_sequential_miss_sends_its_read_ahead_alongside_its_own_fetch(h):
+    """Like Linux's sync + async read-ahead: the window's GETs go out with the one the reader
+    waits for, not a round trip after it (with 20-80 ms of S3 latency, every stall of a
+    stream used to cost two)."""
+    f = h.fetcher
+    f.put("s", seeded(40 * C, "alongside"))
+    cache = h.cache(readahead_max=8 * C, max_request=8 * C)
+    await cache.populate(f.listing())
+    stub = cache.stub_at("s")
+    f.hold()
+    async with serving(cache, f), trio.open_nursery() as nursery:
+        nursery.start_soon(cache.ensure, stub, 0, 2 * C)  # starts the file: a stream
+        await until(lambda: f.blocked == 2, "the reader's GET and the read-ahead GET")
+        assert sorted(start for _, start, _ in f.calls) == [0, 2 * C], f.calls
+        f.release()
+    await settle(cache)
+    assert stub.ranges.covers(0, 10 * C)  # the read, and the 4x window after it
+    h.assert_content("s", "s", 0, 10 * C)
+
+
 async def test_one_near_read_in_a_random_stream_stays_page_sized(h):
     """Luck is not a pattern: a random read that happens to land near the previous one fetches
     its pages only; two near reads in a row are a stream and switch to whole chunks, and read
