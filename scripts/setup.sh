@@ -2,7 +2,7 @@
 # Install everything hsmfs needs on a Debian machine (as root): the FUSE library and tools,
 # the programs the tests drive, the Python package, and the mount(8) helpers.
 #   scripts/setup.sh            the package (FUSE + kernel doors, the demo's embedded S3)
-#   scripts/setup.sh test       ... plus the test suite's tools
+#   scripts/setup.sh test       ... plus the test suite's tools (and matplotlib: the bench is tested)
 #   scripts/setup.sh bench      ... plus the benchmark's (matplotlib; Ceph is installed on demand)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 case "$extra" in
-  test) spec=".[test,demo]" ;;
+  test) spec=".[test,demo,bench]" ;;  # the bench's report tests draw its plots
   bench) spec=".[demo,bench]" ;;
   *) spec=".[demo]" ;;
 esac
