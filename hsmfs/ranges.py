@@ -11,6 +11,9 @@ import bisect
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
+#: Sorts after every span that starts at the same offset (offsets are below 2**63).
+_NO_END = 1 << 63
+
 
 class Span(NamedTuple):
     start: int
@@ -71,10 +74,26 @@ class RangeMap:
         self._spans = out
 
     def covers(self, start: int, stop: int) -> bool:
+        """Whether all of ``[start, stop)`` is present.
+
+        Safe to call from another thread while one thread adds (the kernel door's
+        event thread does): ``add`` changes the list in one slice assignment, so every span
+        read here was present when read, and the answer is True only if one such span holds
+        the whole range.  A concurrent change can make it answer False wrongly (the caller
+        then takes the slow path), never True.  ``remove`` is for maps nobody else reads.
+        """
         if stop <= start:
             return True
-        i = bisect.bisect_right(self._spans, start, key=lambda s: s.start) - 1
-        return i >= 0 and self._spans[i].stop >= stop
+        spans = self._spans
+        # The last span starting at or before ``start``: tuples compare in C, no key call.
+        i = bisect.bisect_right(spans, (start, _NO_END)) - 1
+        if i < 0:
+            return False
+        try:
+            span = spans[i]
+        except IndexError:  # spans merged under us
+            return False
+        return span.start <= start and stop <= span.stop
 
     def missing(self, start: int, stop: int) -> list[Span]:
         """The sub-spans of ``[start, stop)`` not present, in order."""

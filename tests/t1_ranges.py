@@ -255,3 +255,48 @@ RangeMapVsBitmap.TestCase.settings = settings(
     database=None,
 )
 TestRangeMapVsBitmap = RangeMapVsBitmap.TestCase
+
+
+# -- covers beside a writer thread (the kernel door's event thread reads, the loop adds) ----------
+
+def test_covers_from_another_thread_never_claims_what_was_not_added() -> None:
+    """A reader thread asks ``covers`` while a writer adds spans in random order.  The writer
+    marks a span in the model *before* adding it, so the model always holds at least what
+    the map holds: any True the reader gets must be inside the model at that moment."""
+    import random
+    import threading
+
+    rng = random.Random(7)
+    universe = 4096
+    pieces = [(i, i + 8) for i in range(0, universe, 8)]
+    rng.shuffle(pieces)
+    model = bytearray(universe)
+    rm = RangeMap()
+    done = threading.Event()
+    wrong: list[tuple[int, int]] = []
+    answered = [0, 0]
+
+    def reader() -> None:
+        r = random.Random(11)
+        while not done.is_set():
+            start = r.randrange(universe)
+            stop = min(start + r.choice((1, 8, 64, 512)), universe)
+            if rm.covers(start, stop):
+                answered[0] += 1
+                if not all(model[start:stop]):
+                    wrong.append((start, stop))
+            else:
+                answered[1] += 1
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for start, stop in pieces:
+            model[start:stop] = b"\x01" * (stop - start)
+            rm.add(start, stop)
+    finally:
+        done.set()
+        t.join(30)
+    assert not wrong, wrong[:5]
+    assert rm.covers(0, universe)
+    assert answered[1] > 0  # the reader did run while the map was filling
