@@ -448,26 +448,58 @@ class StubCache:
         if stop <= start:
             return
         ranges = await self._ranges(stub)
+        if ranges.covers(start, stop):
+            self._account_hit(stub, start, stop, whole)
+            return
         sequential = self._note_access(stub, start, stop) if not whole else True
         # Whole chunks once a stream's window has grown to a chunk; pages before that, so a
         # stream that turns out to be luck costs little.
         whole_chunks = whole or (sequential and stub.ra_window >= self.cfg.chunk_size)
-        if ranges.covers(start, stop):
-            self.counters.hits += 1
+        self.counters.misses += 1
+        if stub.state == STALE:
+            raise ObjectChanged(f"{stub.version.key!r} changed in S3; stub is stale")
+        if whole:
+            # Before our own GET, so the siblings' GETs overlap it.
+            self._read_siblings_ahead(stub)
         else:
-            self.counters.misses += 1
-            if stub.state == STALE:
-                raise ObjectChanged(f"{stub.version.key!r} changed in S3; stub is stale")
-            if whole:
-                # Before our own GET, so the siblings' GETs overlap it.
-                self._read_siblings_ahead(stub)
-            else:
-                # Like Linux's sync + async read-ahead, sent together: the window's GETs fly
-                # alongside the one the reader waits for, not a round trip after it (with
-                # 20-80 ms of S3 latency, every stall of a stream used to cost two).
-                self._read_ahead(stub, stop)
-            await self._fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
+            # Like Linux's sync + async read-ahead, sent together: the window's GETs fly
+            # alongside the one the reader waits for, not a round trip after it (with
+            # 20-80 ms of S3 latency, every stall of a stream used to cost two).
+            self._read_ahead(stub, stop)
+        await self._fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
         if not whole:
+            self._read_ahead(stub, stop)
+
+    def resident_now(self, stub: Stub, start: int, stop: int) -> bool:
+        """Any thread, no I/O: whether ``[start, stop)`` of ``stub`` is resident right now.
+
+        For a door that answers reads of resident bytes without the trio loop (the kernel
+        door's event thread); it must then call :meth:`note_hit` on the loop.  False when
+        unsure (residency not loaded yet): ask :meth:`ensure`.  Sound because residency only
+        grows while hsmfs serves a stub (``stub.ranges`` is set once; ``RangeMap.covers`` is
+        safe beside the loop's ``add``).  Eviction, when it comes, must change that first.
+        """
+        if stub.state in LOCAL_STATES:
+            return True
+        ranges = stub.ranges
+        if ranges is None:
+            return False
+        return ranges.covers(max(start, 0), min(stop, stub.size))
+
+    def note_hit(self, stub: Stub, start: int, stop: int) -> None:
+        """A door served ``[start, stop)`` after :meth:`resident_now`: keep the same books as
+        :meth:`ensure` keeps for a hit (counters, access pattern, read-ahead)."""
+        if stub.state in LOCAL_STATES:
+            self.counters.hits += 1
+            return
+        whole = stub.size <= self.cfg.small_file
+        self._account_hit(stub, max(start, 0), min(stop, stub.size), whole)
+
+    def _account_hit(self, stub: Stub, start: int, stop: int, whole: bool) -> None:
+        self.counters.hits += 1
+        if not whole:
+            # A stream reading resident bytes moves its window on: the read-ahead it earns.
+            self._note_access(stub, start, stop)
             self._read_ahead(stub, stop)
 
     def note_size(self, stub: Stub, size: int) -> None:
