@@ -233,3 +233,33 @@ def test_both_doors_share_one_cache(bucket: Bucket, moto: MotoServer, tmp_path: 
         assert file_sha256(backing / "b.bin") == sha256(b)  # through the kernel door
         assert file_sha256(d.root / "b.bin") == sha256(b)  # resident for FUSE
         assert d.stats()["fetched_bytes"] == fetched + len(b)
+
+
+def test_reads_of_resident_bytes_are_answered_by_the_event_thread(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
+    """A partly resident file raises an event per read.  Reads of its resident bytes are
+    answered at once by the worker's event thread (no GET, no trio turn); a read of bytes that
+    are not resident still goes to the loop and is fetched.  Both give S3's bytes, and the
+    core's books (hits, served bytes) count the thread's answers."""
+    data = bucket.put("p.bin", seeded(8 * CHUNK, "p"))
+    with serve_door("kernel", f"s3://{bucket.name}", tmp_path, moto.endpoint, *RANGED) as d:
+        path = d.root / "p.bin"
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == data[:4096]  # a miss: fetched by the loop
+            before = d.stats()
+            for _ in range(20):
+                assert os.pread(fd, 4096, 0) == data[:4096]
+            after_hits = d.stats()
+            far = 6 * CHUNK  # no read-ahead reached it (the window never opened)
+            assert os.pread(fd, 4096, far) == data[far:far + 4096]
+            after_miss = d.stats()
+        finally:
+            os.close(fd)
+        k0, k1, k2 = (s["kernel"] for s in (before, after_hits, after_miss))
+        assert k1["answered_in_thread"] - k0["answered_in_thread"] == 20
+        assert after_hits["cache_s3_gets"] == before["cache_s3_gets"]
+        assert after_hits["hits"] - before["hits"] == 20
+        assert after_hits["served_bytes"] - before["served_bytes"] == 20 * 4096
+        assert k2["answered_in_thread"] == k1["answered_in_thread"]
+        assert after_miss["cache_s3_gets"] > after_hits["cache_s3_gets"]
