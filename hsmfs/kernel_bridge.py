@@ -259,6 +259,9 @@ class KernelBridge:
             self._token.run_sync_soon(self._keep_books)
         return True
 
+    # Both run as ``run_sync_soon`` callbacks: an exception escaping one would end the whole
+    # trio run, so each catches everything it does not expect.
+
     def _keep_books(self) -> None:
         """Trio loop: what the event thread answered, in the core's books (hits, access
         pattern, read-ahead) and ours.  One loop turn for a batch of answers."""
@@ -269,15 +272,25 @@ class KernelBridge:
             self.stats_.events["access"] += 1
             self.stats_.answered_in_thread += 1
             self.stats_.busy_s += busy
-            self.cache.note_hit(stub, start, stop)
+            try:
+                self.cache.note_hit(stub, start, stop)
+            except Exception:  # books only: the application already has its bytes
+                log.exception("cannot account for a read of %r", stub.path)
             self.cache.note_served(max(stop - start, 0))
 
     def _dispatch(self, ident: int, event: Any, fd: int) -> None:
         """Trio loop: handle an event the thread passed on."""
-        if self._nursery is None:
-            os.close(fd)  # stopping: H answers what we hold (EIO), or the next worker does
-            return
-        self._nursery.start_soon(self._handle, ident, event, fd)
+        try:
+            if self._nursery is None:
+                os.close(fd)  # stopping: H answers what we hold (EIO), or the next worker does
+                return
+            self._nursery.start_soon(self._handle, ident, event, fd)
+        except Exception:
+            log.exception("cannot handle event %r; denying it", event)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(Exception):
+                self.link.reply_blocking(ident, deny_errno(errno.EIO))
 
     async def _handle(self, ident: int, event: Any, fd: int) -> None:
         """Answer one event exactly once, whatever happens; then close its fd."""
