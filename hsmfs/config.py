@@ -71,6 +71,9 @@ class KernelConfig:
     #: 8 MiB: most files of a source or config tree, a fill of ~20 ms from Ceph; larger files
     #: keep range-by-range fetching (an open of a big file must not cost the whole object).
     open_fill_max: int = 8 * MiB
+    #: The holder kills (and restarts) a worker whose loop leaves a ping unanswered this long:
+    #: a worker that hangs without dying would hold every guarded access forever.  0: never.
+    watchdog_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,17 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r}")
     mult = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}[m.group(2).lower()]
     return int(m.group(1)) * mult
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+def _seconds(text: str) -> float:
+    """``"30"``, ``"30s"``, ``"500ms"``, ``"2m"`` → seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(m.group(1)) * {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0}[m.group(2)]
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -203,6 +217,8 @@ def build_options(
                 kernel_kw["open_fill_max"] = (
                     -1 if value == "all" else 0 if value in {"off", "0"} else parse_size(value)
                 )
+            case "watchdog":
+                kernel_kw["watchdog_s"] = 0.0 if value == "off" else _seconds(value)
             case "read_ahead_kb":
                 fuse_kw["read_ahead_kb"] = int(value)
             case "attr_timeout":

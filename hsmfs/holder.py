@@ -76,7 +76,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -126,6 +126,10 @@ MSG_EVENT = 1
 MSG_REPLY = 2
 MSG_READY = 3
 MSG_STOPPING = 4
+#: H -> W: "is your loop alive?" (an EVENT_MSG with ident -1 and no fd); W -> H: the answer,
+#: from W's trio loop, carrying the ping's sequence number.
+MSG_PING = 5
+MSG_PONG = 6
 FLAG_HAS_RANGE = 0x1
 EVENT_MSG = struct.Struct("=IiIIQiIQQ")
 CTRL_MSG = struct.Struct("=IiII")
@@ -155,6 +159,13 @@ _REAP_TIMEOUT = 2.0
 #: stopping one gets the stop timeout).  H blocks meanwhile, which is harmless: with no worker
 #: nobody could serve an event anyway, and events wait in the (unlimited) queue.
 _EXIT_GRACE = 1.0
+#: The watchdog: a ready worker whose loop has not answered a ping for this long is killed (and,
+#: as after any crash, restarted, its pending events re-dispatched).  A worker that hangs
+#: without dying (a deadlock, a call stuck on a dead disk) would otherwise hold every guarded
+#: access forever.  A slow S3 never trips it: fetches wait in threads, the loop stays free.
+DEFAULT_WATCHDOG = 30.0
+#: Pings go out this often (at most), so a hung worker is found within about the watchdog time.
+_PING_EVERY = 5.0
 #: The poll loop never sleeps longer than this, so every deadline is checked even if a wakeup
 #: were lost.
 _POLL_TICK = 1.0
@@ -188,6 +199,7 @@ class HolderStats:
     fd_errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     worker_starts: int = 0
     worker_exits: int = 0
+    watchdog_kills: int = 0  # workers killed because their loop stopped answering pings
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -211,6 +223,9 @@ class _Worker:
     outbox: collections.deque[int]
     ready: bool = False
     stopping: bool = False
+    ping_seq: int = 0  # the ping awaiting its pong (with ping_sent)
+    ping_sent: float | None = None
+    next_ping: float = 0.0
 
 
 class Holder:
@@ -236,13 +251,15 @@ class Holder:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         init_flags: int = HOLDER_INIT_FLAGS,
         event_f_flags: int = HOLDER_EVENT_F_FLAGS,
+        watchdog: float = DEFAULT_WATCHDOG,
     ) -> None:
         """Create the group (raises OSError if the kernel refuses) and prepare, not start.
 
         ``ready_fd``: H writes one byte to it when the first worker reports ``ready`` (its marks
         are in place) and closes it; it is closed without a byte if H ends before that.
         Also raises this process's RLIMIT_NOFILE soft limit to the hard limit: every pending
-        event holds an fd in H.
+        event holds an fd in H.  ``watchdog``: seconds a ready worker may leave a ping
+        unanswered before it is killed (0: never).
         """
         if not worker_argv:
             raise ValueError("worker_argv is empty")
@@ -252,6 +269,9 @@ class Holder:
         self._max_rapid = max_rapid_crashes
         self._healthy_after = healthy_after
         self._stop_timeout = stop_timeout
+        self._watchdog = watchdog
+        self._ping_every = min(_PING_EVERY, watchdog / 3)
+        self._ping_seq = 0
         self.stats = HolderStats()
 
         _raise_nofile_limit()
@@ -351,6 +371,41 @@ class Holder:
             self._kill_deadline = None
             if self._worker is not None:
                 self._worker_gone(self._worker, "not reaped after SIGKILL")
+        self._check_watchdog(now)
+
+    def _check_watchdog(self, now: float) -> None:
+        """Ping a ready worker's loop; kill the worker once a ping goes unanswered for the
+        watchdog time.  Its death takes the crash path (restart, re-dispatch), so the
+        applications it held get their bytes from the next worker instead of waiting forever."""
+        w = self._worker
+        if (self._watchdog <= 0 or w is None or not w.ready or w.stopping
+                or self._stop_requested or self._kill_deadline is not None):
+            return
+        if w.ping_sent is not None:
+            if now - w.ping_sent >= self._watchdog:
+                log.error(
+                    "worker pid %d has not answered a ping for %.1f s (%d events pending): "
+                    "its loop is stuck; killing it",
+                    w.proc.pid,
+                    now - w.ping_sent,
+                    len(self._pending),
+                )
+                self.stats.watchdog_kills += 1
+                w.ping_sent = None
+                _kill(w.proc)
+                self._kill_deadline = now + _REAP_TIMEOUT  # its pidfd reports the exit first
+            return
+        if now < w.next_ping:
+            return
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFF_FFFF
+        w.ping_seq, w.ping_sent, w.next_ping = self._ping_seq, now, now + self._ping_every
+        try:
+            w.sock.send(EVENT_MSG.pack(MSG_PING, -1, w.ping_seq, 0, 0, 0, 0, 0, 0),
+                        socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            pass  # the worker is not reading: the ping's time runs all the same
+        except OSError as e:
+            self._worker_gone(w, f"ping failed: {_ename(e.errno)}")
 
     # ------------------------------------------------------------------ the group
 
@@ -614,6 +669,9 @@ class Holder:
         elif kind == MSG_STOPPING:
             log.info("worker pid %d is stopping", w.proc.pid)
             w.stopping = True
+        elif kind == MSG_PONG:
+            if w.ping_sent is not None and seq == w.ping_seq:
+                w.ping_sent = None
         else:
             self.stats.bad_messages += 1
             log.error("worker sent unknown message kind %d; ignored", kind)
@@ -626,6 +684,7 @@ class Holder:
         # first, they answer events that must not be re-dispatched.
         self._take_messages(w, 1_000_000)
         self._worker = None
+        self._kill_deadline = None  # it was this worker's; its successor starts afresh
         self._poll.unregister(w.sock.fileno())
         self._poll.unregister(w.pidfd)
         # A worker closes its socket as it exits: give it a moment to finish on its own (a
@@ -805,6 +864,12 @@ def _raise_nofile_limit() -> None:
 # ---------------------------------------------------------------------------- worker side
 
 
+class Ping(NamedTuple):
+    """H asks whether the worker's loop is alive; answer with :meth:`HolderLink.pong`."""
+
+    seq: int
+
+
 class HolderGone(Exception):
     """The holder closed the link: it died or stopped.  The worker must exit.
 
@@ -883,6 +948,10 @@ class HolderLink:
                 await self.reply(item, deny_errno(errno.EIO))
                 waited = True
                 continue
+            if isinstance(item, Ping):  # answered from this loop: it is alive
+                await self.pong(item.seq)
+                waited = True
+                continue
             if not waited:
                 # Every trio call is a schedule point; after a wait we already were one.  Never
                 # a cancel point once the fd is ours (it would be lost).  Skipping the extra
@@ -890,9 +959,10 @@ class HolderLink:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return item
 
-    def receive_blocking(self, wake_fd: int) -> tuple[int, Event, int] | None:
+    def receive_blocking(self, wake_fd: int) -> tuple[int, Event, int] | Ping | None:
         """:meth:`receive` for a thread outside trio: block until the next event, or return
-        None once ``wake_fd`` is readable (the caller's way to stop it).  Raises
+        None once ``wake_fd`` is readable (the caller's way to stop it).  A :class:`Ping` is
+        the caller's to answer, from the loop whose life it checks.  Raises
         :class:`HolderGone`.  Only one thread (or task) may receive."""
         if self._poll is None or self._poll_for != wake_fd:
             self._poll = select.poll()
@@ -911,7 +981,7 @@ class HolderLink:
             elif item is not None:
                 return item
 
-    def _receive_one(self) -> tuple[int, Event, int] | int | None:
+    def _receive_one(self) -> tuple[int, Event, int] | Ping | int | None:
         """One message off the socket (see :meth:`_decode`); None when it was dropped or the
         link died.  Raises BlockingIOError when nothing is queued, HolderGone once gone."""
         if self._gone:
@@ -934,13 +1004,17 @@ class HolderLink:
 
     def _decode(
         self, data: bytes, flags: int, fds: list[int]
-    ) -> tuple[int, Event, int] | int | None:
-        """Validate one message: the received item, a bare id (fd missing), or None (dropped)."""
+    ) -> tuple[int, Event, int] | Ping | int | None:
+        """Validate one message: the received item, a ping, a bare id (fd missing), or None
+        (dropped)."""
         if len(data) != EVENT_MSG.size or flags & socket.MSG_TRUNC:
             log.error("holder sent a malformed %d-byte message; ignored", len(data))
             _close_all(fds)
             return None
         kind, ident, seq, mflags, mask, pid, _reserved, offset, count = EVENT_MSG.unpack(data)
+        if kind == MSG_PING:
+            _close_all(fds)
+            return Ping(seq)
         if kind != MSG_EVENT:
             log.error("holder sent unknown message kind %d; ignored", kind)
             _close_all(fds)
@@ -1008,6 +1082,10 @@ class HolderLink:
             )
             return None
         return CTRL_MSG.pack(MSG_REPLY, ident, seq, response)
+
+    async def pong(self, seq: int) -> None:
+        """Answer H's ping ``seq``: this worker's loop is alive (H's watchdog)."""
+        await self._send(CTRL_MSG.pack(MSG_PONG, 0, seq, 0))
 
     async def ready(self) -> None:
         """Tell H that this worker's marks are in place (H then signals its readiness fd)."""

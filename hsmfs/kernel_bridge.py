@@ -209,10 +209,13 @@ class KernelBridge:
         loop.  Measured (scripts/event_cost.py): through the loop, the worker's side of an
         event cost ~150 us of trio scheduling; this thread answers the common case of a
         partly resident file (a stream reading what read-ahead landed) without it."""
-        from .holder import HolderGone
+        from .holder import HolderGone, Ping
 
         try:
             while (item := self.link.receive_blocking(wake_fd)) is not None:
+                if isinstance(item, Ping):  # the loop answers: H's watchdog checks the loop
+                    self._token.run_sync_soon(self._answer_ping, item.seq)
+                    continue
                 ident, event, fd = item
                 try:
                     answered = self._answer_resident(ident, event, fd)
@@ -277,6 +280,14 @@ class KernelBridge:
             except Exception:  # books only: the application already has its bytes
                 log.exception("cannot account for a read of %r", stub.path)
             self.cache.note_served(max(stop - start, 0))
+
+    def _answer_ping(self, seq: int) -> None:
+        """Trio loop: answer H's ping from a task, so the answer says the scheduler runs."""
+        try:
+            if self._nursery is not None:
+                self._nursery.start_soon(self.link.pong, seq)
+        except Exception:
+            log.exception("cannot answer the holder's ping")
 
     def _dispatch(self, ident: int, event: Any, fd: int) -> None:
         """Trio loop: handle an event the thread passed on."""
@@ -389,11 +400,12 @@ def run_kernel_daemon(opts: Options, ready: Callable[[str], None]) -> int:
     """
     from .holder import Holder
 
+    assert opts.kernel is not None
     log_file = _current_log_file()
     worker_opts = dataclasses.replace(opts, log_file=log_file)
     argv = [sys.executable, "-m", "hsmfs.kernel_bridge", "--worker", _encode(worker_opts)]
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    holder = Holder(argv, ready_fd=write_end)
+    holder = Holder(argv, ready_fd=write_end, watchdog=opts.kernel.watchdog_s)
 
     def wait_ready() -> None:
         if os.read(read_end, 1):

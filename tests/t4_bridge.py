@@ -99,11 +99,15 @@ def test_stub_is_guarded_from_the_instant_it_appears(bucket: Bucket, moto: MotoS
         assert sha256(found[name]) == sha256(bucket.objects[name]), name
 
 
-def _worker_pid(holder_pid: int) -> int:
+def _worker_pids(holder_pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(holder_pid), "-f", "hsmfs.kernel_bridge"],
                          capture_output=True, text=True, timeout=5)
-    pids = [int(p) for p in out.stdout.split()]
-    assert len(pids) == 1, out
+    return [int(p) for p in out.stdout.split()]
+
+
+def _worker_pid(holder_pid: int) -> int:
+    pids = _worker_pids(holder_pid)
+    assert len(pids) == 1, pids
     return pids[0]
 
 
@@ -263,3 +267,46 @@ def test_reads_of_resident_bytes_are_answered_by_the_event_thread(
         assert after_hits["served_bytes"] - before["served_bytes"] == 20 * 4096
         assert k2["answered_in_thread"] == k1["answered_in_thread"]
         assert after_miss["cache_s3_gets"] > after_hits["cache_s3_gets"]
+
+
+def test_a_worker_whose_loop_hangs_is_killed_and_replaced(bucket: Bucket, moto: MotoServer,
+                                                          tmp_path: Path) -> None:
+    """A worker that stops answering without dying (SIGSTOP stands in for a deadlock or a
+    call stuck on a dead disk) would hold its readers forever.  The holder's watchdog kills
+    it once a ping goes unanswered; the next worker serves the blocked reader S3's bytes."""
+    data = bucket.put("w.bin", seeded(4 * CHUNK, "w"))
+    with serve_door("kernel", f"s3://{bucket.name}", tmp_path, moto.endpoint, *RANGED,
+                    "watchdog=1s") as d:
+        holder = d.proc.pid
+        stuck = _worker_pid(holder)
+        os.kill(stuck, signal.SIGSTOP)
+        reader = subprocess.Popen(["sha256sum", str(d.root / "w.bin")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        try:
+            out, err = reader.communicate(timeout=60)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGCONT)  # if the test failed before the watchdog
+        assert out.split()[0].decode() == sha256(data), err
+        wait_until(lambda: len(_worker_pids(holder)) == 1 and stuck not in _worker_pids(holder),
+                   20, "a new worker")
+        assert "has not answered a ping" in d.log()
+
+
+def test_a_slow_s3_does_not_trip_the_watchdog(bucket: Bucket, fault_proxy,
+                                              tmp_path: Path) -> None:
+    """Fetches wait in threads, so the worker's loop keeps answering pings while every GET
+    takes three times the watchdog's time: the same worker serves the read."""
+    data = bucket.put("s.bin", seeded(2 * CHUNK, "s"))
+    with serve_door("kernel", f"s3://{bucket.name}", tmp_path, fault_proxy.endpoint,
+                    *RANGED, "watchdog=1s") as d:
+        worker = _worker_pid(d.proc.pid)
+        fault_proxy.set_delay(3000, method="GET")
+        try:
+            assert file_sha256(d.root / "s.bin") == sha256(data)
+        finally:
+            fault_proxy.restore()
+        assert _worker_pid(d.proc.pid) == worker
+        assert "has not answered a ping" not in d.log()
