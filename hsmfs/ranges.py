@@ -76,11 +76,10 @@ class RangeMap:
     def covers(self, start: int, stop: int) -> bool:
         """Whether all of ``[start, stop)`` is present.
 
-        Safe to call from another thread while one thread adds (the kernel door's
-        event thread does): ``add`` changes the list in one slice assignment, so every span
-        read here was present when read, and the answer is True only if one such span holds
-        the whole range.  A concurrent change can make it answer False wrongly (the caller
-        then takes the slow path), never True.  ``remove`` is for maps nobody else reads.
+        Safe to call from another thread while one thread adds: ``add`` changes the list in
+        one slice assignment, so every span read here was present when read, and the answer
+        is True only if one such span holds the whole range.  A concurrent change can make it
+        answer False wrongly, never True.  ``remove`` is for maps nobody else reads.
         """
         if stop <= start:
             return True

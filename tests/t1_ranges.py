@@ -265,6 +265,7 @@ def test_covers_from_another_thread_never_claims_what_was_not_added() -> None:
     the map holds: any True the reader gets must be inside the model at that moment."""
     import random
     import threading
+    import time
 
     rng = random.Random(7)
     universe = 4096
@@ -272,12 +273,13 @@ def test_covers_from_another_thread_never_claims_what_was_not_added() -> None:
     rng.shuffle(pieces)
     model = bytearray(universe)
     rm = RangeMap()
-    done = threading.Event()
+    done, running = threading.Event(), threading.Event()
     wrong: list[tuple[int, int]] = []
     answered = [0, 0]
 
     def reader() -> None:
         r = random.Random(11)
+        running.set()
         while not done.is_set():
             start = r.randrange(universe)
             stop = min(start + r.choice((1, 8, 64, 512)), universe)
@@ -291,9 +293,11 @@ def test_covers_from_another_thread_never_claims_what_was_not_added() -> None:
     t = threading.Thread(target=reader)
     t.start()
     try:
+        assert running.wait(10)
         for start, stop in pieces:
             model[start:stop] = b"\x01" * (stop - start)
             rm.add(start, stop)
+            time.sleep(0)  # let the reader in between adds (all of them fit in one GIL slice)
     finally:
         done.set()
         t.join(30)
