@@ -471,13 +471,12 @@ class StubCache:
             self._read_ahead(stub, stop)
 
     def resident_now(self, stub: Stub, start: int, stop: int) -> bool:
-        """Any thread, no I/O: whether ``[start, stop)`` of ``stub`` is resident right now.
+        """No I/O, no await: whether ``[start, stop)`` of ``stub`` is resident right now.
 
-        For a door that answers reads of resident bytes without the trio loop (the kernel
-        door's event thread); it must then call :meth:`note_hit` on the loop.  False when
-        unsure (residency not loaded yet): ask :meth:`ensure`.  Sound because residency only
-        grows while hsmfs serves a stub (``stub.ranges`` is set once; ``RangeMap.covers`` is
-        safe beside the loop's ``add``).  Eviction, when it comes, must change that first.
+        For a door that answers reads of resident bytes without a task (the kernel door's
+        receive loop); it then calls :meth:`note_hit`.  False when unsure (residency not
+        loaded yet): ask :meth:`ensure`.  Residency only grows while hsmfs serves a stub
+        (``stub.ranges`` is set once; eviction, when it comes, must keep this answer true).
         """
         if stub.state in LOCAL_STATES:
             return True

@@ -882,12 +882,11 @@ class HolderGone(Exception):
 class HolderLink:
     """The worker's end of the link to H (trio).
 
-    One task calls :meth:`receive` in a loop (or one thread :meth:`receive_blocking`); any
-    number of tasks may call :meth:`reply` and one thread :meth:`reply_blocking`, in any
-    order (each reply is one datagram).  The worker owns each received event fd and must
-    close it (before or after replying: H answers with its own copy).  Nothing here blocks the
-    trio loop: the socket is non-blocking and the loop's waits go through
-    ``trio.lowlevel.wait_readable``/``wait_writable``; only the ``_blocking`` calls block.
+    One task calls :meth:`receive` in a loop; any number of tasks may call :meth:`reply` (or
+    :meth:`try_reply`), in any order.  The worker owns each received event fd and must close
+    it (before or after replying: H answers with its own copy).  Nothing here blocks the trio
+    loop: the socket is non-blocking and waits go through
+    ``trio.lowlevel.wait_readable``/``wait_writable``.
     """
 
     #: A reply that cannot be sent for this long means H is wedged; treated as H gone.
@@ -900,12 +899,8 @@ class HolderLink:
         self._sock.set_inheritable(False)
         self.fan_fd = fan_fd
         self._send_lock = trio.Lock()
-        # id -> seq of events received, not replied.  The trio loop and one event thread may
-        # both use it: single dict operations only (atomic under the GIL).
-        self._outstanding: dict[int, int] = {}
+        self._outstanding: dict[int, int] = {}  # id -> seq of events received, not replied
         self._gone = False
-        self._poll: select.poll | None = None  # receive_blocking's, for ``_poll_for``
-        self._poll_for: int | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> HolderLink:
@@ -958,28 +953,6 @@ class HolderLink:
                 # pass through the scheduler saves one loop turn per event.
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return item
-
-    def receive_blocking(self, wake_fd: int) -> tuple[int, Event, int] | Ping | None:
-        """:meth:`receive` for a thread outside trio: block until the next event, or return
-        None once ``wake_fd`` is readable (the caller's way to stop it).  A :class:`Ping` is
-        the caller's to answer, from the loop whose life it checks.  Raises
-        :class:`HolderGone`.  Only one thread (or task) may receive."""
-        if self._poll is None or self._poll_for != wake_fd:
-            self._poll = select.poll()
-            self._poll.register(self._sock, select.POLLIN)
-            self._poll.register(wake_fd, select.POLLIN)
-            self._poll_for = wake_fd
-        while True:
-            try:
-                item = self._receive_one()
-            except BlockingIOError:
-                if any(fd == wake_fd for fd, _ in self._poll.poll()):
-                    return None
-                continue
-            if isinstance(item, int):  # an event without its fd: cannot be served
-                self.reply_blocking(item, deny_errno(errno.EIO))
-            elif item is not None:
-                return item
 
     def _receive_one(self) -> tuple[int, Event, int] | Ping | int | None:
         """One message off the socket (see :meth:`_decode`); None when it was dropped or the
@@ -1050,25 +1023,27 @@ class HolderLink:
             return
         await self._send(message)
 
-    def reply_blocking(self, ident: int, response: int) -> None:
-        """:meth:`reply` for a thread outside trio; blocks at most :attr:`SEND_TIMEOUT`."""
-        message = self._reply_message(ident, response)
-        if message is None:
-            return
-        deadline = time.monotonic() + self.SEND_TIMEOUT
-        while True:
-            try:
-                self._sock.send(message, socket.MSG_NOSIGNAL)
-                return
-            except BlockingIOError:  # H is busy: wait until the socket takes it, bounded
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._holder_gone(f"holder accepted nothing for {self.SEND_TIMEOUT} s")
-                    raise HolderGone("holder link wedged") from None
-                select.select([], [self._sock], [], left)
-            except OSError as e:
-                self._holder_gone(f"send failed: {_ename(e.errno)}")
-                raise HolderGone("holder link closed") from e
+    def try_reply(self, ident: int, response: int) -> bool:
+        """:meth:`reply` without waiting, for code that must not await: True once sent (or
+        dropped as not ours, logged); False, with nothing sent, when the socket is full or a
+        task is waiting on it (then ``await reply()``)."""
+        if self._gone:
+            raise HolderGone("holder link closed")
+        if self._send_lock.locked():
+            return False
+        seq = self._outstanding.get(ident)
+        if seq is None:
+            self._reply_message(ident, response)  # logs it
+            return True
+        try:
+            self._sock.send(CTRL_MSG.pack(MSG_REPLY, ident, seq, response), socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            self._holder_gone(f"send failed: {_ename(e.errno)}")
+            raise HolderGone("holder link closed") from e
+        del self._outstanding[ident]
+        return True
 
     def _reply_message(self, ident: int, response: int) -> bytes | None:
         """The reply to send for ``ident``, or None (logged) if this worker does not hold it."""

@@ -26,7 +26,6 @@ KERNEL_FACTS.md / KERNEL_FACTS_2.md; the short version:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
@@ -94,7 +93,7 @@ class BridgeStats:
     events: Counter[str] = dataclasses.field(default_factory=Counter)
     denied: Counter[str] = dataclasses.field(default_factory=Counter)
     not_ours: int = 0
-    answered_in_thread: int = 0
+    resident_answers: int = 0  # answered in the receive loop: their bytes were resident
     open_fills: int = 0
     trunc_opens: int = 0
     busy_s: float = 0.0
@@ -105,7 +104,7 @@ class BridgeStats:
             "events": dict(self.events),
             "denied": dict(self.denied),
             "not_ours": self.not_ours,
-            "answered_in_thread": self.answered_in_thread,
+            "resident_answers": self.resident_answers,
             "open_fills": self.open_fills,
             "trunc_opens": self.trunc_opens,
             "mean_event_ms": round(1000 * self.busy_s / total, 3) if total else 0.0,
@@ -122,14 +121,6 @@ class KernelBridge:
         self.cache_dir = cache_dir
         self.cache: StubCache | None = None
         self.stats_ = BridgeStats()
-        # Between the event thread and the trio loop (serve): answers whose books the loop
-        # keeps, whether a turn for them is scheduled, and the thread's end.
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._nursery: trio.Nursery | None = None
-        self._answered: collections.deque[tuple[Any, int, int, float]] = collections.deque()
-        self._books_due = False
-        self._receiving_ended = trio.Event()
-        self._thread_failed = False
         # OPEN_EXEC_PERM always: exec fills the whole binary before it runs.  OPEN_PERM only
         # when open-time fill is on.
         self.mask = FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM
@@ -170,138 +161,71 @@ class KernelBridge:
         from .holder import HolderGone
 
         self.cache = cache
-        self._token = trio.lowlevel.current_trio_token()
         await self.link.ready()  # every stub is guarded: H may now tell `hsmfs serve` to return
         task_status.started()
-        wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
-        thread = threading.Thread(target=self._receive_events, args=(wake_r,),
-                                  name="fanotify-events", daemon=True)
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                thread.start()
-                try:
-                    await self._receiving_ended.wait()
-                finally:
-                    self._nursery = None  # events still arriving are left to H (see _dispatch)
-                    os.write(wake_w, b"x")
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(thread.join, _THREAD_JOIN_S)
-                if self._thread_failed:
-                    raise RuntimeError("the kernel door's event thread failed (logged above)")
-                log.error("the holder is gone; stopping")
-                raise HolderGone("holder link closed")
+                while True:
+                    try:
+                        ident, event, fd = await self.link.receive()
+                    except HolderGone:
+                        log.error("the holder is gone; stopping")
+                        raise
+                    if not self._answer_resident(ident, event, fd, nursery):
+                        nursery.start_soon(self._handle, ident, event, fd)
         except trio.Cancelled:
             # A deliberate stop (signal, unmount): tell H not to restart us.  A crash is not a
             # stop: H sees the worker die, restarts it, and re-dispatches what it held.
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self.link.stopping()
             raise
-        finally:
-            os.close(wake_r)
-            os.close(wake_w)
 
-    # -- the event thread: reads of resident bytes never wait for the trio loop ----------------
+    def _answer_resident(self, ident: int, event: Any, fd: int,
+                         nursery: trio.Nursery) -> bool:
+        """Answer a plain access to resident bytes right here in the receive loop: no task,
+        no await.  False (nothing done) for anything else: a miss, an open, an exec, a
+        truncated file, a file that is not a stub.
 
-    def _receive_events(self, wake_fd: int) -> None:
-        """Take every event off the link.  A read of bytes already resident is answered here,
-        at once; anything else (a miss, an open, an exec, a truncated file) goes to the trio
-        loop.  Measured (scripts/event_cost.py): through the loop, the worker's side of an
-        event cost ~150 us of trio scheduling; this thread answers the common case of a
-        partly resident file (a stream reading what read-ahead landed) without it."""
-        from .holder import HolderGone, Ping
-
+        A partly resident file raises an event on every read, also of local bytes (a stream
+        reading what read-ahead landed, the hot pages of a big database).  Measured
+        (scripts/event_cost.py): a task per such event cost ~190 us a round trip, this
+        ~130.  An event thread answering them was faster still for these, but put two more
+        cross-thread wake-ups on every miss (+0.33 ms per cold 4 KiB read, A/B).
+        """
         try:
-            while (item := self.link.receive_blocking(wake_fd)) is not None:
-                if isinstance(item, Ping):  # the loop answers: H's watchdog checks the loop
-                    self._token.run_sync_soon(self._answer_ping, item.seq)
-                    continue
-                ident, event, fd = item
-                try:
-                    answered = self._answer_resident(ident, event, fd)
-                except HolderGone:
-                    raise
-                except Exception:
-                    log.exception("event thread: cannot answer %r here; passing it on", event)
-                    answered = False
-                if not answered:
-                    try:
-                        self._token.run_sync_soon(self._dispatch, ident, event, fd)
-                    except trio.RunFinishedError:
-                        os.close(fd)  # the loop is gone; H answers it (EIO at stop)
-                        return
-        except HolderGone:
-            pass
-        except Exception:
-            # Never leave the group unread without saying so: the worker stops and H restarts
-            # it, re-dispatching every event it held.
-            log.exception("event thread failed")
-            self._thread_failed = True
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._receiving_ended.set)
+            read = self._resident_read(event, fd)
+        except Exception:  # nothing done yet: the task path takes it
+            log.exception("cannot check %r in the receive loop; handling it as a task", event)
+            return False
+        if read is None:
+            return False
+        stub, start, stop, started = read
+        os.close(fd)
+        if not self.link.try_reply(ident, FAN_ALLOW):
+            nursery.start_soon(self.link.reply, ident, FAN_ALLOW)  # the socket is full: wait
+        self.stats_.events["access"] += 1
+        self.stats_.resident_answers += 1
+        self.cache.note_hit(stub, start, stop)
+        self.cache.note_served(max(stop - start, 0))
+        self.stats_.busy_s += time.perf_counter() - started
+        return True
 
-    def _answer_resident(self, ident: int, event: Any, fd: int) -> bool:
-        """Event thread: answer a plain access to resident bytes of a stub; False if it is
-        anything else.  The core decides what is resident (:meth:`StubCache.resident_now`)."""
+    def _resident_read(self, event: Any, fd: int) -> tuple[Any, int, int, float] | None:
+        """``(stub, start, stop, time started)`` if the event is a plain access to resident
+        bytes of a stub, else None.  The core decides what is resident
+        (:meth:`StubCache.resident_now`).  Only looks."""
         assert self.cache is not None
         if event.mask & (FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM) or not event.mask & FAN_PRE_ACCESS:
-            return False
+            return None
         started = time.perf_counter()
         st = os.fstat(fd)  # never raises an event
         stub = self.cache.stub_for_ino(st.st_ino)
-        if stub is None or st.st_size < stub.size:  # not ours, or truncated: the loop records it
-            return False
+        if stub is None or st.st_size < stub.size:  # not ours, or truncated: the task records it
+            return None
         start, stop = _event_range(event, st.st_size)
         if not self.cache.resident_now(stub, start, stop):
-            return False
-        os.close(fd)
-        self.link.reply_blocking(ident, FAN_ALLOW)
-        self._answered.append((stub, start, stop, time.perf_counter() - started))
-        if not self._books_due:
-            self._books_due = True
-            self._token.run_sync_soon(self._keep_books)
-        return True
-
-    # Both run as ``run_sync_soon`` callbacks: an exception escaping one would end the whole
-    # trio run, so each catches everything it does not expect.
-
-    def _keep_books(self) -> None:
-        """Trio loop: what the event thread answered, in the core's books (hits, access
-        pattern, read-ahead) and ours.  One loop turn for a batch of answers."""
-        assert self.cache is not None
-        self._books_due = False  # first: an answer appended from now on schedules another turn
-        while self._answered:
-            stub, start, stop, busy = self._answered.popleft()
-            self.stats_.events["access"] += 1
-            self.stats_.answered_in_thread += 1
-            self.stats_.busy_s += busy
-            try:
-                self.cache.note_hit(stub, start, stop)
-            except Exception:  # books only: the application already has its bytes
-                log.exception("cannot account for a read of %r", stub.path)
-            self.cache.note_served(max(stop - start, 0))
-
-    def _answer_ping(self, seq: int) -> None:
-        """Trio loop: answer H's ping from a task, so the answer says the scheduler runs."""
-        try:
-            if self._nursery is not None:
-                self._nursery.start_soon(self.link.pong, seq)
-        except Exception:
-            log.exception("cannot answer the holder's ping")
-
-    def _dispatch(self, ident: int, event: Any, fd: int) -> None:
-        """Trio loop: handle an event the thread passed on."""
-        try:
-            if self._nursery is None:
-                os.close(fd)  # stopping: H answers what we hold (EIO), or the next worker does
-                return
-            self._nursery.start_soon(self._handle, ident, event, fd)
-        except Exception:
-            log.exception("cannot handle event %r; denying it", event)
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            with contextlib.suppress(Exception):
-                self.link.reply_blocking(ident, deny_errno(errno.EIO))
+            return None
+        return stub, start, stop, started
 
     async def _handle(self, ident: int, event: Any, fd: int) -> None:
         """Answer one event exactly once, whatever happens; then close its fd."""
@@ -366,10 +290,6 @@ def _event_range(event: Any, size: int) -> tuple[int, int]:
     EOF by the kernel."""
     start = event.offset or 0
     return start, min(start + event.count if event.count else size, size)
-
-
-#: How long a stopping worker waits for its event thread (it wakes within one poll).
-_THREAD_JOIN_S = 5.0
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -239,12 +239,12 @@ def test_both_doors_share_one_cache(bucket: Bucket, moto: MotoServer, tmp_path: 
         assert d.stats()["fetched_bytes"] == fetched + len(b)
 
 
-def test_reads_of_resident_bytes_are_answered_by_the_event_thread(
+def test_reads_of_resident_bytes_are_answered_in_the_receive_loop(
         bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
     """A partly resident file raises an event per read.  Reads of its resident bytes are
-    answered at once by the worker's event thread (no GET, no trio turn); a read of bytes that
-    are not resident still goes to the loop and is fetched.  Both give S3's bytes, and the
-    core's books (hits, served bytes) count the thread's answers."""
+    answered at once in the worker's receive loop (no GET, no task); a read of bytes that are
+    not resident still becomes a task and is fetched.  Both give S3's bytes, and the core's
+    books (hits, served bytes) count the loop's answers."""
     data = bucket.put("p.bin", seeded(8 * CHUNK, "p"))
     with serve_door("kernel", f"s3://{bucket.name}", tmp_path, moto.endpoint, *RANGED) as d:
         path = d.root / "p.bin"
@@ -261,11 +261,11 @@ def test_reads_of_resident_bytes_are_answered_by_the_event_thread(
         finally:
             os.close(fd)
         k0, k1, k2 = (s["kernel"] for s in (before, after_hits, after_miss))
-        assert k1["answered_in_thread"] - k0["answered_in_thread"] == 20
+        assert k1["resident_answers"] - k0["resident_answers"] == 20
         assert after_hits["cache_s3_gets"] == before["cache_s3_gets"]
         assert after_hits["hits"] - before["hits"] == 20
         assert after_hits["served_bytes"] - before["served_bytes"] == 20 * 4096
-        assert k2["answered_in_thread"] == k1["answered_in_thread"]
+        assert k2["resident_answers"] == k1["resident_answers"]
         assert after_miss["cache_s3_gets"] > after_hits["cache_s3_gets"]
 
 
