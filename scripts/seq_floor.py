@@ -24,7 +24,8 @@ median MB/s and the CPU seconds each party spent on the read: this process (the 
 or the reader), the hsmfs daemon (holder and worker, all threads), and the Ceph daemons.  On a
 machine whose CPUs are all busy, MB/s follows the total: that is the limit this shows.
 
-    python3 scripts/seq_floor.py [--size 256M] [--repeat 5]   (about a minute per repetition)
+    python3 scripts/seq_floor.py [--size 256M] [--repeat 5] [--out results/seq_floor]
+    (about a minute per repetition)
 """
 
 from __future__ import annotations
@@ -259,6 +260,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="256M")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--out", help="also write seq_floor.md and seq_floor.png here")
     args = ap.parse_args()
     size = parse_size(args.size)
     with tempfile.TemporaryDirectory(prefix="hsmfs-seqfloor-") as tmp:
@@ -287,19 +289,61 @@ def main() -> int:
                 for name, fn in steps.items():
                     results[name].append(fn())
                     log(f"rep {rep + 1}/{args.repeat} {name:8} {results[name][-1][0]:7.1f} MB/s")
-    print(f"\n{size / 2**20:.0f} MiB, {CHUNK >> 20} MiB GETs x {THREADS}, median of "
-          f"{args.repeat} (Ceph RGW memstore on loopback, {os.cpu_count()} CPUs)\n")
-    print("| step | MB/s | x raw | this process CPU s | daemon CPU s | Ceph CPU s | "
-          "CPU s total | CPUs busy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    base = statistics.median(r[0] for r in results["raw"])
-    for name, rows in results.items():
-        mbps, own, daemon, ceph = (statistics.median(col) for col in zip(*rows, strict=True))
+    medians = {name: tuple(statistics.median(col) for col in zip(*rows, strict=True))
+               for name, rows in results.items()}
+    table = report(medians, size, args.repeat)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "seq_floor.md").write_text(table)
+        plot(medians, out / "seq_floor.png")
+        log(f"wrote {out / 'seq_floor.md'} and {out / 'seq_floor.png'}")
+    return 0
+
+
+def report(medians: dict[str, tuple[float, ...]], size: int, repeat: int) -> str:
+    lines = [f"{size / 2**20:.0f} MiB, {CHUNK >> 20} MiB GETs x {THREADS}, median of {repeat} "
+             f"(Ceph RGW memstore on loopback, {os.cpu_count()} CPUs, Linux "
+             f"{os.uname().release})", "",
+             "| step | MB/s | x raw | this process CPU s | daemon CPU s | Ceph CPU s | "
+             "CPU s total | CPUs busy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base = medians["raw"][0]
+    for name, (mbps, own, daemon, ceph) in medians.items():
         total = own + daemon + ceph
         busy = total / (size / mbps / 1e6)  # CPU seconds per second of the read
-        print(f"| {name} | {mbps:.0f} | {mbps / base:.2f} | {own:.3f} | {daemon:.3f} | "
-              f"{ceph:.3f} | {total:.3f} | {busy:.2f} |")
-    return 0
+        lines.append(f"| {name} | {mbps:.0f} | {mbps / base:.2f} | {own:.3f} | {daemon:.3f} | "
+                     f"{ceph:.3f} | {total:.3f} | {busy:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(medians: dict[str, tuple[float, ...]], path: Path) -> None:
+    """CPU seconds per party, stacked, per step; MB/s written above each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(medians)
+    parts = (("this process (GETs or reader)", 1, "#4c72b0"), ("hsmfs daemon", 2, "#dd8452"),
+             ("Ceph", 3, "#8c8c8c"))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    bottom = [0.0] * len(names)
+    for label, col, color in parts:
+        values = [medians[n][col] for n in names]
+        ax.bar(names, values, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for i, name in enumerate(names):
+        ax.annotate(f"{medians[name][0]:.0f} MB/s", (i, bottom[i]), ha="center",
+                    va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_ylabel("CPU seconds for the read")
+    ax.set_title("Cold sequential read: CPU per party and throughput, step by step")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(bottom) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
