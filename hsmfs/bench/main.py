@@ -51,6 +51,7 @@ class Progress:
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
+        self.started = dt.datetime.now(dt.UTC)  # the run's start, for the report
 
     def __call__(self, msg: str) -> None:
         print(f"[{time.monotonic() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -357,9 +358,9 @@ def _build(scratch: Path, sizes: Sizes, seed: int, log: Progress) -> Dataset:
 
 
 def _meta(args: argparse.Namespace, ds: Dataset, endpoint_desc: str,
-          drop_reason: str | None, prefault: int) -> dict[str, Any]:
+          drop_reason: str | None, prefault: int, started: dt.datetime) -> dict[str, Any]:
     return {
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "started": started.isoformat(timespec="seconds"),
         "profile": args.profile, "repeat": args.repeat, "doors": ",".join(args.doors),
         "workloads": ",".join(args.workloads), "s3": endpoint_desc,
         "s3_latency_ms": args.s3_latency, "s3_bandwidth_MBps": args.s3_bandwidth,
@@ -421,7 +422,7 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
         runner = Runner(cfg, args.doors, [WORKLOADS[w] for w in args.workloads], args.repeat,
                         drop_reason, prefault, args.timeout, log, proxy)
         samples = runner.run()
-        meta = _meta(args, ds, endpoint_desc, drop_reason, prefault)
+        meta = _meta(args, ds, endpoint_desc, drop_reason, prefault, log.started)
     meta["duration_s"] = round(time.monotonic() - log.t0, 1)
     _write_outputs(json_path, meta, samples, log)
     return 0
