@@ -442,7 +442,7 @@ class StubCache:
             self.counters.hits += 1
             return
         size = stub.size
-        if whole or size <= self.cfg.small_file:
+        if whole or self._whole_on_touch(stub):
             start, stop, whole = 0, size, True
         start, stop = max(start, 0), min(stop, size)
         if stop <= start:
@@ -491,8 +491,11 @@ class StubCache:
         if stub.state in LOCAL_STATES:
             self.counters.hits += 1
             return
-        whole = stub.size <= self.cfg.small_file
-        self._account_hit(stub, max(start, 0), min(stop, stub.size), whole)
+        self._account_hit(stub, max(start, 0), min(stop, stub.size), self._whole_on_touch(stub))
+
+    def _whole_on_touch(self, stub: Stub) -> bool:
+        """Small files are fetched whole on first touch: one GET, no access pattern."""
+        return stub.size <= self.cfg.small_file
 
     def _account_hit(self, stub: Stub, start: int, stop: int, whole: bool) -> None:
         self.counters.hits += 1
