@@ -1035,14 +1035,20 @@ class HolderLink:
         if seq is None:
             self._reply_message(ident, response)  # logs it
             return True
+        if not self._send_now(CTRL_MSG.pack(MSG_REPLY, ident, seq, response)):
+            return False
+        del self._outstanding[ident]
+        return True
+
+    def _send_now(self, message: bytes) -> bool:
+        """Send without waiting: False if the socket is full.  Raises HolderGone."""
         try:
-            self._sock.send(CTRL_MSG.pack(MSG_REPLY, ident, seq, response), socket.MSG_NOSIGNAL)
+            self._sock.send(message, socket.MSG_NOSIGNAL)
         except BlockingIOError:
             return False
         except OSError as e:
             self._holder_gone(f"send failed: {_ename(e.errno)}")
             raise HolderGone("holder link closed") from e
-        del self._outstanding[ident]
         return True
 
     def _reply_message(self, ident: int, response: int) -> bytes | None:
@@ -1077,19 +1083,11 @@ class HolderLink:
     async def _send(self, message: bytes) -> None:
         if self._gone:
             raise HolderGone("holder link closed")
-        if not self._send_lock.locked():
-            # Fast path: a 12-byte message almost always fits in the socket at once.  No lock
-            # or cancel scope needed; one schedule point, never a cancel point.
-            try:
-                self._sock.send(message, socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                self._holder_gone(f"send failed: {_ename(e.errno)}")
-                raise HolderGone("holder link closed") from e
-            else:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return
+        # Fast path: a 12-byte message almost always fits in the socket at once.  No lock or
+        # cancel scope needed; one schedule point, never a cancel point.
+        if not self._send_lock.locked() and self._send_now(message):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         # Slow path: the socket is full (H busy) or another task is already waiting on it.
         # Shielded, so a reply from a cancelled task's ``finally`` still goes out, but bounded.
         with trio.CancelScope(shield=True) as scope:
