@@ -188,9 +188,8 @@ class KernelBridge:
 
         A partly resident file raises an event on every read, also of local bytes (a stream
         reading what read-ahead landed, the hot pages of a big database).  Measured
-        (scripts/event_cost.py): a task per such event cost ~190 us a round trip, this
-        ~130.  An event thread answering them was faster still for these, but put two more
-        cross-thread wake-ups on every miss (+0.33 ms per cold 4 KiB read, A/B).
+        (scripts/event_cost.py): a task per such event cost ~193 us a round trip, this
+        69-88 us; misses are no slower (docs/design.md, "Kernel door").
         """
         try:
             read = self._resident_read(event, fd)
