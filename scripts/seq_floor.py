@@ -31,6 +31,7 @@ machine whose CPUs are all busy, MB/s follows the total: that is the limit this 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -63,18 +64,12 @@ CEPH_DAEMONS = ("radosgw", "ceph-osd", "ceph-mon")
 
 def ceph_cpu_s() -> float:
     """utime + stime of every Ceph daemon on the machine (only ours run here)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    ceph = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        if comm in CEPH_DAEMONS:
-            fields = stat[stat.rindex(")") + 2:].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() in CEPH_DAEMONS:
+                ceph.append(int(pid))
+    return pid_cpu_s(ceph)
 
 
 Row = tuple[float, float, float, float]  # MB/s, this process's CPU s, the daemon's, Ceph's
