@@ -3,9 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-python3 -m ruff check hsmfs tests
+python="${PYTHON:-python3}"  # the interpreter setup.sh installed into
+"$python" -m ruff check hsmfs tests
 set +e
-python3 -m pytest -p no:cacheprovider -ra "$@"
+"$python" -m pytest -p no:cacheprovider -ra "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then
