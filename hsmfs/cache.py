@@ -1,99 +1,96 @@
-"""The backing tree and the fetch engine: one core for both doors.
+"""The core's façade and its state machine: one function per transition of a file's state.
 
-Owns: stub files in the cache directory (one sparse file per object, identity in xattrs), which
-bytes of each are resident, and getting missing bytes from S3 into them.  Both doors call
-:meth:`StubCache.ensure` and nothing else to make a range readable; every rule about *what* is
-resident, *when* to fetch and *how much* lives here.  Must not: import pyfuse3 or boto3, choose an
-errno (that is :func:`hsmfs.errors.to_errno`), or know which door is asking.
+Both doors call :meth:`StubCache.lookup` (which file is this fd?) and :meth:`StubCache.ensure`
+(make these bytes local for this intent) and nothing else to serve a file; every rule about
+*what* is resident, *when* to fetch, *how much*, which inodes hsmfs vouches for and what a local
+truncate means lives here.  Must not: import pyfuse3 or boto3, choose an errno (that is
+:func:`hsmfs.errors.to_errno`), or know which door is asking.
 
-Invariants (see docs/design.md):
+The pieces (docs/design.md, "State machine"):
 
-* **Never claim a hole.**  A range enters a stub's :class:`RangeMap` only after ``pwrite`` wrote
-  every byte of it into the backing file.  The map is a cache of the file's own data extents
-  (``SEEK_DATA``), which are its source of truth across restarts: data written before a crash is
-  data after it, and nothing else is.
-* **Each byte fetched once.**  ``_inflight`` maps ``(inode, chunk)`` to the flights carrying
-  bytes of that chunk; a reader, through either door, waits for the flights that carry bytes it
-  needs and fetches only what no flight carries.  No two flights carry the same missing byte.
-  Between the check of ``_inflight`` and the registration of new flights there is no ``await``.
-* **Remote bytes never overwrite resident ones**: a flight writes only the gaps that are still
-  missing when its data arrives (resident bytes may hold an application's writes).
-* **Pinned versions.**  Every fetch names the stub's ETag; a changed object marks the stub
-  ``stale`` and is never stitched into it.
-* All I/O happens through ``root_fd``, the daemon's private door (for the kernel door, a detached
-  mount whose accesses raise no fanotify events), and all blocking calls run in worker threads.
+* :mod:`hsmfs.stubfile` — the on-disk record (trusted xattrs) and extents;
+* :mod:`hsmfs.state` — one file's state in memory (:class:`~hsmfs.state.Stub`), pins, intents;
+* :mod:`hsmfs.registry` — the index of stubs and the staging mechanics;
+* :mod:`hsmfs.fetch` — flights, coalescing, landing bytes;
+* :mod:`hsmfs.readahead` — the access pattern.
+
+Transitions, each one method here (what it persists, in which order, and what a crash at each
+step leaves, is in its docstring):
+
+===================  ==========================================  ===========================
+transition           caused by                                   method
+===================  ==========================================  ===========================
+create               a listing names an object with no file      :meth:`_create`
+adopt (restart)      a start finds a file with a record          :meth:`_adopt`
+fill                 a door's ensure, read-ahead, restore        :meth:`filled`
+local truncate       the kernel door (before it lands) or a      :meth:`truncate`
+                     size found below ``owed`` (after)
+remote change        a listing shows another ETag, or a GET 412  :meth:`_remote_changed`,
+                                                                 :meth:`fetch_failed`
+remote delete        a listing no longer names the object        :meth:`_remote_gone`
+supersede            the path no longer leads to the inode       :meth:`_supersede`
+===================  ==========================================  ===========================
+
+Upload (archive) and release are the next transitions; they stand on :class:`~hsmfs.state.Pin`
+(no punch under a door that serves bytes) and on ``sync`` (only clean files are released).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import dataclasses
+import fcntl
 import logging
 import os
 import posixpath
-import secrets
-import stat
 import threading
-import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from .config import CacheConfig
-from .errors import (
-    BackendUnavailable,
-    CacheFull,
-    HsmError,
-    ObjectChanged,
-    ShortBody,
-    cause_of,
-)
-from .keys import STATE_DIR, place
-from .ranges import RangeMap, Span
+from .errors import HsmError, ObjectChanged, Superseded
+from .fetch import Counters, FetchEngine, Fetcher
+from .keys import key_to_relpath, place
+from .ranges import RangeMap
+from .registry import STAGING_DIR, Found, Registry, Tree
 from .siblings import SiblingReadAhead
+from .state import Intent, Pin, Stub
+from .stubfile import (
+    CLEAN,
+    CONFLICT,
+    DIRTY,
+    GONE,
+    PARTIAL,
+    RESIDENT,
+    STALE,
+    STUB,
+    Record,
+    RemoteVersion,
+    VersionLike,
+    data_extents,
+    describe,
+    generation,
+    has_data,
+    read_record,
+    scan_resident_bytes,
+    write_owed,
+    write_sync,
+    write_view,
+)
+
+__all__ = ["CLEAN", "CONFLICT", "DIRTY", "PARTIAL", "RESIDENT", "STAGING_DIR", "STALE", "STUB",
+           "CacheListener", "Fetcher", "Intent", "Pin", "PopulateReport", "Stub", "StubCache",
+           "data_extents", "describe", "scan_resident_bytes"]
 
 log = logging.getLogger(__name__)
 
-# Identity and state travel with the file (DESIGN §2).  Identity names are hsmfs's own; the
-# state word uses the generic ``user.hsm.state`` that HSM-aware tools read through either door.
-XATTR_KEY = "user.hsmfs.key"
-XATTR_ETAG = "user.hsmfs.etag"
-XATTR_SIZE = "user.hsmfs.size"  # remote size: bytes below it come from S3
-XATTR_VERSION = "user.hsmfs.version"
-XATTR_STATE = "user.hsm.state"
-XATTR_DIRTY = "user.hsmfs.dirty"  # "1": local changes S3 does not have
-IDENTITY_XATTRS = (XATTR_KEY, XATTR_ETAG, XATTR_SIZE, XATTR_VERSION)
-
-STUB, PARTIAL, RESIDENT, DIRTY, STALE = "stub", "partial", "resident", "dirty", "stale"
-#: States in which every byte is local: nothing to fetch, nothing for a door to guard.
-LOCAL_STATES = frozenset({RESIDENT, DIRTY})
-STAGING_DIR = f"{STATE_DIR}/staging"
-
-
-class ObjectVersionLike(Protocol):
-    key: str
-    etag: str
-    size: int
-    mtime: float
-    version_id: str | None
-
 
 class ObjectInfoLike(Protocol):
-    version: ObjectVersionLike
+    version: VersionLike
     mode: int | None
-
-
-class Fetcher(Protocol):
-    """The seam to S3: the backend, or an in-memory fake in unit tests.  Blocking; the cache
-    calls it from worker threads.  Must fill the whole buffer with bytes of that version or
-    raise a :class:`~hsmfs.errors.HsmError`."""
-
-    def fetch_into(self, version: ObjectVersionLike, start: int, buf: memoryview) -> int:
-        """Fill ``buf`` with the bytes at ``start``; return how many came."""
-        ...
 
 
 class CacheListener(Protocol):
@@ -110,54 +107,6 @@ class CacheListener(Protocol):
         """Every byte of the stub is now local."""
 
 
-@dataclass
-class Stub:
-    """One backing file: its remote identity and what the cache knows of its residency."""
-
-    path: str
-    version: ObjectVersionLike
-    ino: int
-    state: str = STUB
-    ranges: RangeMap | None = None  # None until loaded from the file's data extents
-    fd: int | None = None  # O_RDWR through the private door, opened on first fill
-    # Sequential read-ahead: where the last access ended, and the current window.
-    dirty: bool = False  # local changes S3 does not have (a local truncate, so far)
-    ra_streak: int = 0  # consecutive accesses near the previous one
-    ra_horizon: int = 0  # end of what read-ahead has requested so far
-    ra_last_start: int = 0
-    ra_last_stop: int = 0
-    ra_window: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.version.size
-
-
-@dataclass
-class _Flight:
-    """One ranged GET in progress; every reader of its chunks waits on ``done``."""
-
-    start: int
-    stop: int
-    chunks: list[int]  # the chunk indices this flight owns in ``_inflight``
-    done: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
-
-
-@dataclass
-class Counters:
-    s3_gets: int = 0  # ranged GETs the cache issued (retries are the backend's own count)
-    fetched_bytes: int = 0
-    chunks_fetched: int = 0
-    served_bytes: int = 0  # reported by the doors
-    hits: int = 0  # ensure() calls already resident
-    misses: int = 0  # ensure() calls that had to wait for S3
-    coalesced_waits: int = 0  # chunks a reader waited for instead of fetching again
-    prefetched_bytes: int = 0
-    sibling_prefetches: int = 0  # files fetched by directory read-ahead
-    errors: Counter[str] = field(default_factory=Counter)
-
-
 @dataclass(frozen=True)
 class PopulateReport:
     created: int
@@ -166,6 +115,13 @@ class PopulateReport:
     removed: int
     rejected: list[tuple[str, str]]
     dirs: int
+    stale: int = 0
+    conflicts: int = 0
+
+
+def _remote(version: VersionLike) -> RemoteVersion:
+    return RemoteVersion(version.key, version.etag, version.size, version.mtime,
+                         version.version_id)
 
 
 class StubCache:
@@ -179,285 +135,440 @@ class StubCache:
             cfg.cache_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.counters = Counters()
         self.listeners: list[CacheListener] = []
-        self._by_path: dict[str, Stub] = {}
-        self._by_ino: dict[int, Stub] = {}
-        # (inode, chunk) -> the flights carrying bytes of that chunk right now.
-        self._inflight: dict[tuple[int, int], list[_Flight]] = {}
-        self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
+        self.registry = Registry()
+        self.tree = Tree(self.root_fd, cfg.dir_mode, cfg.file_mode)
+        self.engine = FetchEngine(cfg, fetcher, self, self.counters)
         # Directory read-ahead takes at most half the GET slots: a program's own misses
         # must never queue behind a directory's worth of guesses.
         self._sibling_slots = trio.Semaphore(max(cfg.concurrency // 2, 1))
         self._siblings = SiblingReadAhead(cfg.dir_readahead, cfg.small_file,
-                                          self._stubs_in, self._wants_fetch)
-        self._dir_index: dict[str, list[Stub]] | None = None  # rebuilt after changes
-        self._nursery: trio.Nursery | None = None
+                                          self.registry.stubs_in, self._wants_fetch)
         self._fd_lock = threading.Lock()
-        # One GET buffer per worker thread (at most ``concurrency`` x ``max_request`` bytes);
-        # trio retires idle worker threads, and their buffers with them.
-        self._buffers = threading.local()
-        self._ensure_state_dirs()
+        self.tree.prepare()
 
     # -- life cycle --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery that background read-ahead runs in; run until cancelled."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self.engine.nursery = nursery
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
-                self._nursery = None
+                self.engine.nursery = None
 
     def close(self) -> None:
-        for stub in self._by_path.values():
-            if stub.fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(stub.fd)
-                stub.fd = None
+        for stub in list(self.registry.by_ino.values()):
+            self._close_fd(stub)
 
     # -- lookups -----------------------------------------------------------------------------
 
     def stub_at(self, path: str) -> Stub | None:
-        return self._by_path.get(path)
+        return self.registry.by_path.get(path)
 
     def stub_for_ino(self, ino: int) -> Stub | None:
-        return self._by_ino.get(ino)
+        return self.registry.by_ino.get(ino)
 
     def stubs(self) -> Iterable[Stub]:
-        return self._by_path.values()
+        return self.registry.by_path.values()
 
-    # -- population --------------------------------------------------------------------------
+    async def lookup(self, fd: int) -> Stub | None:
+        """The file a door's ``fd`` refers to, or None if hsmfs does not vouch for it.
 
-    async def populate(self, objects: Iterable[ObjectInfoLike], prefix: str = "") -> PopulateReport:
-        """Make the backing tree mirror a listing: create missing stubs, keep stubs of unchanged
-        objects (and their resident bytes), replace stubs of changed ones, remove stubs of
-        objects gone from S3.  Local files that are not stubs are never touched."""
-        return await trio.to_thread.run_sync(self._populate_sync, list(objects), prefix)
+        The unknown-inode rule: a file hsmfs knows by ``(inode, generation)`` is its stub; any
+        other file carrying a trusted record is a stub hsmfs lost track of (superseded:
+        replaced or removed while a program holds it, or renamed) and is served from its
+        record through the door's fd; a file with no record was created locally and holds no
+        byte S3 owes it.  A size below ``owed`` is a local truncate found after the fact
+        (:meth:`truncate`).
+        """
+        st = os.fstat(fd)  # never raises an event
+        gen = generation(fd)
+        stub = self.registry.by_ino.get(st.st_ino)
+        if stub is not None and stub.gen != gen:
+            # Its inode was freed (an application removed the file) and the number reused.
+            self._supersede(stub)
+            self.registry.forget(stub)
+            self._close_fd(stub)
+            stub = None
+        if stub is None:
+            record = await trio.to_thread.run_sync(read_record, fd)
+            if record is None:
+                return None
+            stub = await self._adopt_orphan(fd, st.st_ino, gen, record)
+            if stub is None:
+                return None
+        if st.st_size < stub.owed:
+            await self.truncate(stub, st.st_size, fd=fd)
+        return stub
 
-    def _populate_sync(self, objects: list[ObjectInfoLike], prefix: str) -> PopulateReport:
+    def resident_file(self, fd: int, st: os.stat_result, start: int, stop: int) -> Stub | None:
+        """No disk I/O, no await: the stub if ``[start, stop)`` of the file behind ``fd`` is
+        resident right now, else None (ask :meth:`lookup` and :meth:`ensure`).
+
+        For a door that answers reads of resident bytes without a task (the kernel door's
+        receive loop); it then calls :meth:`note_hit`.  None when unsure: not a known
+        ``(inode, generation)``, residency not loaded yet, or a size below what S3 owes (a
+        truncate to record).  Residency only grows while hsmfs serves a stub (release, when
+        it comes, must keep this answer true: it removes the guard's ignore mask and takes a
+        lease before it punches).
+        """
+        stub = self.registry.by_ino.get(st.st_ino)
+        if stub is None or st.st_size < stub.owed or stub.gen != generation(fd):
+            return None
+        if stub.local:
+            return stub
+        ranges = stub.ranges
+        if ranges is None or not ranges.covers(max(start, 0), min(stop, stub.owed)):
+            return None
+        return stub
+
+    # -- transitions: the listing ------------------------------------------------------------
+
+    async def populate(self, objects: Iterable[ObjectInfoLike] | None,
+                       prefix: str = "") -> PopulateReport:
+        """Make the backing tree mirror a listing (or, with ``objects`` None, adopt the tree as
+        it is: a restarted worker needs no S3 to guard what exists).
+
+        Per file, by the rules of the state machine: a new object gets a stub; an unchanged
+        one is adopted with its resident bytes; a changed one is refreshed if nothing of it is
+        local, made ``stale`` if clean bytes are, ``conflict`` if local changes are; a deleted
+        one goes away unless it holds local changes (then ``conflict``).  Local files that are
+        not stubs are never touched."""
+        listed = None if objects is None else list(objects)
+        return await trio.to_thread.run_sync(self._populate_sync, listed, prefix)
+
+    def _populate_sync(self, objects: list[ObjectInfoLike] | None,
+                       prefix: str) -> PopulateReport:
+        found = {f.rel: self._size_checked(f) for f in self.tree.scan()}
+        if objects is None:
+            return self._adopt_tree(found)
         by_key = {o.version.key: o for o in objects}
         layout = place(by_key, prefix)
         for key, reason in layout.rejected:
             log.warning("skipping object %r: key %s", key, reason)
-        created = kept = replaced = removed = 0
+        n = dict(created=0, kept=0, replaced=0, removed=0, stale=0, conflicts=0)
         for d in sorted(layout.dirs, key=lambda p: p.count("/")):
-            self._mkdir(d)
-        existing = dict(self._scan_stubs())
+            self.tree.mkdir(d)
         for rel, key in sorted(layout.files.items()):
             info = by_key[key]
-            old = existing.pop(rel, None)
-            if old is not None and old.etag == info.version.etag:
-                self._adopt(rel, info, old)
-                kept += 1
+            f = found.pop(rel, None)
+            if f is not None and f.legacy and not self._legacy_is_empty(rel):
+                log.warning("%r carries a record of an older hsmfs (user.* xattrs) and local "
+                            "data: kept as a local file; object %r is not served", rel, key)
                 continue
-            if old is None and not self._parents_are_dirs(rel):
-                # *at() calls follow symlinks in parent components: a symlink planted
-                # in the tree (kernel door: apps write here) must not take a stub outside it.
-                log.warning("skipping object %r: a parent of %r is not a directory", key, rel)
+            if f is None or f.record is None:
+                if f is not None and not f.legacy:
+                    log.warning("skipping object %r: a local file that is not a stub holds %r",
+                                key, rel)
+                    continue
+                if f is None and not self.tree.parents_are_dirs(rel):
+                    # *at() calls follow symlinks in parent components: a symlink planted
+                    # in the tree (kernel door: apps write here) must not take a stub outside.
+                    log.warning("skipping object %r: a parent of %r is not a directory", key,
+                                rel)
+                    continue
+                if self._create(rel, info, replace=f is not None):
+                    n["replaced" if f is not None else "created"] += 1
                 continue
-            if old is None and self._exists(rel):
-                log.warning("skipping object %r: a local file that is not a stub holds %r", key,
-                            rel)
+            if f.record.version.key != key:
+                log.warning("skipping object %r: %r holds a copy of %r (renamed locally)",
+                            key, rel, f.record.version.key)
+                self._adopt(f, f.record)
                 continue
-            try:
-                self._create_stub(rel, info)
-            except OSError as exc:
-                log.warning("skipping object %r: cannot create its stub %r: %s", key, rel, exc)
+            outcome = self._reconcile(f, f.record, info)
+            n[outcome] += 1
+        for f in found.values():
+            if f.record is None:
                 continue
-            if old is not None:
-                replaced += 1
-            else:
-                created += 1
-        for rel in existing:
-            # The object is gone from S3 (or its key is now refused): a clean stub is only a
-            # copy, so it goes too.  Dirty data would be kept; there is none before writes exist.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(rel, dir_fd=self.root_fd)
-                removed += 1
-            # Forget it as well, or stub_at()/stub_for_ino() keep answering for a
-            # file that is gone.  (Its fd, if any, is left open: a flight may still write to it.)
-            gone = self._by_path.pop(rel, None)
-            if gone is not None:
-                self._by_ino.pop(gone.ino, None)
-        self._dir_index = None
-        report = PopulateReport(created, kept, replaced, removed, layout.rejected,
-                                len(layout.dirs))
-        log.info("populated %s: %d new, %d kept, %d replaced, %d removed, %d refused",
-                 self.cfg.cache_dir, created, kept, replaced, removed, len(layout.rejected))
+            if key_to_relpath(f.record.version.key, prefix)[0] != f.rel:
+                self._adopt(f, f.record)  # renamed locally: kept, served from its record
+                continue
+            n["removed" if self._remote_gone(f, f.record) else "conflicts"] += 1
+        report = PopulateReport(n["created"], n["kept"], n["replaced"], n["removed"],
+                                layout.rejected, len(layout.dirs), n["stale"], n["conflicts"])
+        log.info("populated %s: %d new, %d kept, %d replaced, %d removed, %d stale, "
+                 "%d conflicts, %d refused", self.cfg.cache_dir, report.created, report.kept,
+                 report.replaced, report.removed, report.stale, report.conflicts,
+                 len(layout.rejected))
         return report
 
-    def _ensure_state_dirs(self) -> None:
-        for d in (STATE_DIR, STAGING_DIR):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(d, 0o700, dir_fd=self.root_fd)
-        # Leftovers of a crash between create and rename: unreachable, delete them.
-        sfd = os.open(STAGING_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root_fd)
+    def _size_checked(self, f: Found) -> Found:
+        """Transition *local truncate*, found at start: a clean file whose length is not its
+        version's was changed while no door saw it (a resident file raises no events; or no
+        daemon ran).  Persisted before anything else looks at it: ``owed`` lowered to the
+        length if it is shorter, ``sync=dirty``, fsync.  The comparison is on length only:
+        fills move a file's mtime, so mtime says nothing yet (issue 11 records a clean point)."""
+        record = f.record
+        if record is None or record.sync != CLEAN or f.size == record.version.size:
+            return f
+        owed = min(record.owed, f.size)
         try:
-            for name in os.listdir(sfd):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=sfd)
+            fd = self.tree.open_rw(f.rel)
+        except OSError:
+            return f
+        try:
+            if owed < record.owed:
+                write_owed(fd, owed)
+            write_sync(fd, DIRTY, durable=True)
         finally:
-            os.close(sfd)
+            os.close(fd)
+        log.info("%r is %d bytes, its version %d: changed locally, now dirty", f.rel, f.size,
+                 record.version.size)
+        return dataclasses.replace(f, record=Record(record.version, owed, DIRTY, record.remote))
 
-    def _mkdir(self, rel: str) -> None:
-        if not self._parents_are_dirs(rel):
-            # Never create a directory through a symlinked parent (see populate).
-            log.warning("cannot create directory %r: a parent is not a directory", rel)
-            return
+    def _adopt_tree(self, found: dict[str, Found]) -> PopulateReport:
+        kept = 0
+        for f in found.values():
+            if f.record is not None:
+                self._adopt(f, f.record)
+                kept += 1
+        log.info("adopted %s as it is: %d stubs", self.cfg.cache_dir, kept)
+        return PopulateReport(0, kept, 0, 0, [], 0)
+
+    def _legacy_is_empty(self, rel: str) -> bool:
+        fd = self.tree.open_rw(rel)
         try:
-            os.mkdir(rel, self.cfg.dir_mode, dir_fd=self.root_fd)
-            # mkdir's mode is filtered by the daemon's umask; dir_mode is what the
-            # user asked for (stubs get file modes with fchmod, umask-free, likewise).
-            os.chmod(rel, self.cfg.dir_mode, dir_fd=self.root_fd)
-        except FileExistsError:
-            st = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                # A local file stands where S3 has a directory; local data is never clobbered.
-                # The objects below it fail one by one with a clear line each.
-                log.warning("a local file %r blocks the directory of S3 objects below it", rel)
-        except OSError as exc:
-            log.warning("cannot create directory %r: %s", rel, exc)
-
-    def _parents_are_dirs(self, rel: str) -> bool:
-        """True when every parent of ``rel`` is a real directory, not a symlink.
-        Checked from the root down, so each lstat resolves through real directories only."""
-        parts = rel.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            try:
-                st = os.stat("/".join(parts[:i]), dir_fd=self.root_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return False
-            if not stat.S_ISDIR(st.st_mode):
-                return False
-        return True
-
-    def _exists(self, rel: str) -> bool:
-        try:
-            os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
-            return True
-        except FileNotFoundError:
-            return False
-
-    def _scan_stubs(self) -> Iterable[tuple[str, _Identity]]:
-        """Every regular file in the tree that carries hsmfs identity xattrs."""
-        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=self.root_fd):
-            if dirpath == ".":
-                with contextlib.suppress(ValueError):
-                    dirnames.remove(STATE_DIR)
-            for name in filenames:
-                rel = os.path.normpath(os.path.join(dirpath, name))
-                try:
-                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-                except OSError:
-                    continue
-                try:
-                    ident = _Identity.read(fd)
-                finally:
-                    os.close(fd)
-                if ident is not None:
-                    yield rel, ident
-
-    def _adopt(self, rel: str, info: ObjectInfoLike, ident: _Identity) -> None:
-        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
-        try:
-            st = os.fstat(fd)
-            # The listing shows this very version again, so an old "stale" no longer holds.
-            # Data extents, not st_blocks: st_blocks also counts an external xattr
-            # block (ext4 with small inodes: the identity xattrs alone take 4 KiB).
-            version = info.version
-            if ident.size < version.size:  # truncated locally in an earlier run
-                version = _with_size(version, ident.size)
-            state = (ident.state if ident.state in LOCAL_STATES
-                     else PARTIAL if _has_data(fd, version.size) else STUB)
-            stub = Stub(path=rel, version=version, ino=st.st_ino, state=state,
-                        dirty=ident.state == DIRTY)
-            self._register(stub)
-            for listener in self.listeners:
-                listener.on_stub(fd, stub.state in LOCAL_STATES)
+            return not has_data(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
 
-    def _create_stub(self, rel: str, info: ObjectInfoLike) -> None:
-        """Create in staging, guard, then rename into place: no opener ever sees it unguarded."""
+    def _reconcile(self, f: Found, record: Record, info: ObjectInfoLike) -> str:
+        """One file whose object is listed: adopt it, or apply a remote change."""
+        if record.version.etag == info.version.etag:
+            if record.sync in (STALE, CONFLICT):
+                # The listing shows this very version again (S3 went back to it): the side
+                # state no longer holds.
+                record = self._set_sync(f.rel, DIRTY if record.sync == CONFLICT else CLEAN,
+                                        record)
+            self._adopt(f, record)
+            return "kept"
+        return self._remote_changed(f, record, info)
+
+    def _create(self, rel: str, info: ObjectInfoLike, *, replace: bool) -> bool:
+        """Transition *create*: a new stub at ``rel`` (``replace``: over a file the caller
+        found to hold nothing local).
+
+        Persists, in staging: size, record, view, mode, times; then the guard (the kernel
+        door's mark); then the rename makes it reachable.  Crash before the rename: a leftover
+        in staging, deleted at the next start, and the old file (if any) untouched.  After: a
+        complete stub.  A program holding the replaced file keeps it and is served as a
+        superseded stub (:meth:`lookup`)."""
         v = info.version
-        tmp = f"{STAGING_DIR}/{secrets.token_hex(8)}"
-        mode = stat.S_IMODE(info.mode) if info.mode is not None else self.cfg.file_mode
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                     dir_fd=self.root_fd)
-        try:
-            os.ftruncate(fd, v.size)
-            os.setxattr(fd, XATTR_KEY, v.key.encode())
-            os.setxattr(fd, XATTR_ETAG, v.etag.encode())
-            os.setxattr(fd, XATTR_SIZE, str(v.size).encode())
-            if v.version_id:
-                os.setxattr(fd, XATTR_VERSION, v.version_id.encode())
-            resident = v.size == 0  # nothing to fetch
-            os.setxattr(fd, XATTR_STATE, (RESIDENT if resident else STUB).encode())
-            os.fchmod(fd, mode)
-            os.utime(fd, (v.mtime, v.mtime))
+        resident = v.size == 0  # nothing to fetch
+
+        def guard(fd: int) -> None:
             for listener in self.listeners:
                 listener.on_stub(fd, resident)
-            os.rename(tmp, rel, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
+
+        try:
+            ino, gen = self.tree.create_stub(rel, v, info.mode, guard, replace=replace)
+        except OSError as exc:
+            log.warning("skipping object %r: cannot create its stub %r: %s", v.key, rel, exc)
+            return False
+        old = self.registry.by_path.get(rel)
+        if old is not None:
+            self._supersede(old, forget=True)
+        # A new stub has no data: its range map is known without a scan.
+        self.registry.add(Stub(path=rel, version=_remote(v), ino=ino, gen=gen, owed=v.size,
+                               ranges=RangeMap(), local=resident))
+        return True
+
+    def _adopt(self, f: Found, record: Record) -> Stub | None:
+        """Transition *adopt*: a file with a record found at start.
+
+        Residency is re-derived from the extents below ``owed`` here, at every start, never
+        taken from a word (a forged or crash-stale word cannot make a hole look resident).
+        Persists nothing (the view word is corrected if it says otherwise).  The guard is put
+        back (an ignore mask only if every owed byte is data).
+        """
+        try:
+            fd = self.tree.open_rw(f.rel)
+        except OSError as exc:
+            log.warning("cannot adopt %r: %s", f.rel, exc)
+            return None
+        try:
             st = os.fstat(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self.root_fd)
-            raise
+            if (st.st_ino, generation(fd)) != (f.ino, f.gen):
+                log.warning("%r changed while the tree was scanned; not adopted", f.rel)
+                return None
+            ranges = RangeMap(data_extents(fd, record.owed))
+            stub = Stub(path=f.rel, version=record.version, ino=f.ino, gen=f.gen,
+                        owed=record.owed, sync=record.sync, remote=record.remote,
+                        ranges=ranges, local=ranges.covers(0, record.owed))
+            self._write_view_if_changed(fd, stub)
+            self.registry.add(stub)
+            for listener in self.listeners:
+                listener.on_stub(fd, stub.local)
+            return stub
         finally:
             os.close(fd)
-        # A new stub has no data: its range map is known without a scan.
-        self._register(Stub(path=rel, version=v, ino=st.st_ino,
-                            state=RESIDENT if resident else STUB, ranges=RangeMap()))
 
-    def _register(self, stub: Stub) -> None:
-        old = self._by_path.get(stub.path)
-        if old is not None:
-            self._by_ino.pop(old.ino, None)
-        self._by_path[stub.path] = stub
-        self._by_ino[stub.ino] = stub
-        self._dir_index = None
+    def _remote_changed(self, f: Found, record: Record, info: ObjectInfoLike) -> str:
+        """Transition *remote change* (found by a listing): S3 holds another version.
 
-    def _stubs_in(self, directory: str) -> list[Stub]:
-        """The stubs directly in ``directory`` (relative, '' = the root)."""
-        if self._dir_index is None:
-            index: dict[str, list[Stub]] = {}
-            for stub in list(self._by_path.values()):
-                index.setdefault(posixpath.dirname(stub.path), []).append(stub)
-            self._dir_index = index
-        return self._dir_index.get(directory, [])
+        * local changes (``dirty``/``conflict``) → ``conflict``: kept, reported, never replaced;
+        * clean bytes local → ``stale``: resident bytes still read, missing ones fail with
+          EIO, nothing of the new version is stitched in;
+        * nothing local → a fresh stub of the new version replaces it (:meth:`_create`).
+
+        Persists the sync word (durably for ``conflict``) before anything else; the replace is
+        a rename, atomic.  Crash before: the next start decides again, the same way.
+        """
+        if record.sync in (DIRTY, CONFLICT):
+            record = self._set_sync(f.rel, CONFLICT, record, remote=info.version.etag)
+            log.warning("%r: local changes to version %s, and S3 now holds %s: conflict "
+                        "(the local file is kept)", f.rel, record.version.etag,
+                        info.version.etag)
+            self._adopt(f, record)
+            return "conflicts"
+        if self._has_local_data(f.rel, record.owed):
+            record = self._set_sync(f.rel, STALE, record, remote=info.version.etag)
+            log.info("%r: version %s is partly local and S3 now holds %s: stale", f.rel,
+                     record.version.etag, info.version.etag)
+            self._adopt(f, record)
+            return "stale"
+        return "replaced" if self._create(f.rel, info, replace=True) else "kept"
+
+    def _remote_gone(self, f: Found, record: Record) -> bool:
+        """Transition *remote delete*: the listing no longer names the object.  A clean file is
+        only a copy: it goes (True).  A file with local changes stays, as ``conflict``
+        (False).  A program holding the removed file keeps it (served as superseded)."""
+        if record.sync in (DIRTY, CONFLICT):
+            record = self._set_sync(f.rel, CONFLICT, record, remote=GONE)
+            log.warning("%r: local changes to version %s, and the object is gone from S3: "
+                        "conflict (the local file is kept)", f.rel, record.version.etag)
+            self._adopt(f, record)
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.tree.unlink(f.rel, f.ino)
+        gone = self.registry.by_path.get(f.rel)
+        if gone is not None:
+            self._supersede(gone, forget=True)
+        return True
+
+    def _set_sync(self, rel: str, sync: str, record: Record, *,
+                  remote: str | None = None) -> Record:
+        fd = self.tree.open_rw(rel)
+        try:
+            write_sync(fd, sync, remote, durable=sync in (DIRTY, CONFLICT))
+        finally:
+            os.close(fd)
+        return Record(record.version, record.owed, sync,
+                      remote if remote is not None else record.remote)
+
+    def _has_local_data(self, rel: str, end: int) -> bool:
+        fd = self.tree.open_rw(rel)
+        try:
+            return has_data(fd, end)
+        finally:
+            os.close(fd)
+
+    async def _adopt_orphan(self, fd: int, ino: int, gen: int, record: Record) -> Stub | None:
+        """A file with a record that the registry does not know (superseded in an earlier
+        worker's life, renamed, or replaced while a program held it): serve it from its
+        record, filling through a dup of the door's fd (no path leads to it)."""
+        def load() -> tuple[int, RangeMap]:
+            own = os.dup(fd)
+            return own, RangeMap(data_extents(own, record.owed))
+
+        own, ranges = await trio.to_thread.run_sync(load)
+        stub = Stub(path=f"<{record.version.key} inode {ino}>", version=record.version,
+                    ino=ino, gen=gen, owed=record.owed, sync=record.sync, remote=record.remote,
+                    ranges=ranges, local=ranges.covers(0, record.owed), superseded=True,
+                    fd=own if _writable(own) else None)
+        if stub.fd is None:
+            os.close(own)
+        self.registry.by_ino[ino] = stub
+        log.info("serving %s from its record (its path no longer leads to it)", stub.path)
+        return stub
+
+    def _supersede(self, stub: Stub, *, forget: bool = False) -> None:
+        """Transition *supersede*: the path no longer leads to ``stub``'s inode.  Persists
+        nothing (the record travels with the inode).  Doors holding the stub keep being served
+        and its unfilled ranges fill through their fds.  ``forget``: hsmfs itself removed or
+        replaced the file, so it is dropped from the index too (a kernel-door event on it later
+        finds it again by its record, :meth:`lookup`); found lazily, it stays indexed by inode,
+        as a program is using it right now."""
+        if forget:
+            self.registry.forget(stub)
+        if stub.superseded:
+            return
+        stub.superseded = True
+        self.registry.unlink_path(stub)
+        log.info("%r no longer leads to the stub of %r (inode %d); programs holding it are "
+                 "still served", stub.path, stub.version.key, stub.ino)
+
+    def _write_view_if_changed(self, fd: int, stub: Stub) -> None:
+        with contextlib.suppress(OSError):
+            word = stub.state.encode()
+            try:
+                current = os.getxattr(fd, "user.hsm.state")
+            except OSError:
+                current = b""
+            if current != word:
+                write_view(fd, stub.state)
 
     # -- the one entry point of both doors ----------------------------------------------------
 
-    async def ensure(self, stub: Stub, start: int, stop: int, *, whole: bool = False) -> None:
-        """Return once ``[start, stop)`` of ``stub`` is resident, or raise why it cannot be.
+    async def ensure(self, stub: Stub, start: int, stop: int, intent: Intent = Intent.READ, *,
+                     fd: int | None = None) -> Pin:
+        """Make ``[start, stop)`` of ``stub`` local for ``intent``; return a :class:`Pin` the
+        door holds while it serves those bytes, or raise why they cannot be.
 
-        ``whole`` asks for the entire file (exec, open-time fill).  Ranges past the remote size
-        are local bytes and need nothing.  Small files are fetched whole on first touch.
-        Sequential access fetches whole chunks and reads ahead; random access fetches only the
-        pages it touches (a small GET costs about the latency of a large one, and the bytes
-        around a random read are rarely read next).
+        ``fd``: the door's own fd of the file (the kernel door's event fd), used to fill a
+        stub whose path no longer leads to it.  Per intent: ``EXEC`` and ``WHOLE`` make the
+        whole file local; ``OPEN`` too when the file is at most ``open_fill_max`` (so copy
+        tools that trust holes copy the right bytes); ``OPEN_TRUNC`` and ``TRUNCATE`` fetch
+        nothing (``TRUNCATE``: ``start`` is the new size).  Ranges past ``owed`` are local
+        bytes.  Small files are fetched whole on first touch.  Sequential reads fetch whole
+        chunks and read ahead; random reads fetch only the pages they touch.
         """
-        if stub.state in LOCAL_STATES:
-            self.counters.hits += 1
+        pin = Pin(stub, self._unpinned)
+        try:
+            await self._ensure(stub, start, stop, intent, fd)
+        except BaseException:
+            pin.release()
+            raise
+        return pin
+
+    async def _ensure(self, stub: Stub, start: int, stop: int, intent: Intent,
+                      fd: int | None) -> None:
+        if intent is Intent.TRUNCATE:
+            await self.truncate(stub, start, fd=fd)
             return
-        size = stub.size
-        if whole or self._whole_on_touch(stub):
-            start, stop, whole = 0, size, True
+        if intent is Intent.OPEN_TRUNC:
+            return
+        if intent is Intent.OPEN:
+            limit = self.cfg.open_fill_max
+            if limit == 0 or 0 < limit < stub.owed:
+                return
+        if stub.local:
+            if intent is not Intent.OPEN:
+                self.counters.hits += 1
+            return
+        size = stub.owed
+        whole = intent is not Intent.READ or self._whole_on_touch(stub)
+        if whole:
+            start, stop = 0, size
         start, stop = max(start, 0), min(stop, size)
         if stop <= start:
             return
-        ranges = await self._ranges(stub)
+        ranges = await self._ranges(stub, fd)
         if ranges.covers(start, stop):
             self._account_hit(stub, start, stop, whole)
             return
-        sequential = self._note_access(stub, start, stop) if not whole else True
+        sequential = (stub.pattern.note(start, stop, self.cfg.readahead_max)
+                      if not whole else True)
         # Whole chunks once a stream's window has grown to a chunk; pages before that, so a
         # stream that turns out to be luck costs little.
-        whole_chunks = whole or (sequential and stub.ra_window >= self.cfg.chunk_size)
+        whole_chunks = whole or (sequential and stub.pattern.window >= self.cfg.chunk_size)
         self.counters.misses += 1
-        if stub.state == STALE:
-            raise ObjectChanged(f"{stub.version.key!r} changed in S3; stub is stale")
+        if not stub.fetchable:
+            raise ObjectChanged(f"{stub.version.key!r} changed in S3 since version "
+                                f"{stub.version.etag}; {stub.path!r} is {stub.sync}")
+        await self._writable(stub, fd)
         if whole:
             # Before our own GET, so the siblings' GETs overlap it.
             self._read_siblings_ahead(stub)
@@ -466,68 +577,190 @@ class StubCache:
             # alongside the one the reader waits for, not a round trip after it (with
             # 20-80 ms of S3 latency, every stall of a stream used to cost two).
             self._read_ahead(stub, stop)
-        await self._fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
+        await self.engine.fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
         if not whole:
             self._read_ahead(stub, stop)
 
-    def resident_now(self, stub: Stub, start: int, stop: int) -> bool:
-        """No I/O, no await: whether ``[start, stop)`` of ``stub`` is resident right now.
-
-        For a door that answers reads of resident bytes without a task (the kernel door's
-        receive loop); it then calls :meth:`note_hit`.  False when unsure (residency not
-        loaded yet): ask :meth:`ensure`.  Residency only grows while hsmfs serves a stub
-        (``stub.ranges`` is set once; eviction, when it comes, must keep this answer true).
-        """
-        if stub.state in LOCAL_STATES:
-            return True
-        ranges = stub.ranges
-        if ranges is None:
-            return False
-        return ranges.covers(max(start, 0), min(stop, stub.size))
-
     def note_hit(self, stub: Stub, start: int, stop: int) -> None:
-        """A door served ``[start, stop)`` after :meth:`resident_now`: keep the same books as
+        """A door served ``[start, stop)`` after :meth:`resident_file`: keep the same books as
         :meth:`ensure` keeps for a hit (counters, access pattern, read-ahead)."""
-        if stub.state in LOCAL_STATES:
+        if stub.local:
             self.counters.hits += 1
             return
-        self._account_hit(stub, max(start, 0), min(stop, stub.size), self._whole_on_touch(stub))
+        self._account_hit(stub, max(start, 0), min(stop, stub.owed), self._whole_on_touch(stub))
 
     def _whole_on_touch(self, stub: Stub) -> bool:
         """Small files are fetched whole on first touch: one GET, no access pattern."""
-        return stub.size <= self.cfg.small_file
+        return stub.owed <= self.cfg.small_file
 
     def _account_hit(self, stub: Stub, start: int, stop: int, whole: bool) -> None:
         self.counters.hits += 1
         if not whole:
             # A stream reading resident bytes moves its window on: the read-ahead it earns.
-            self._note_access(stub, start, stop)
+            stub.pattern.note(start, stop, self.cfg.readahead_max)
             self._read_ahead(stub, stop)
-
-    def note_size(self, stub: Stub, size: int) -> None:
-        """A door saw the backing file at ``size`` bytes.  hsmfs never shrinks a stub, so a
-        size below the remote size is a local truncate: the bytes above it are gone from this
-        file and must never be fetched back over what the application writes next.  The remote
-        size drops to match (persisted), and the file is dirty: it no longer equals S3."""
-        if size >= stub.size:
-            return
-        log.info("%r truncated locally to %d bytes (remote size %d): now dirty", stub.path,
-                 size, stub.size)
-        stub.version = _with_size(stub.version, size)
-        stub.dirty = True
-        fd = self._rw_fd(stub)
-        os.setxattr(fd, XATTR_SIZE, str(size).encode())
-        os.setxattr(fd, XATTR_DIRTY, b"1")
-        if (stub.ranges is not None and stub.ranges.covers(0, size)) or size == 0:
-            self._mark_resident(stub)
 
     def note_served(self, nbytes: int) -> None:
         self.counters.served_bytes += nbytes
 
-    # -- fetching ----------------------------------------------------------------------------
+    def _unpinned(self, stub: Stub) -> None:
+        """A pin was released.  A superseded stub keeps a dup of a door's fd only while it is
+        in use: that fd keeps a removed inode (and its blocks) alive."""
+        if stub.superseded and stub.pins == 0 and not self.engine.busy(stub):
+            self._close_fd(stub)
 
-    async def _ranges(self, stub: Stub) -> RangeMap:
+    # -- transition: local truncate ----------------------------------------------------------
+
+    async def truncate(self, stub: Stub, new_size: int, *, fd: int | None = None) -> None:
+        """Transition *local truncate*: the file is (about to be) ``new_size`` bytes long.
+
+        The kernel door calls this while the truncating program waits (so nothing is fetched:
+        the bytes above the new size are thrown away, and the page holding the new end is a
+        hole that stays owed); :meth:`lookup` calls it when it finds a size below ``owed``
+        after the fact.  Persists, in order: ``owed`` lowered to the new size (bytes the
+        program cut off must never be fetched back over what it writes next), then
+        ``sync=dirty``, then fsync — all before the program's truncate may land.  Crash before:
+        nothing recorded and nothing changed (the blocked truncate is re-dispatched to the next
+        worker).  Crash after: dirty and owed are durable; if the truncate then never lands
+        (the program was killed while it waited), bytes between the new ``owed`` and the old
+        size stay holes that read as zeros in a file marked dirty: the one window, recorded in
+        docs/design.md.
+        """
+        size_now = await trio.to_thread.run_sync(_size_of, fd) if fd is not None else None
+        if new_size >= stub.owed and (size_now is None or new_size == size_now):
+            return  # no byte S3 owes is cut off, and the length does not change
+        await self._writable(stub, fd)
+        lowered = min(new_size, stub.owed)
+
+        def persist() -> None:
+            rw = self.writable_fd(stub)
+            if lowered < stub.owed:
+                write_owed(rw, lowered)
+            if stub.sync == CLEAN:
+                write_sync(rw, DIRTY, durable=True)
+            else:
+                os.fsync(rw)
+
+        await trio.to_thread.run_sync(persist)
+        if lowered < stub.owed:
+            log.info("%r truncated locally to %d bytes (S3 owed %d): dirty", stub.path,
+                     new_size, stub.owed)
+        stub.owed = lowered
+        if stub.sync == CLEAN:
+            stub.sync = DIRTY
+        if stub.ranges is not None:
+            stub.ranges.remove(lowered, max(stub.version.size, lowered))
+        if stub.local or (stub.ranges is not None and stub.ranges.covers(0, lowered)):
+            stub.local = False
+            await trio.to_thread.run_sync(self._mark_local, stub)
+        else:
+            await trio.to_thread.run_sync(self._write_view, stub)
+
+    # -- FillHost: what the fetch engine asks of the façade ------------------------------------
+
+    async def _writable(self, stub: Stub, door_fd: int | None) -> None:
+        """Make sure the engine can write to ``stub``: its own fd through the private door,
+        or, once its path no longer leads to it, a dup of the door's fd."""
+        if stub.fd is not None:
+            return
+        if not stub.superseded:
+            try:
+                await trio.to_thread.run_sync(self.writable_fd, stub)
+                return
+            except Superseded:
+                self._supersede(stub)
+        if door_fd is None or not _writable(door_fd) or os.fstat(door_fd).st_ino != stub.ino:
+            raise Superseded(f"{stub.path!r}: no path leads to this copy of "
+                             f"{stub.version.key!r} and no fd to fill it through")
+        with self._fd_lock:
+            if stub.fd is None:
+                stub.fd = os.dup(door_fd)
+
+    def writable_fd(self, stub: Stub) -> int:
+        with self._fd_lock:  # worker threads of one stub may race to open it
+            if stub.fd is not None:
+                return stub.fd
+            if stub.superseded:
+                raise Superseded(stub.path)
+            try:
+                fd = self.tree.open_rw(stub.path)
+            except FileNotFoundError:
+                raise Superseded(stub.path) from None
+            try:
+                st = os.fstat(fd)
+                same = (st.st_ino, generation(fd)) == (stub.ino, stub.gen)
+            except OSError:
+                os.close(fd)
+                raise
+            if not same:
+                os.close(fd)
+                raise Superseded(stub.path)
+            stub.fd = fd
+            return fd
+
+    def filled(self, stub: Stub, completes: bool) -> None:
+        """Transition *fill* (worker thread, after the bytes were written): the view word
+        moves to ``partial``, or, when every owed byte is local, to ``resident`` with the
+        guard's ignore mask.  Persists only the view: residency is the extents themselves,
+        so a crash at any point leaves exactly the bytes written as resident."""
+        if completes:
+            self._mark_local(stub)
+        elif stub.residency == STUB and stub.sync == CLEAN:
+            with contextlib.suppress(OSError):
+                write_view(self.writable_fd(stub), PARTIAL)
+
+    async def after_fill(self, stub: Stub) -> None:
+        assert stub.ranges is not None
+        if not stub.local and stub.ranges.covers(0, stub.owed):
+            # Completed by bytes that were already local (e.g. a truncate): mark it now.
+            await trio.to_thread.run_sync(self._mark_local, stub)
+
+    async def fetch_failed(self, stub: Stub, exc: BaseException) -> None:
+        """Transition *remote change* found by a GET (412): a clean file becomes ``stale``,
+        one with local changes ``conflict`` (durably).  Never raises."""
+        if not isinstance(exc, ObjectChanged) or not stub.fetchable:
+            return
+        stub.sync = STALE if stub.sync == CLEAN else CONFLICT
+
+        def persist() -> None:
+            try:
+                fd = self.writable_fd(stub)
+                write_sync(fd, stub.sync, durable=stub.sync == CONFLICT)
+                write_view(fd, stub.state)
+            except (OSError, HsmError) as err:
+                log.warning("cannot record %s on %r: %s", stub.sync, stub.path, err)
+
+        await trio.to_thread.run_sync(persist)
+
+    def _mark_local(self, stub: Stub) -> None:
+        """Every owed byte is local: nothing more to fetch or guard."""
+        if stub.local:
+            return
+        fd = self.writable_fd(stub)
+        with contextlib.suppress(OSError):
+            write_view(fd, stub.state if stub.sync != CLEAN else RESIDENT)
+        stub.local = True
+        for listener in self.listeners:
+            listener.on_resident(fd)
+        # A resident file is read through the doors' own fds; keep no descriptor for it.
+        self._close_fd(stub)
+
+    def _write_view(self, stub: Stub) -> None:
+        with contextlib.suppress(OSError, Superseded):
+            write_view(self.writable_fd(stub), stub.state)
+
+    def _close_fd(self, stub: Stub) -> None:
+        with self._fd_lock:
+            fd, stub.fd = stub.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- residency ---------------------------------------------------------------------------
+
+    async def _ranges(self, stub: Stub, door_fd: int | None = None) -> RangeMap:
         if stub.ranges is None:
+            await self._writable(stub, door_fd)
             loaded = await trio.to_thread.run_sync(self._load_ranges, stub)
             if stub.ranges is None:  # another task may have loaded it meanwhile
                 stub.ranges = loaded
@@ -535,320 +768,33 @@ class StubCache:
 
     def _load_ranges(self, stub: Stub) -> RangeMap:
         """Read residency from the file's own data extents (``SEEK_DATA``/``SEEK_HOLE``)."""
-        return RangeMap(data_extents(self._rw_fd(stub), stub.size))
+        return RangeMap(data_extents(self.writable_fd(stub), stub.owed))
 
-    def _rw_fd(self, stub: Stub) -> int:
-        with self._fd_lock:  # worker threads of one stub may race to open it
-            return self._rw_fd_locked(stub)
-
-    def _rw_fd_locked(self, stub: Stub) -> int:
-        if stub.fd is None:
-            fd = os.open(stub.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
-            if os.fstat(fd).st_ino != stub.ino:
-                os.close(fd)
-                raise ObjectChanged(f"backing file {stub.path!r} was replaced under hsmfs")
-            stub.fd = fd
-        return stub.fd
-
-    def _chunk_span(self, stub: Stub, index: int) -> tuple[int, int]:
-        c = self.cfg.chunk_size
-        return index * c, min((index + 1) * c, stub.size)
-
-    async def _fetch(self, stub: Stub, start: int, stop: int, *, wait: bool,
-                     whole_chunks: bool = True, prefetch: bool | None = None) -> None:
-        """Fetch what is missing of ``[start, stop)``.
-
-        Per chunk, the missing bytes (the whole chunk's when ``whole_chunks``, else only the
-        pages of the range) become one piece; adjacent pieces merge into GETs of at most
-        ``max_request``.  A chunk already in flight is waited for, not fetched again.  With
-        ``wait``, return once the range is resident or raise the failure it depended on.
-        Another reader's flight may have covered other pages of a shared chunk than ours, so
-        after waiting the plan is made again (a few rounds at most).
-        """
-        assert stub.ranges is not None
-        if prefetch is None:
-            prefetch = not wait
-        for _ in range(4):
-            own, waits = self._plan_flights(stub, start, stop, wait, whole_chunks)
-            if self._nursery is not None:
-                # Own flights run in the cache's nursery, not the reader's: a reader
-                # cancelled mid-fetch (FUSE interrupt, killed process) must not fail the
-                # readers waiting on its flights with "fetch cancelled".
-                for f in own:
-                    self._nursery.start_soon(self._fly, stub, f, prefetch)
-            else:
-                async with trio.open_nursery() as nursery:
-                    for f in own:
-                        nursery.start_soon(self._fly, stub, f, prefetch)
-            if not wait:
-                return
-            for f in own + waits:
-                await f.done.wait()
-            if stub.ranges.covers(start, stop):
-                return
-            failed = [f.error for f in own + waits if f.error is not None]
-            if failed:
-                raise failed[0]
-            if not own and not waits:
-                break
-        # Never hand out the hole (e.g. the stub turned stale between plan and fetch).
-        raise BackendUnavailable(f"{stub.path!r} [{start}, {stop}) not resident after fetch")
-
-    def _plan_flights(self, stub: Stub, start: int, stop: int, wait: bool,
-                      whole_chunks: bool) -> tuple[list[_Flight], list[_Flight]]:
-        """(new flights, registered; flights of others to wait for).  Synchronous on purpose:
-        no await between reading ``_inflight`` and registering in it (coalescing invariant).
-
-        Per chunk: the bytes wanted (the whole chunk, or the range's pages in it) minus what is
-        resident minus what flights in progress already carry.  A reader waits only for flights
-        that carry bytes it needs, and fetches the rest alongside them.
-        """
-        assert stub.ranges is not None
-        chunk = self.cfg.chunk_size
-        per_request = max(self.cfg.max_request // chunk, 1)
-        lo, hi = _page_floor(start), min(_page_ceil(stop), stub.size)
-        waits: list[_Flight] = []
-        pieces: list[tuple[int, int, list[int]]] = []
-        for index in range(start // chunk, (stop + chunk - 1) // chunk):
-            c0, c1 = self._chunk_span(stub, index)
-            want = (c0, c1) if whole_chunks else (max(c0, lo), min(c1, hi))
-            missing = stub.ranges.missing(*want)
-            if not missing:
-                continue
-            need = RangeMap(missing)
-            flying = self._inflight.get((stub.ino, index), ())
-            for f in flying:
-                if any(f.start < m.stop and m.start < f.stop for m in need):
-                    if wait and f not in waits:
-                        waits.append(f)
-                        self.counters.coalesced_waits += 1
-                    need.remove(f.start, f.stop)
-            gaps = list(need)
-            if gaps and whole_chunks and not flying:
-                gaps = [Span(gaps[0].start, gaps[-1].stop)]  # one GET; only gaps get written
-            for gap in gaps:
-                last = pieces[-1] if pieces else None
-                if (last and last[1] == gap.start
-                        and len(set(last[2]) | {index}) <= per_request):
-                    pieces[-1] = (last[0], gap.stop, sorted(set(last[2]) | {index}))
-                else:
-                    pieces.append((gap.start, gap.stop, [index]))
-        own = []
-        for p0, p1, indices in pieces:
-            f = _Flight(p0, p1, indices)
-            for index in indices:
-                self._inflight.setdefault((stub.ino, index), []).append(f)
-            own.append(f)
-        return own, waits
-
-    async def _fly(self, stub: Stub, flight: _Flight, prefetch: bool) -> None:
-        """Run one flight to the end.  Never raises: the error is kept for every waiter."""
-        try:
-            assert stub.ranges is not None
-            # Write only what is missing: resident bytes inside the span may hold an
-            # application's writes (kernel door), which remote bytes must never overwrite.
-            # The flight owns its missing bytes (no other flight carries them, and
-            # applications write only resident ranges), so the gaps cannot change until it
-            # lands: they are computed here, and the GET and the write happen in one worker
-            # thread call (one hop per miss, not two).  If the flight completes the file, the
-            # same call marks it resident.
-            gaps = stub.ranges.missing(flight.start, flight.stop)
-            completes = all(flight.start <= g.start and g.stop <= flight.stop
-                            for g in stub.ranges.missing(0, stub.size))
-            await trio.to_thread.run_sync(self._fetch_and_fill, stub, flight, gaps, completes,
-                                          limiter=self._s3_limiter)
-            self.counters.s3_gets += 1
-            stub.ranges.add(flight.start, flight.stop)
-            n = flight.stop - flight.start
-            self.counters.fetched_bytes += n
-            self.counters.chunks_fetched += len(flight.chunks)
-            if prefetch:
-                self.counters.prefetched_bytes += n
-            await self._after_fill(stub)
-        except trio.Cancelled:
-            flight.error = BackendUnavailable("fetch cancelled")
-            raise
-        except BaseException as exc:
-            flight.error = exc
-            self._record_failure(stub, flight, exc, prefetch)
-            if stub.state == STALE:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._persist_stale, stub)
-        finally:
-            for index in flight.chunks:
-                flying = self._inflight.get((stub.ino, index))
-                if flying is not None and flight in flying:
-                    flying.remove(flight)
-                    if not flying:
-                        del self._inflight[(stub.ino, index)]
-            flight.done.set()
-
-    def _record_failure(self, stub: Stub, flight: _Flight, exc: BaseException,
-                        prefetch: bool) -> None:
-        cause = cause_of(exc)
-        self.counters.errors[cause] += 1
-        if isinstance(exc, ObjectChanged) and stub.state != STALE:
-            stub.state = STALE  # the xattr follows in _persist_stale, off the loop
-        level = logging.INFO if prefetch else logging.ERROR
-        if not isinstance(exc, (HsmError, OSError)):
-            log.exception("unexpected failure fetching %r", stub.version.key)
-        else:
-            log.log(level, "%sfetch of %r [%d, %d) failed (%s): %s",
-                    "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
-                    cause, exc)
-
-    def _persist_stale(self, stub: Stub) -> None:
-        """Worker thread: record ``stale`` on the file, for HSM-aware tools and restarts."""
-        with contextlib.suppress(OSError):
-            os.setxattr(self._rw_fd(stub), XATTR_STATE, STALE.encode())
-
-    def _fetch_and_fill(self, stub: Stub, flight: _Flight, gaps: list[Span],
-                        completes: bool) -> None:
-        """Worker thread: GET the flight's span, verify its length, fill the gaps."""
-        data = self._buffer(flight.stop - flight.start)
-        got = self.fetcher.fetch_into(stub.version, flight.start, data)
-        if got != len(data):
-            # Never claim a hole: the range is claimed after this returns, so its length is
-            # verified here too, whatever the Fetcher promised (DESIGN §3).
-            raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
-                            f"fetcher returned {got} bytes")
-        self._fill(stub, flight.start, data, gaps, completes)
-
-    def _buffer(self, size: int) -> memoryview:
-        """Worker thread: this thread's GET buffer, at least ``size`` bytes, reused across
-        flights (a flight's bytes are written out before the thread takes another)."""
-        buf: bytearray | None = getattr(self._buffers, "buf", None)
-        if buf is None or len(buf) < size:
-            buf = bytearray(max(size, self.cfg.max_request))
-            self._buffers.buf = buf
-        return memoryview(buf)[:size]
-
-    def _fill(self, stub: Stub, base: int, data: bytes | memoryview, gaps: list[Span],
-              completes: bool) -> None:
-        """Worker thread: write the gaps, then record the new state word."""
-        self._write_gaps(stub, base, data, gaps)
-        if completes:
-            self._mark_resident(stub)
-        elif stub.state == STUB:
-            os.setxattr(self._rw_fd(stub), XATTR_STATE, PARTIAL.encode())
-            stub.state = PARTIAL
-
-    def _write_gaps(self, stub: Stub, base: int, data: bytes | memoryview,
-                    gaps: list[Span]) -> None:
-        """Write the fetched bytes of each gap into the stub; return when all are there."""
-        fd = self._rw_fd(stub)
-        # The file may have been truncated below the remote size through the kernel door since;
-        # never extend it again with remote bytes.
-        size = os.fstat(fd).st_size
-        view = memoryview(data)
-        try:
-            for gap in gaps:
-                offset, end = gap.start, min(gap.stop, size)
-                while offset < end:
-                    offset += os.pwrite(fd, view[offset - base:end - base], offset)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CacheFull(f"cache disk full writing {stub.path!r}: {exc}") from exc
-            raise
-
-    async def _after_fill(self, stub: Stub) -> None:
-        assert stub.ranges is not None
-        if stub.ranges.covers(0, stub.size) and stub.state not in LOCAL_STATES:
-            # Completed by bytes that were already local (e.g. a truncate): mark it now.
-            await trio.to_thread.run_sync(self._mark_resident, stub)
-
-    def _mark_resident(self, stub: Stub) -> None:
-        if stub.state in LOCAL_STATES:
-            return
-        fd = self._rw_fd(stub)
-        state = DIRTY if stub.dirty else RESIDENT
-        os.setxattr(fd, XATTR_STATE, state.encode())
-        stub.state = state
-        for listener in self.listeners:
-            listener.on_resident(fd)
-        # A resident file is read through the doors' own fds; keep no descriptor for it.
-        with self._fd_lock:
-            os.close(fd)
-            stub.fd = None
-
-    def _note_access(self, stub: Stub, start: int, stop: int) -> bool:
-        """Follow the access pattern; return whether access is sequential.
-
-        Sequential means: the read starts the file, or it is the second access in a row that
-        lands near the previous one (within ``SEQ_SLACK``, which absorbs the kernel's
-        out-of-order async read-ahead requests).  One near access in a random stream is luck,
-        not a pattern.  A stream's read-ahead window starts at 4x the request (at least
-        ``SEQ_MIN_WINDOW``) and doubles with every access up to ``readahead_max``, so a
-        mistaken stream costs little and a real one ramps up within a few reads (as Linux's
-        own read-ahead does); a jump drops it.
-        """
-        # In pages: two reads of the same page are one access, whatever their byte offsets.
-        start, stop = _page_floor(start), _page_ceil(stop)
-        if stub.ra_last_start <= start and stop <= stub.ra_last_stop:
-            # Nothing new: a repeat, or another reader of the same range (the kernel door sees
-            # one event per reader).  It says nothing about the direction of travel.
-            return stub.ra_window > 0
-        first = stub.ra_last_stop == 0
-        near = stub.ra_last_start - SEQ_SLACK <= start <= stub.ra_last_stop + SEQ_SLACK
-        if first and start == 0:
-            stub.ra_streak = 2
-        elif near and not first:
-            stub.ra_streak += 1
-        else:
-            stub.ra_streak = 0
-        sequential = stub.ra_streak >= 2
-        if not sequential:
-            stub.ra_window = 0
-        elif stub.ra_window == 0:
-            stub.ra_window = min(max(SEQ_MIN_WINDOW, 4 * (stop - start)),
-                                 self.cfg.readahead_max)
-        else:
-            stub.ra_window = min(stub.ra_window * 2, self.cfg.readahead_max)
-        stub.ra_last_start = start
-        stub.ra_last_stop = max(stop, stub.ra_last_stop) if sequential else stop
-        return sequential
+    # -- read-ahead ----------------------------------------------------------------------------
 
     def _read_ahead(self, stub: Stub, stop: int) -> None:
-        """Prefetch the window past ``stop`` in the background, in batches.
-
-        Like Linux's async read-ahead marker: the next batch goes out only once the reader has
-        moved a batch past what has been requested (``ra_horizon``).  A batch is half the
-        window while the window ramps up, and one ``max_request`` GET once it is large: the
-        window then stays full, ``readahead_max / max_request`` GETs deep, as raw parallel
-        GETs are.  Measured (Ceph, 256 MiB, 8 MiB chunks): sliding by every read made one
-        GET per chunk-sized step (boto3's ~1 ms of CPU each); half-window batches let the
-        depth swing between half and all of the window (348 MB/s); GET-sized batches, ~650.
-        """
-        if self._nursery is None or stub.state in (RESIDENT, DIRTY, STALE):
+        """Prefetch the window past ``stop`` in the background (:mod:`hsmfs.readahead`)."""
+        if self.engine.nursery is None or stub.local or not stub.fetchable or stub.superseded:
             return
-        if not stub.ra_window or stop >= stub.size:
-            stub.ra_horizon = 0
-            return
-        if stub.ra_window < min(READ_AHEAD_MIN_WINDOW, self.cfg.readahead_max):
-            # Two near reads of a random stream open a 128 KiB window by luck now and then
-            # (4 KiB random reads over 64 MiB: four times in 500 reads, measured); a stream
-            # of small reads proves itself over four accesses before guesses go to S3.
-            return
-        horizon = max(stub.ra_horizon, stop)
-        target = min(stop + stub.ra_window, stub.size)
-        batch = min(max(stub.ra_window // 2, SEQ_MIN_WINDOW), self.cfg.max_request)
-        if target - horizon >= batch or (target == stub.size and horizon < target):
-            stub.ra_horizon = target
-            self._nursery.start_soon(self._prefetch, stub, horizon, target)
+        span = stub.pattern.next_batch(stop, stub.owed, self.cfg.max_request,
+                                       self.cfg.readahead_max)
+        if span is not None:
+            self.engine.nursery.start_soon(self.engine.prefetch, stub, *span)
 
     def _read_siblings_ahead(self, stub: Stub) -> None:
         """A program reads ``stub`` whole: if that reveals a walk of its directory, fetch
         the siblings it will read next in the background (:mod:`hsmfs.siblings`)."""
-        if self._nursery is None:
+        if self.engine.nursery is None or stub.superseded:
             return
         picked = self._siblings.note_whole_read(stub)
         if picked:
             log.debug("directory read-ahead in %r: %d files",
                       posixpath.dirname(stub.path) or ".", len(picked))
-            self._nursery.start_soon(self._prefetch_files, picked)
+            self.engine.nursery.start_soon(self._prefetch_files, picked)
 
     def _wants_fetch(self, stub: Stub) -> bool:
-        return stub.state in (STUB, PARTIAL) and (stub.ino, 0) not in self._inflight
+        return (not stub.local and stub.fetchable and not stub.superseded
+                and not self.engine.flying_at_start(stub))
 
     async def _prefetch_files(self, stubs: list[Stub]) -> None:
         async with trio.open_nursery() as nursery:
@@ -863,32 +809,21 @@ class StubCache:
             if not self._wants_fetch(stub):
                 return
             await self._ranges(stub)
-            if stub.state not in (STUB, PARTIAL):  # changed while its ranges loaded
+            if stub.local or not stub.fetchable:  # changed while its ranges loaded
                 return
             self.counters.sibling_prefetches += 1
-            await self._fetch(stub, 0, stub.size, wait=True, prefetch=True)
+            await self.engine.fetch(stub, 0, stub.owed, wait=True, prefetch=True)
         except (HsmError, OSError):
             pass
         finally:
             self._sibling_slots.release()
 
-    async def _prefetch(self, stub: Stub, start: int, stop: int) -> None:
-        # A young window goes out as RAMP_GETS parallel GETs, not one: S3 caps each connection
-        # (~90 MB/s), so its first part lands, the reader moves on and the window grows a
-        # round trip sooner (through a 20-80 ms / 20 MB/s proxy, 4 MiB as one GET took 250 ms,
-        # as four 1 MiB GETs ~110).  A large window is split by max_request anyway.
-        step = max(stub.ra_window // RAMP_GETS, SEQ_MIN_WINDOW)
-        whole_chunks = stub.ra_window >= self.cfg.chunk_size
-        for piece in range(start, stop, step):
-            await self._fetch(stub, piece, min(piece + step, stop), wait=False,
-                              whole_chunks=whole_chunks)
-
     # -- reporting ---------------------------------------------------------------------------
 
     def state_of(self, stub: Stub) -> tuple[str, int]:
-        """(state word, resident bytes below the remote size): exact, from the data extents."""
-        if stub.state in LOCAL_STATES:
-            return stub.state, stub.size
+        """(state word, resident bytes below ``owed``): exact, from the data extents."""
+        if stub.local:
+            return stub.state, stub.owed
         if stub.ranges is None:
             # SEEK_DATA through the private door: a few syscalls, no event, no fill.
             stub.ranges = self._load_ranges(stub)
@@ -896,6 +831,7 @@ class StubCache:
 
     def stats(self) -> dict[str, object]:
         c = self.counters
+        stubs = list(self.registry.by_path.values())
         out: dict[str, object] = {
             "cache_s3_gets": c.s3_gets,
             "fetched_bytes": c.fetched_bytes,
@@ -907,10 +843,13 @@ class StubCache:
             "prefetched_bytes": c.prefetched_bytes,
             "sibling_prefetches": c.sibling_prefetches,
             "errors": dict(c.errors),
-            "stubs": len(self._by_path),
-            "resident_files": sum(1 for s in self._by_path.values()
-                                  if s.state in LOCAL_STATES),
-            "inflight_chunks": len(self._inflight),
+            "stubs": len(stubs),
+            "resident_files": sum(1 for s in stubs if s.local),
+            "dirty_files": sum(1 for s in stubs if s.sync == DIRTY),
+            "stale_files": sum(1 for s in stubs if s.sync == STALE),
+            "conflict_files": sum(1 for s in stubs if s.sync == CONFLICT),
+            "superseded_files": sum(1 for s in self.registry.by_ino.values() if s.superseded),
+            "inflight_chunks": self.engine.inflight_chunks(),
         }
         backend_stats = getattr(self.fetcher, "stats", None)
         if callable(backend_stats):
@@ -918,110 +857,10 @@ class StubCache:
         return out
 
 
-def _with_size(version: ObjectVersionLike, size: int) -> ObjectVersionLike:
-    import dataclasses
-
-    return dataclasses.replace(version, size=size)  # type: ignore[type-var]
+def _writable(fd: int) -> bool:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
 
 
-@dataclass(frozen=True)
-class _Identity:
-    key: str
-    etag: str
-    size: int
-    state: str
+def _size_of(fd: int) -> int:
+    return os.fstat(fd).st_size
 
-    @classmethod
-    def read(cls, fd: int) -> _Identity | None:
-        try:
-            key = os.getxattr(fd, XATTR_KEY).decode()
-            etag = os.getxattr(fd, XATTR_ETAG).decode()
-            size = int(os.getxattr(fd, XATTR_SIZE))
-        except OSError:
-            return None
-        try:
-            state = os.getxattr(fd, XATTR_STATE).decode()
-        except OSError:
-            state = STUB
-        return cls(key, etag, size, state)
-
-
-def _has_data(fd: int, size: int) -> bool:
-    """Whether any byte below ``size`` is data (``SEEK_DATA``)."""
-    try:
-        return os.lseek(fd, 0, os.SEEK_DATA) < size
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return False
-        raise
-
-
-def describe(path: str) -> dict[str, object]:
-    """State of one file (for ``hsmfs state``) from its xattrs and ``stat`` alone, so it never
-    opens the file (an open may be a fill) and works through either door or with no daemon.
-    ``resident_bytes`` of a partial file is an estimate here (``st_blocks`` may count an xattr
-    block); ``hsmfs state`` asks the daemon, or scans the extents, for the exact figure."""
-    st = os.stat(path)
-    info: dict[str, object] = {"path": path, "size": st.st_size}
-    try:
-        state = os.getxattr(path, XATTR_STATE).decode()
-        key = os.getxattr(path, XATTR_KEY).decode()
-        remote = int(os.getxattr(path, XATTR_SIZE))
-    except OSError:
-        info.update(state="local", resident_bytes=st.st_size, key=None)
-        return info
-    if state not in (STUB, PARTIAL, RESIDENT, DIRTY, STALE):
-        state = STUB
-    resident = (remote if state in LOCAL_STATES else 0 if state == STUB
-                else min(st.st_blocks * 512, remote))
-    info.update(state=state, resident_bytes=resident, key=key, remote_size=remote,
-                etag=os.getxattr(path, XATTR_ETAG).decode(), mtime=time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)))
-    return info
-
-
-PAGE = 4096
-#: How far from the previous access a read may start and still continue a sequential stream:
-#: FUSE has up to 12 async read-ahead requests of 1 MiB in flight, answered out of order.
-SEQ_SLACK = 1 << 20
-#: A stream's smallest first read-ahead window (it is 4x the request when that is larger).
-SEQ_MIN_WINDOW = 128 << 10
-READ_AHEAD_MIN_WINDOW = 4 * SEQ_MIN_WINDOW
-#: A read-ahead batch is spread over this many GETs at least (see StubCache._prefetch).
-RAMP_GETS = 4
-
-
-def _page_floor(n: int) -> int:
-    return n - n % PAGE
-
-
-def _page_ceil(n: int) -> int:
-    return -(-n // PAGE) * PAGE
-
-
-def data_extents(fd: int, end: int) -> Iterator[tuple[int, int]]:
-    """The data extents of a file below ``end``, by ``SEEK_DATA``/``SEEK_HOLE`` (which raise no
-    fanotify event).  Dirty page-cache data counts as data; holes and unwritten extents don't."""
-    pos = 0
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            raise
-        if data >= end:
-            return
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        yield data, min(hole, end)
-        pos = hole
-
-
-def scan_resident_bytes(path: str, remote_size: int) -> int:
-    """Exact resident bytes of a backing file by its data extents.  Opens the file: call it
-    only when no daemon guards the tree (with no marks, an open raises no event)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return sum(stop - start for start, stop in data_extents(fd, remote_size))
-    finally:
-        os.close(fd)

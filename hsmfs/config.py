@@ -61,16 +61,17 @@ class CacheConfig:
     dir_mode: int = 0o755
     #: HEAD each object at population to read s3fs's ``x-amz-meta-mode`` (exec bits).
     head_for_mode: bool = True
+    #: Whole-file fill at open for files up to this size, so that cp/tar/rsync, which trust
+    #: SEEK_DATA/st_blocks, never copy holes as zeros (KERNEL_FACTS_2 §1).  -1 means every
+    #: file (the opt-in "closed for every file" mode); 0 disables it.  8 MiB: most files of a
+    #: source or config tree, a fill of ~20 ms from Ceph; larger files keep range-by-range
+    #: fetching (an open of a big file must not cost the whole object).  Only the kernel door
+    #: asks (FAN_OPEN_PERM); FUSE reads never see a hole.
+    open_fill_max: int = 8 * MiB
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    #: Whole-file fill at open (FAN_OPEN_PERM) for files up to this size, so that cp/tar/rsync,
-    #: which trust SEEK_DATA/st_blocks, never copy holes as zeros (KERNEL_FACTS_2 §1).
-    #: -1 means every file (the opt-in "closed for every file" mode); 0 disables it.
-    #: 8 MiB: most files of a source or config tree, a fill of ~20 ms from Ceph; larger files
-    #: keep range-by-range fetching (an open of a big file must not cost the whole object).
-    open_fill_max: int = 8 * MiB
     #: The holder kills (and restarts) a worker whose loop leaves a ping unanswered this long:
     #: a worker that hangs without dying would hold every guarded access forever.  0: never.
     watchdog_s: float = 30.0
@@ -214,7 +215,7 @@ def build_options(
             case "kernel":
                 kernel = _flag(value) if value else True
             case "open_fill":
-                kernel_kw["open_fill_max"] = (
+                cache_kw["open_fill_max"] = (
                     -1 if value == "all" else 0 if value in {"off", "0"} else parse_size(value)
                 )
             case "watchdog":

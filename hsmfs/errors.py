@@ -38,6 +38,13 @@ class ObjectChanged(HsmError):
     cause = "changed"
 
 
+class Superseded(HsmError):
+    """The file's path no longer leads to this copy (replaced, removed or renamed while a
+    program held it) and the caller gave no fd to fill it through."""
+
+    cause = "superseded"
+
+
 class AccessDenied(HsmError):
     """S3 refused the credentials (403)."""
 
@@ -89,7 +96,8 @@ class TextBusy(HsmError):
 def to_errno(exc: BaseException) -> int:
     """Map any failure to the errno an application sees, from :data:`DENY_ERRNOS` only."""
     match exc:
-        case ObjectMissing() | ObjectChanged() | BackendUnavailable() | ShortBody():
+        case (ObjectMissing() | ObjectChanged() | Superseded() | BackendUnavailable()
+              | ShortBody()):
             # Unaware programs treat any read error as fatal; EIO is the honest "data not
             # available" and what a failing disk would give them.
             return errno.EIO

@@ -221,7 +221,7 @@ def cache_read(backend: S3Backend, size: int, work: Path) -> None:
             fd = os.open(tree / KEY, os.O_RDONLY)
             try:
                 for off in range(0, size, READ):
-                    await cache.ensure(stub, off, min(off + READ, size))
+                    (await cache.ensure(stub, off, min(off + READ, size))).release()
                     total += os.preadv(fd, [buf], off)
             finally:
                 os.close(fd)

@@ -34,11 +34,7 @@ from hsmfs.cache import (
     STAGING_DIR,
     STALE,
     STUB,
-    XATTR_ETAG,
-    XATTR_KEY,
-    XATTR_SIZE,
-    XATTR_STATE,
-    XATTR_VERSION,
+    Intent,
     StubCache,
 )
 from hsmfs.config import CacheConfig
@@ -53,12 +49,18 @@ from hsmfs.errors import (
     ObjectMissing,
     QuotaExceeded,
     ShortBody,
+    Superseded,
     TextBusy,
     Throttled,
     cause_of,
     to_errno,
 )
 from hsmfs.ranges import RangeMap
+from hsmfs.stubfile import X_ETAG as XATTR_ETAG
+from hsmfs.stubfile import X_KEY as XATTR_KEY
+from hsmfs.stubfile import X_RSIZE as XATTR_SIZE
+from hsmfs.stubfile import X_VERSION as XATTR_VERSION
+from hsmfs.stubfile import X_VIEW as XATTR_STATE
 
 KiB = 1024
 C = 64 * KiB  # chunk size in these tests: small files, same arithmetic as 1 MiB
@@ -318,11 +320,12 @@ async def test_repopulate_keeps_replaces_removes_and_spares_local_files(h):
     f.put("keep", seeded(4 * C, "keep"))
     f.put("change", seeded(3 * C, "change-v1"))
     f.put("vanish", seeded(2 * C, "vanish"))
+    f.put("read", seeded(3 * C, "read-v1"))
     cache = h.cache()
     await cache.populate(f.listing())
     async with serving(cache, f):
         await cache.ensure(cache.stub_at("keep"), 0, C)
-        await cache.ensure(cache.stub_at("change"), 0, C)
+        await cache.ensure(cache.stub_at("read"), 0, C)
     assert len(f.calls) == 2
     keep_ino = os.stat(h.path("keep")).st_ino
     change_ino = os.stat(h.path("change")).st_ino
@@ -332,12 +335,17 @@ async def test_repopulate_keeps_replaces_removes_and_spares_local_files(h):
     h.path("local.txt").write_bytes(b"my own notes")
     h.path("taken").write_bytes(b"a local file first")
     f.put("change", seeded(3 * C, "change-v2"))
+    f.put("read", seeded(3 * C, "read-v2"))
     f.delete("vanish")
     f.put("taken", seeded(100, "taken"))
     f.put("new", seeded(C + 1, "new"))
 
     report = await cache.populate(f.listing())
     assert (report.created, report.kept, report.replaced, report.removed) == (1, 1, 1, 1)
+    # Changed with clean bytes local: stale, kept with its v1 bytes, never stitched to v2.
+    assert report.stale == 1
+    assert cache.stub_at("read").state == STALE
+    assert data_extents(h.path("read"), 3 * C) == [(0, C)]
 
     # Unchanged: same file, its resident bytes kept, nothing refetched.
     assert os.stat(h.path("keep")).st_ino == keep_ino
@@ -359,13 +367,13 @@ async def test_repopulate_keeps_replaces_removes_and_spares_local_files(h):
     assert xattr(h.path("taken"), XATTR_KEY) is None
     assert cache.stub_at("taken") is None
     assert cache.stub_at("local.txt") is None
-    assert cache.stats()["stubs"] == 3  # keep, change, new
+    assert cache.stats()["stubs"] == 4  # keep, change, read, new
 
     calls_before = len(f.calls)
     async with serving(cache, f):
         await cache.ensure(cache.stub_at("keep"), 0, C)
         assert len(f.calls) == calls_before  # kept bytes served from disk
-        await cache.ensure(cache.stub_at("change"), 0, 3 * C, whole=True)
+        await cache.ensure(cache.stub_at("change"), 0, 3 * C, Intent.WHOLE)
         await cache.ensure(cache.stub_at("new"), 0, C + 1)
     h.assert_content("keep", "keep", 0, C)
     h.assert_content("change", "change")  # the new version, nothing of the old one
@@ -403,7 +411,9 @@ async def test_populate_refuses_hostile_keys_and_writes_nothing_outside(h, tmp_p
 
     assert sorted(os.listdir(tmp_path)) == ["cache"]
     found = set()
-    for dirpath, _dirnames, filenames in os.walk(h.dir):
+    for dirpath, dirnames, filenames in os.walk(h.dir):
+        if dirpath == str(h.dir):
+            dirnames.remove(".hsmfs")  # hsmfs's own state
         for name in filenames:
             found.add(os.path.relpath(os.path.join(dirpath, name), h.dir))
     assert found == {"ok/fine", "x/y"}
@@ -520,9 +530,9 @@ async def test_whole_fetches_the_entire_file(h):
     await cache.populate(f.listing())
     stub = cache.stub_at("exe")
     async with serving(cache, f):
-        await cache.ensure(stub, 0, 1, whole=True)
+        await cache.ensure(stub, 0, 1, Intent.WHOLE)
         assert sorted(f.calls) == [("exe", 0, 4 * C), ("exe", 4 * C, 8 * C), ("exe", 8 * C, size)]
-        await cache.ensure(stub, 0, size, whole=True)
+        await cache.ensure(stub, 0, size, Intent.WHOLE)
     assert len(f.calls) == 3
     assert stub.state == RESIDENT
     h.assert_content("exe", "exe")
@@ -751,7 +761,7 @@ async def test_residency_survives_a_restart(h):
     async with serving(first, f):
         await first.ensure(first.stub_at("part"), 0, C)
         await first.ensure(first.stub_at("part"), 5 * C, 7 * C)
-        await first.ensure(first.stub_at("full"), 0, 3 * C, whole=True)
+        await first.ensure(first.stub_at("full"), 0, 3 * C, Intent.WHOLE)
     assert len(f.calls) == 3
     first.close()
     # Leftovers of a crash between create and rename are swept at start.
@@ -867,14 +877,17 @@ async def test_object_changed_marks_the_stub_stale(h):
         assert not stub.ranges.covers(3 * C, 4 * C)
         assert data_extents(h.path("f"), 8 * C) == [(0, C)]  # v2 bytes were never written
 
-    # The next listing shows the new version: the stub is replaced, never stitched.
+    # The next listing shows the new version: a clean file with local bytes stays stale (its
+    # bytes are v1's and are never stitched to v2's); it is not replaced.
     report = await cache.populate(f.listing())
-    assert report.replaced == 1
-    new = cache.stub_at("f")
-    assert new.state == STUB
+    assert (report.replaced, report.stale) == (0, 1)
+    again = cache.stub_at("f")
+    assert again.state == STALE and again.version.etag == stub.version.etag
     async with serving(cache, f):
-        await cache.ensure(new, 0, 8 * C, whole=True)
-    h.assert_content("f", "f")
+        with pytest.raises(ObjectChanged):
+            await cache.ensure(again, 3 * C, 3 * C + 1)
+        (await cache.ensure(again, 0, C)).release()  # its local v1 bytes still read
+    assert h.read("f", 0, C) == seeded(8 * C, "v1")[:C]
 
 
 async def test_short_fetch_never_claims_a_hole(h):
@@ -925,7 +938,7 @@ async def test_full_disk_is_cache_full_and_never_claimed(tiny_fs):
         stub = cache.stub_at("big")
         async with serving(cache, f):
             with pytest.raises(CacheFull) as ei:
-                await cache.ensure(stub, 0, size, whole=True)
+                await cache.ensure(stub, 0, size, Intent.WHOLE)
         assert to_errno(ei.value) == errno.ENOSPC
         assert cache.counters.errors["cache_full"] >= 1
         assert stub.state != RESIDENT
@@ -968,6 +981,7 @@ ERRNO_OF = {
     QuotaExceeded: errno.EDQUOT,
     FileBusy: errno.EBUSY,
     TextBusy: errno.ETXTBSY,
+    Superseded: errno.EIO,
 }
 
 
