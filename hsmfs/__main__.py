@@ -1,9 +1,13 @@
 """Command line: ``hsmfs mount|serve|stop|state|stats|bench|demo`` and ``mount.hsmfs``.
 
-Owns argv and ``-o`` parsing, logging, daemonization and the choice of process shape; builds the
-config objects and hands them to :mod:`hsmfs.daemon`.  ``mount -t fuse.hsmfs SRC DIR -o ...``
-arrives here twice over: mount(8) runs ``mount.fuse.hsmfs``/``mount.hsmfs SRC DIR -o opts``, and
-``mount.fuse3`` runs ``hsmfs SRC DIR -o opts``; both forms are accepted.
+Owns argv and ``-o`` parsing, daemonization, the choice of process shape and what the user is
+told when the daemon cannot start (one line); builds the config objects and hands them to
+:mod:`hsmfs.daemon` (FUSE door alone) or :mod:`hsmfs.worker` (the kernel door: this process
+becomes the holder, so it must not import trio or boto3 on that path).
+
+``mount -t fuse.hsmfs SRC DIR -o ...`` arrives here twice over: mount(8) runs
+``mount.fuse.hsmfs``/``mount.hsmfs SRC DIR -o opts``, and ``mount.fuse3`` runs
+``hsmfs SRC DIR -o opts``; both forms are accepted.
 """
 
 from __future__ import annotations
@@ -16,12 +20,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
 from .config import Options, build_options, split_options
 from .errors import HsmError
 from .keys import STATE_DIR
+from .logsetup import (
+    describe_start_failure,
+    logs_to_stderr,
+    root_cause,
+    setup_logging,
+    start_failure_line,
+)
+from .mounts import clear_dead_mount, is_fuse_mount
 
 log = logging.getLogger("hsmfs")
 PID_FILE = "daemon.pid"
@@ -32,18 +45,6 @@ READY_TIMEOUT_S = 600.0
 
 # -- process plumbing ------------------------------------------------------------------------
 
-def _setup_logging(debug: bool, log_file: str | None) -> None:
-    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
-                                else logging.StreamHandler(sys.stderr))
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _state_dir(opts: Options) -> str:
     d = os.path.join(opts.cache.cache_dir, STATE_DIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
@@ -52,16 +53,17 @@ def _state_dir(opts: Options) -> str:
 
 def _run_daemon(opts: Options, ready: Callable[[str], None]) -> int:
     """Run the daemon in this process until it is stopped."""
-    from . import daemon
-
     pid_path = os.path.join(_state_dir(opts), PID_FILE)
     with open(pid_path, "w") as f:
         f.write(f"{os.getpid()}\n")
     try:
         if opts.kernel is not None:
-            from .kernel_bridge import run_kernel_daemon
+            # This process becomes the holder: only hsmfs.worker's light half is imported.
+            from .worker import run_kernel_daemon
 
             return run_kernel_daemon(opts, ready)
+        from . import daemon
+
         daemon.run(opts, ready)
         return 0
     finally:
@@ -69,14 +71,47 @@ def _run_daemon(opts: Options, ready: Callable[[str], None]) -> int:
             os.unlink(pid_path)
 
 
+def _failure_line(opts: Options, exc: BaseException, was_ready: bool) -> str:
+    """The one line that tells why the daemon did not start (or, once it served, ended).
+
+    Logged too when the log is a file; a traceback only for what is not a known failure (a
+    bug), where it is what a report needs.
+    """
+    from .worker import StartFailed, source_of
+
+    cause = root_cause(exc)
+    if isinstance(cause, StartFailed):
+        line = str(cause)  # the worker's own line, from the other process
+    elif was_ready:
+        line = f"the daemon for {source_of(opts)} failed: {describe_start_failure(cause)}"
+    else:
+        line = start_failure_line(source_of(opts), cause)
+    known = isinstance(cause, HsmError | StartFailed)
+    if not known:
+        log.error("%s", line, exc_info=exc)
+    elif not logs_to_stderr():
+        log.error("%s", line)
+    return line
+
+
 def _start(opts: Options) -> int:
-    """Foreground: run here.  Background: fork, detach, and return once the door serves."""
+    """Foreground: run here.  Background: fork, detach, and return once the door serves.
+
+    Either way a daemon that cannot start makes this return non-zero with one line on stderr
+    that names the cause (``hsmfs: cannot serve s3://b/: bucket does not exist ...``).
+    """
     if opts.foreground:
-        _setup_logging(opts.debug, opts.log_file)
+        setup_logging(opts.debug, opts.log_file)
+        served = threading.Event()
+
+        def ready(summary: str) -> None:
+            served.set()
+            log.info("ready: %s", summary)
+
         try:
-            return _run_daemon(opts, lambda summary: log.info("ready: %s", summary))
-        except HsmError as exc:
-            log.error("cannot serve s3://%s/%s: %s", opts.s3.bucket, opts.s3.prefix, exc)
+            return _run_daemon(opts, ready)
+        except Exception as exc:
+            print(f"hsmfs: {_failure_line(opts, exc, served.is_set())}", file=sys.stderr)
             return 1
     log_file = opts.log_file or os.path.join(_state_dir(opts), LOG_FILE)
     read_end, write_end = os.pipe()
@@ -92,20 +127,28 @@ def _start(opts: Options) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    _setup_logging(opts.debug, log_file)
+    setup_logging(opts.debug, log_file)
     code = 1
+    # Written once: "ok SUMMARY" when the door serves, or "fail LINE" if it never does.  The
+    # kernel door calls ready() from a thread, so the lock keeps the two from both writing.
+    told = threading.Lock()
+    pipe = [write_end]
 
-    def ready(summary: str) -> None:
-        os.write(write_end, f"ok {summary}\n".encode())
-        os.close(write_end)
+    def tell(message: str) -> None:
+        with told:
+            if not pipe:
+                return
+            fd = pipe.pop()
+            with contextlib.suppress(OSError):  # the caller gave up waiting
+                os.write(fd, f"{message}\n".encode())
+            os.close(fd)
 
     try:
-        code = _run_daemon(opts, ready)
-    except HsmError as exc:
-        log.error("cannot serve s3://%s/%s: %s", opts.s3.bucket, opts.s3.prefix, exc)
-    except BaseException:
-        log.exception("daemon failed")
+        code = _run_daemon(opts, lambda summary: tell(f"ok {summary}"))
+    except BaseException as exc:
+        tell(f"fail {_failure_line(opts, exc, not pipe)}")
     finally:
+        tell("fail the daemon exited before it served")  # no-op once anything was told
         logging.shutdown()
         os._exit(code)
 
@@ -131,6 +174,9 @@ def _wait_ready(read_end: int, pid: int, log_file: str) -> int:
     if buf.startswith(b"ok"):
         print(f"hsmfs: {buf[3:].decode().strip()}", file=sys.stderr)
         return 0
+    if buf.startswith(b"fail "):
+        print(f"hsmfs: {buf[5:].decode(errors='replace').strip()}", file=sys.stderr)
+        return 1
     print(f"hsmfs: the daemon did not start; see {log_file}:", file=sys.stderr)
     with contextlib.suppress(OSError), open(log_file, errors="replace") as f:
         sys.stderr.writelines(f.readlines()[-15:])
@@ -144,7 +190,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                          cache_dir=None, kernel_door=False, foreground=args.foreground)
     if args.debug:
         opts = _replace(opts, debug=True)
-    _clear_dead_mount(args.mountpoint)
+    clear_dead_mount(args.mountpoint)
     return _start(opts)
 
 
@@ -164,16 +210,6 @@ def _replace(opts: Options, **kw: object) -> Options:
     return dataclasses.replace(opts, **kw)  # type: ignore[arg-type]
 
 
-def _clear_dead_mount(mountpoint: str) -> None:
-    """A crashed daemon leaves its mount answering ENOTCONN; clear it so the new one can mount."""
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        if exc.errno == 107:  # ENOTCONN
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True,
-                           timeout=30)
-
-
 def _cache_dir_of(path: str) -> str:
     """A FUSE mount names its cache in a root xattr; anything else is the cache itself."""
     with contextlib.suppress(OSError):
@@ -183,7 +219,7 @@ def _cache_dir_of(path: str) -> str:
 
 def _cmd_stop(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.path)
-    if os.path.ismount(path) and _is_fuse(path):
+    if os.path.ismount(path) and is_fuse_mount(path):
         return subprocess.run(["fusermount3", "-u", path]).returncode
     pid_path = os.path.join(_cache_dir_of(path), STATE_DIR, PID_FILE)
     try:
@@ -202,11 +238,6 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         time.sleep(0.05)
     print(f"hsmfs: daemon {pid} did not stop within {args.timeout}s", file=sys.stderr)
     return 1
-
-
-def _is_fuse(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path and " - fuse" in line for line in f)
 
 
 def _cmd_state(args: argparse.Namespace) -> int:

@@ -21,9 +21,10 @@ import trio
 
 from . import control
 from .backend_s3 import ObjectInfo, S3Backend
-from .cache import StubCache, describe
+from .cache import Intent, StubCache, describe
 from .config import Options
 from .errors import HsmError, to_errno
+from .mounts import unmount_after
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class KernelDoor(Protocol):
 
     root_fd: int
 
+    def attach(self, cache: StubCache) -> None: ...
     def on_stub(self, fd: int, resident: bool) -> None: ...
     def on_resident(self, fd: int) -> None: ...
     async def serve(self, cache: StubCache, *, task_status: trio.TaskStatus[None]) -> None: ...
@@ -65,6 +67,14 @@ async def list_objects(backend: S3Backend, opts: Options) -> list[ObjectInfo]:
     return [infos[v.key] for v in versions]
 
 
+def _restarted_worker() -> bool:
+    """Whether the holder started this process as a replacement for a worker that died."""
+    try:
+        return int(os.environ.get("HSMFS_WORKER_GENERATION", "1")) > 1
+    except ValueError:
+        return False
+
+
 def _raise_nofile_limit() -> None:
     """Open files are the daemon's working set (cached backing fds, event fds): use the hard
     limit, not the soft default of 1024."""
@@ -81,11 +91,19 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     started = time.monotonic()
     _raise_nofile_limit()
     backend = S3Backend(opts.s3)
-    log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
-    objects = await list_objects(backend, opts)
     cache = StubCache(opts.cache, backend, kernel.root_fd if kernel else None)
     if kernel is not None:
+        kernel.attach(cache)
         cache.listeners.append(kernel)
+    objects: list[ObjectInfo] | None = None
+    if _restarted_worker():
+        # A worker restarted by the holder adopts the tree as it is: guarding what exists
+        # needs no S3 (which may be what just failed), and a listing could replace files that
+        # programs still hold (they stay served as superseded stubs, but need not be).
+        log.info("restarted worker: adopting %s without listing S3", opts.cache.cache_dir)
+    else:
+        log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
+        objects = await list_objects(backend, opts)
     report = await cache.populate(objects, opts.s3.prefix)
     ops = None
     if opts.fuse is not None:
@@ -128,7 +146,9 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         nursery.start_soon(_watch_signals, stop, ops is not None)
         if ops is not None:
             await _start_fuse(nursery, ops, opts, stop)
-        summary = (f"{len(objects)} objects, {report.created} new stubs, {report.kept} kept, "
+        summary = (f"{len(objects) if objects is not None else 'no listing:'} objects, "
+                   f"{report.created} new stubs, {report.kept} kept, {report.replaced} replaced, "
+                   f"{report.stale} stale, {report.conflicts} conflicts, "
                    f"{len(report.rejected)} refused keys")
         log.info("serving: %s", summary)
         ready(summary)
@@ -214,8 +234,12 @@ def _state(cache: StubCache, path: str) -> dict[str, Any]:
     if stub is None:
         return describe(os.path.join(cache.cfg.cache_dir, rel))
     state, resident = cache.state_of(stub)
-    return {"path": path, "state": state, "size": stub.size, "resident_bytes": resident,
-            "key": stub.version.key, "etag": stub.version.etag}
+    row = {"path": path, "state": state, "residency": stub.residency, "sync": stub.sync,
+           "size": stub.size, "remote_size": stub.version.size, "resident_bytes": resident,
+           "key": stub.version.key, "etag": stub.version.etag}
+    if stub.remote is not None:
+        row["remote_etag"] = None if stub.remote == "-" else stub.remote
+    return row
 
 
 async def _restore(cache: StubCache, path: str) -> dict[str, Any]:
@@ -224,15 +248,8 @@ async def _restore(cache: StubCache, path: str) -> dict[str, Any]:
     if stub is None:
         return {"path": path, "error": "not a stub of this cache"}
     try:
-        await cache.ensure(stub, 0, stub.size, whole=True)
+        pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
+        pin.release()
     except Exception as exc:
         return {"path": path, "error": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
     return _state(cache, path)
-
-
-def unmount_after(mountpoint: str) -> bool:
-    """Whether the FUSE mount is still in place (so closing must unmount it)."""
-    from .ops import mountinfo
-
-    target = os.path.abspath(mountpoint)
-    return any(fields[4] == target for fields in mountinfo())

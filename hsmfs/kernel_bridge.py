@@ -29,27 +29,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
-import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from .cache import LOCAL_STATES, StubCache
-from .config import CacheConfig, FuseConfig, KernelConfig, Options, S3Config
+from .cache import Intent, Pin, StubCache
+from .config import KernelConfig
 from .errors import HsmError, to_errno
 from .fanotify import (
     FAN_ALLOW,
     FAN_MARK_ADD,
     FAN_MARK_EVICTABLE,
     FAN_MARK_FILESYSTEM,
+    FAN_MARK_IGNORE,
     FAN_MARK_IGNORE_SURV,
+    FAN_MARK_REMOVE,
     FAN_OPEN_EXEC_PERM,
     FAN_OPEN_PERM,
     FAN_PRE_ACCESS,
@@ -62,8 +60,19 @@ from .fanotify import (
 
 log = logging.getLogger(__name__)
 
-# openat(2), open(2), creat(2) on x86_64: where the flags of a blocked open are.
+# openat(2), open(2), creat(2), truncate(2), ftruncate(2) on x86_64: what a blocked thread is in.
 _SYS_OPEN, _SYS_CREAT, _SYS_OPENAT = 2, 85, 257
+_SYS_TRUNCATE, _SYS_FTRUNCATE = 76, 77
+
+
+def _syscall(tid: int) -> list[str] | None:
+    """The fields of ``/proc/<tid>/syscall`` of a thread blocked in a syscall, or None
+    (another PID namespace, an io_uring worker, a thread that moved on)."""
+    try:
+        with open(f"/proc/{tid}/syscall") as f:
+            return f.read().split()
+    except OSError:
+        return None
 
 
 def opened_with_trunc(tid: int) -> bool:
@@ -73,19 +82,36 @@ def opened_with_trunc(tid: int) -> bool:
     (another PID namespace, io_uring workers, openat2) answers False, and the file is filled:
     the safe direction.
     """
+    fields = _syscall(tid)
     try:
-        with open(f"/proc/{tid}/syscall") as f:
-            fields = f.read().split()
-        nr = int(fields[0])
+        nr = int(fields[0]) if fields else -1
         if nr == _SYS_CREAT:
             return True
-        if nr == _SYS_OPENAT:
+        if nr == _SYS_OPENAT and fields:
             return bool(int(fields[3], 16) & os.O_TRUNC)
-        if nr == _SYS_OPEN:
+        if nr == _SYS_OPEN and fields:
             return bool(int(fields[2], 16) & os.O_TRUNC)
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         pass
     return False
+
+
+def truncating_to(tid: int) -> int | None:
+    """The new length if the thread is blocked in truncate(2)/ftruncate(2), else None.
+
+    The kernel reports a truncate as an access event (KERNEL_FACTS §3: a shrink to an aligned
+    size is (size, 0), to an unaligned one the page holding the new end), indistinguishable
+    from a read by its range; read as a read, count 0 ("to EOF") fetched every byte the truncate
+    was about to throw away (issue 10, defect 5).  Unreadable: None, and the event is handled as
+    a read (it fetches too much, never too little).
+    """
+    fields = _syscall(tid)
+    try:
+        if fields and int(fields[0]) in (_SYS_TRUNCATE, _SYS_FTRUNCATE):
+            return int(fields[2], 16)
+    except (ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclasses.dataclass
@@ -96,6 +122,7 @@ class BridgeStats:
     resident_answers: int = 0  # answered in the receive loop: their bytes were resident
     open_fills: int = 0
     trunc_opens: int = 0
+    truncates: int = 0  # truncate(2)/ftruncate(2) of a stub, recorded without a fetch
     busy_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -107,6 +134,7 @@ class BridgeStats:
             "resident_answers": self.resident_answers,
             "open_fills": self.open_fills,
             "trunc_opens": self.trunc_opens,
+            "truncates": self.truncates,
             "mean_event_ms": round(1000 * self.busy_s / total, 3) if total else 0.0,
         }
 
@@ -121,22 +149,30 @@ class KernelBridge:
         self.cache_dir = cache_dir
         self.cache: StubCache | None = None
         self.stats_ = BridgeStats()
-        # OPEN_EXEC_PERM always: exec fills the whole binary before it runs.  OPEN_PERM only
-        # when open-time fill is on.
         self.mask = FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM
-        if cfg.open_fill_max != 0:
-            self.mask |= FAN_OPEN_PERM
         self.filesystem_mark = os.path.ismount(cache_dir)
         self.root_fd = open_private_tree(cache_dir)
+
+    def attach(self, cache: StubCache) -> None:
+        """Learn the core, then guard the tree.  Called before the core makes or adopts any
+        stub, so every stub gets its mark before it can be opened.
+
+        OPEN_EXEC_PERM always: exec fills the whole binary before it runs.  OPEN_PERM only when
+        the core fills at open (``open_fill``); the core decides which opens fill.
+        """
+        self.cache = cache
+        if cache.cfg.open_fill_max != 0:
+            self.mask |= FAN_OPEN_PERM
         # The private door must ignore *every* permission event the marks carry, or hsmfs's own
         # open of a stub deadlocks on itself (KERNEL_FACTS_2 §1e).
         ignore_mount(self.fan_fd, self.root_fd)
         if self.filesystem_mark:
-            fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, self.mask, cache_dir)
-        log.info("kernel door on %s: %s mark, mask %#x, open fill %s", cache_dir,
+            fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, self.mask,
+                          self.cache_dir)
+        fill = cache.cfg.open_fill_max
+        log.info("kernel door on %s: %s mark, mask %#x, open fill %s", self.cache_dir,
                  "filesystem" if self.filesystem_mark else "per-stub inode", self.mask,
-                 "all files" if cfg.open_fill_max < 0 else
-                 f"up to {cfg.open_fill_max} bytes" if cfg.open_fill_max else "off")
+                 "all files" if fill < 0 else f"up to {fill} bytes" if fill else "off")
 
     # -- CacheListener: guard stubs, and stop guarding what is resident ------------------------
 
@@ -145,6 +181,11 @@ class KernelBridge:
             fanotify_mark_fd(self.fan_fd, FAN_MARK_ADD, self.mask, fd)
         if resident:
             self.on_resident(fd)
+        else:
+            # A restarted worker shares its predecessor's group: an ignore mask it left on this
+            # inode must not outlive the residency it stood for.
+            with contextlib.suppress(OSError):
+                fanotify_mark_fd(self.fan_fd, FAN_MARK_REMOVE | FAN_MARK_IGNORE, self.mask, fd)
 
     def on_resident(self, fd: int) -> None:
         # With a filesystem mark the ignore mark may be evicted under memory pressure: that only
@@ -158,9 +199,9 @@ class KernelBridge:
 
     async def serve(self, cache: StubCache, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from .holder import HolderGone
+        from .holder_link import HolderGone
 
-        self.cache = cache
+        assert self.cache is cache, "attach() the core before it makes stubs"
         await self.link.ready()  # every stub is guarded: H may now tell `hsmfs serve` to return
         task_status.started()
         try:
@@ -184,21 +225,28 @@ class KernelBridge:
                          nursery: trio.Nursery) -> bool:
         """Answer a plain access to resident bytes right here in the receive loop: no task,
         no await.  False (nothing done) for anything else: a miss, an open, an exec, a
-        truncated file, a file that is not a stub.
+        truncated file, a file the core does not know, a count-0 access (a truncate or a
+        whole-file clone, which the task path tells apart).
 
         A partly resident file raises an event on every read, also of local bytes (a stream
         reading what read-ahead landed, the hot pages of a big database).  Measured
         (scripts/event_cost.py): a task per such event cost ~193 us a round trip, this
         69-88 us; misses are no slower (docs/design.md, "Kernel door").
         """
+        assert self.cache is not None
+        if (event.mask & (FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM) or not event.mask & FAN_PRE_ACCESS
+                or not event.count):
+            return False
+        started = time.perf_counter()
         try:
-            read = self._resident_read(event, fd)
+            st = os.fstat(fd)  # never raises an event
+            start, stop = _event_range(event, st.st_size)
+            stub = self.cache.resident_file(fd, st, start, stop)
         except Exception:  # nothing done yet: the task path takes it
             log.exception("cannot check %r in the receive loop; handling it as a task", event)
             return False
-        if read is None:
+        if stub is None:
             return False
-        stub, start, stop, started = read
         os.close(fd)
         if not self.link.try_reply(ident, FAN_ALLOW):
             nursery.start_soon(self.link.reply, ident, FAN_ALLOW)  # the socket is full: wait
@@ -209,29 +257,13 @@ class KernelBridge:
         self.stats_.busy_s += time.perf_counter() - started
         return True
 
-    def _resident_read(self, event: Any, fd: int) -> tuple[Any, int, int, float] | None:
-        """``(stub, start, stop, time started)`` if the event is a plain access to resident
-        bytes of a stub, else None.  The core decides what is resident
-        (:meth:`StubCache.resident_now`).  Only looks."""
-        assert self.cache is not None
-        if event.mask & (FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM) or not event.mask & FAN_PRE_ACCESS:
-            return None
-        started = time.perf_counter()
-        st = os.fstat(fd)  # never raises an event
-        stub = self.cache.stub_for_ino(st.st_ino)
-        if stub is None or st.st_size < stub.size:  # not ours, or truncated: the task records it
-            return None
-        start, stop = _event_range(event, st.st_size)
-        if not self.cache.resident_now(stub, start, stop):
-            return None
-        return stub, start, stop, started
-
     async def _handle(self, ident: int, event: Any, fd: int) -> None:
         """Answer one event exactly once, whatever happens; then close its fd."""
         started = time.perf_counter()
         response = deny_errno(errno.EIO)
+        pin: Pin | None = None
         try:
-            response = await self._decide(event, fd)
+            response, pin = await self._decide(event, fd)
         except Exception:
             log.exception("unexpected failure handling event %r", event)
         finally:
@@ -240,42 +272,48 @@ class KernelBridge:
             self.stats_.busy_s += time.perf_counter() - started
             with trio.CancelScope(shield=True):
                 await self.link.reply(ident, response)
+            if pin is not None:
+                pin.release()  # held until the answer left: no release punches before it
 
-    async def _decide(self, event: Any, fd: int) -> int:
+    async def _decide(self, event: Any, fd: int) -> tuple[int, Pin | None]:
+        """(response, pin): the core decides, this only translates."""
         assert self.cache is not None
         kind = ("exec" if event.mask & FAN_OPEN_EXEC_PERM else
                 "open" if event.mask & FAN_OPEN_PERM else "access")
         self.stats_.events[kind] += 1
-        st = os.fstat(fd)  # never raises an event
-        stub = self.cache.stub_for_ino(st.st_ino)
-        if stub is None:
-            self.stats_.not_ours += 1  # a local file, or something the filesystem mark saw
-            return FAN_ALLOW
         try:
-            if st.st_size < stub.size:  # an application truncated it: record that off the loop
-                await trio.to_thread.run_sync(self.cache.note_size, stub, st.st_size)
+            stub = await self.cache.lookup(fd)
+            if stub is None:
+                self.stats_.not_ours += 1  # created locally: holds no byte S3 owes it
+                return FAN_ALLOW, None
+            start, stop = 0, stub.size
             if kind == "exec":
-                await self.cache.ensure(stub, 0, stub.size, whole=True)
+                intent = Intent.EXEC
             elif kind == "open":
-                limit = self.cfg.open_fill_max
-                if (limit < 0 or stub.size <= limit) and stub.state not in LOCAL_STATES:
-                    if opened_with_trunc(event.pid):
-                        self.stats_.trunc_opens += 1
-                    else:
-                        self.stats_.open_fills += 1
-                        await self.cache.ensure(stub, 0, stub.size, whole=True)
+                intent = Intent.OPEN_TRUNC if opened_with_trunc(event.pid) else Intent.OPEN
+                if intent is Intent.OPEN_TRUNC:
+                    self.stats_.trunc_opens += 1
+                elif not stub.local:
+                    self.stats_.open_fills += 1
             else:
-                start, stop = _event_range(event, st.st_size)
-                await self.cache.ensure(stub, start, stop)
+                new_size = truncating_to(event.pid)
+                if new_size is not None:
+                    intent, start, stop = Intent.TRUNCATE, new_size, new_size
+                    self.stats_.truncates += 1
+                else:
+                    intent = Intent.READ
+                    start, stop = _event_range(event, os.fstat(fd).st_size)
+            pin = await self.cache.ensure(stub, start, stop, intent, fd=fd)
+            if intent is Intent.READ:
                 # Bytes released to the application (page-rounded: the event's own range).
                 self.cache.note_served(max(stop - start, 0))
-            return FAN_ALLOW
+            return FAN_ALLOW, pin
         except Exception as exc:
             code = to_errno(exc)
             self.stats_.denied[errno.errorcode.get(code, str(code))] += 1
             if not isinstance(exc, (HsmError, OSError)):
-                log.exception("unexpected failure on %r", stub.path)
-            return deny_errno(code)
+                log.exception("unexpected failure on event %r", event)
+            return deny_errno(code), None
 
     def stats(self) -> dict[str, object]:
         out = self.stats_.as_dict()
@@ -286,85 +324,6 @@ class KernelBridge:
 def _event_range(event: Any, size: int) -> tuple[int, int]:
     """The bytes an access event asks for, clipped to the file.  Count 0 means "from offset
     to EOF" (a whole-file clone reports (0, 0)); ranges are page-rounded and not clipped to
-    EOF by the kernel."""
+    EOF by the kernel.  (A truncate also reports count 0: the task path tells it apart.)"""
     start = event.offset or 0
     return start, min(start + event.count if event.count else size, size)
-
-
-# -- processes ---------------------------------------------------------------------------------
-
-def _encode(opts: Options) -> str:
-    return json.dumps(dataclasses.asdict(opts))
-
-
-def _decode(text: str) -> Options:
-    d = json.loads(text)
-    return Options(
-        s3=S3Config(**d["s3"]),
-        cache=CacheConfig(**d["cache"]),
-        kernel=KernelConfig(**d["kernel"]) if d["kernel"] else None,
-        fuse=FuseConfig(**d["fuse"]) if d["fuse"] else None,
-        foreground=d["foreground"],
-        debug=d["debug"],
-        log_file=d["log_file"],
-        extra=d["extra"],
-    )
-
-
-def run_kernel_daemon(opts: Options, ready: Callable[[str], None]) -> int:
-    """Become the holder H and supervise a worker running both doors asked for.
-
-    Returns H's exit status.  ``ready`` is called once the first worker has every stub
-    guarded (and, with a FUSE door, mounted).
-    """
-    from .holder import Holder
-
-    assert opts.kernel is not None
-    log_file = _current_log_file()
-    worker_opts = dataclasses.replace(opts, log_file=log_file)
-    argv = [sys.executable, "-m", "hsmfs.kernel_bridge", "--worker", _encode(worker_opts)]
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    holder = Holder(argv, ready_fd=write_end, watchdog=opts.kernel.watchdog_s)
-
-    def wait_ready() -> None:
-        if os.read(read_end, 1):
-            what = opts.fuse.mountpoint if opts.fuse else opts.cache.cache_dir
-            ready(f"kernel door guarding {opts.cache.cache_dir}"
-                  + (f", FUSE door at {what}" if opts.fuse else ""))
-        os.close(read_end)
-
-    threading.Thread(target=wait_ready, name="ready", daemon=True).start()
-    return holder.run()
-
-
-def _current_log_file() -> str | None:
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            return handler.baseFilename
-    return None
-
-
-def worker_main(argv: list[str]) -> int:
-    """W: the trio daemon with the kernel door (and the FUSE door, if asked), fed by H."""
-    from . import daemon
-    from .__main__ import _clear_dead_mount, _setup_logging
-    from .holder import HolderLink
-
-    opts = _decode(argv[argv.index("--worker") + 1])
-    _setup_logging(opts.debug, opts.log_file)
-    assert opts.kernel is not None
-    link = HolderLink.from_environ()
-    if opts.fuse is not None:
-        # A previous worker's mount answers ENOTCONN since it died: clear it and mount again.
-        _clear_dead_mount(opts.fuse.mountpoint)
-    bridge = KernelBridge(opts.cache.cache_dir, opts.kernel, link)
-    try:
-        daemon.run(opts, lambda summary: log.info("worker serving: %s", summary), kernel=bridge)
-    except HsmError as exc:
-        log.error("cannot serve s3://%s/%s: %s", opts.s3.bucket, opts.s3.prefix, exc)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))

@@ -36,10 +36,13 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from .cache import XATTR_STATE, Stub, StubCache
+from .cache import Intent, Stub, StubCache
 from .config import FuseConfig
 from .errors import HsmError, to_errno
 from .keys import STATE_DIR
+from .mounts import fuse_device
+from .mounts import mountinfo as mountinfo  # re-exported: hsmfs.bench.passfs reads it here
+from .stubfile import X_VIEW
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -247,9 +250,11 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and sname == XATTR_CACHE_DIR:
             return os.fsencode(self.cache.cfg.cache_dir)
         stub = self.cache.stub_at(path)
-        if sname == XATTR_STATE and stub is not None:
-            # The core's word, fresher than the xattr it writes; no I/O (state_of would scan).
-            return stub.state.encode()
+        if stub is not None:
+            view = _identity_view(stub).get(sname)
+            if view is not None:
+                # The core's own answer, fresher than any xattr on the file; no I/O.
+                return view.encode()
         try:
             return await _io(os.getxattr, self._proc_path(path), sname)
         except OSError as exc:
@@ -258,8 +263,12 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         self._count("listxattr")
-        names = [os.fsencode(n)
-                 for n in await _io(os.listxattr, self._proc_path(self._path(inode)))]
+        path = self._path(inode)
+        names = [os.fsencode(n) for n in await _io(os.listxattr, self._proc_path(path))
+                 if not n.startswith(PRIVATE_XATTRS)]
+        stub = self.cache.stub_at(path)
+        if stub is not None:
+            names += [n.encode() for n in _identity_view(stub) if n.encode() not in names]
         if inode == pyfuse3.ROOT_INODE:
             names.append(XATTR_CACHE_DIR.encode())
         return names
@@ -277,13 +286,17 @@ class Operations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FUSEError(errno.EROFS)
         path = self._path(inode)
-        stub = self.cache.stub_at(path)
-        if stub is not None and flags & FMODE_EXEC:
-            try:
-                await self.cache.ensure(stub, 0, stub.size, whole=True)
-            except Exception as exc:
-                raise FUSEError(_errno_for(exc, "exec open", path)) from None
         fd = await self._backing_fd(inode, path)
+        try:
+            # The core says which file this is (the unknown-inode rule, a truncate found by
+            # size) and what an exec needs first.
+            stub = await self.cache.lookup(fd)
+            if stub is not None and flags & FMODE_EXEC:
+                pin = await self.cache.ensure(stub, 0, stub.size, Intent.EXEC, fd=fd)
+                pin.release()
+        except Exception as exc:
+            self._release_fd(inode)
+            raise FUSEError(_errno_for(exc, "open", path)) from None
         fh = self._new_fh()
         self._handles[fh] = _Handle(fd, stub, inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -319,14 +332,19 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         self._count("read")
         h = self._handles[fh]
-        if h.stub is not None:
-            try:
-                await self.cache.ensure(h.stub, off, off + size)
-            except Exception as exc:
-                raise FUSEError(_errno_for(exc, "read", h.stub.path)) from None
-        data = self._pread_nowait(h.fd, size, off)
+        if h.stub is None:
+            return await self._pread(h.fd, size, off)
+        try:
+            pin = await self.cache.ensure(h.stub, off, off + size, Intent.READ, fd=h.fd)
+        except Exception as exc:
+            raise FUSEError(_errno_for(exc, "read", h.stub.path)) from None
+        with pin:  # no release may punch these bytes before they are read
+            return await self._pread(h.fd, size, off)
+
+    async def _pread(self, fd: int, size: int, off: int) -> bytearray | memoryview | bytes:
+        data = self._pread_nowait(fd, size, off)
         if data is None:
-            data = await _io(os.pread, h.fd, size, off)
+            data = await _io(os.pread, fd, size, off)
         self.cache.note_served(len(data))
         return data
 
@@ -354,10 +372,13 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
-            entry = self._fds.get(h.inode)
-            if entry is not None:
-                entry[1] -= 1
-                self._trim_fds()
+            self._release_fd(h.inode)
+
+    def _release_fd(self, inode: int) -> None:
+        entry = self._fds.get(inode)
+        if entry is not None:
+            entry[1] -= 1
+            self._trim_fds()
 
     # -- writes are refused in this release ---------------------------------------------------
 
@@ -396,6 +417,20 @@ def _errno_for(exc: Exception, op: str, path: str) -> int:
     return to_errno(exc)
 
 
+#: The core's record on the backing file: never listed (``trusted.*`` is root's anyway).
+PRIVATE_XATTRS = "trusted.hsmfs."
+
+
+def _identity_view(stub: Stub) -> dict[str, str]:
+    """What HSM-aware tools read through the mount: the state word and the remote identity,
+    computed from the core's state (the record itself is root-only, ``trusted.*``)."""
+    view = {X_VIEW: stub.state, "user.hsmfs.key": stub.version.key,
+            "user.hsmfs.etag": stub.version.etag, "user.hsmfs.size": str(stub.version.size)}
+    if stub.version.version_id:
+        view["user.hsmfs.version"] = stub.version.version_id
+    return view
+
+
 def _remaining(fd: int, off: int) -> int:
     return max(os.fstat(fd).st_size - off, 0)
 
@@ -415,10 +450,7 @@ def raise_read_ahead(mountpoint: str, kb: int) -> None:
     GETATTR to this very daemon before its loop runs, a deadlock.
     """
     target = os.path.abspath(mountpoint)  # realpath() would lstat the mount: the same deadlock
-    dev = None
-    for fields in mountinfo():
-        if fields[4] == target and fields[fields.index("-") + 1].startswith("fuse"):
-            dev = fields[2]
+    dev = fuse_device(target)
     if dev is None:
         log.warning("cannot find %s in mountinfo; read_ahead_kb unchanged", target)
         return
@@ -429,14 +461,3 @@ def raise_read_ahead(mountpoint: str, kb: int) -> None:
     except OSError as exc:
         # Not root: 128 KiB requests, about 30-40 % slower first reads (FUSE_BASELINE §2).
         log.info("cannot raise %s to %d: %s", path, kb, exc)
-
-
-def mountinfo() -> list[list[str]]:
-    """Fields of /proc/self/mountinfo, with mount points' octal escapes (``\\040``) decoded."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            fields[4] = fields[4].encode().decode("unicode_escape")
-            out.append(fields)
-    return out

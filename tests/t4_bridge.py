@@ -100,7 +100,7 @@ def test_stub_is_guarded_from_the_instant_it_appears(bucket: Bucket, moto: MotoS
 
 
 def _worker_pids(holder_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(holder_pid), "-f", "hsmfs.kernel_bridge"],
+    out = subprocess.run(["pgrep", "-P", str(holder_pid), "-f", "hsmfs.worker"],
                          capture_output=True, text=True, timeout=5)
     return [int(p) for p in out.stdout.split()]
 

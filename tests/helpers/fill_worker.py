@@ -8,11 +8,13 @@ tells the holder it is ready.  Each event's range is filled with the stub's know
 
 Test hooks: ``--stall-flag PATH`` makes it hold every event while PATH exists (``--stall-receive
 PATH``: not even read the socket, so the holder's side fills up); ``--stop-after N``
-makes it announce "stopping" and exit 0 after N events; ``--crash-if PATH`` exits 3 at start while
-PATH exists; ``--ignore-sigterm``; ``--no-fill`` answers at once; ``--stale-reply`` sends a
-reply with a wrong sequence number before each real one; ``--quiet``
-writes no per-event status lines (latency runs).  It appends one line per step
-to ``--status`` so the test can follow it without parsing logs.
+makes it announce "stopping" and exit 0 after N events; ``--crash-if PATH`` exits at start
+(status ``--crash-status``, default 3) while PATH exists; ``--hang-if PATH`` waits at start,
+alive but not ready, while PATH exists; ``--ignore-sigterm``; ``--no-fill`` answers at once;
+``--stale-reply`` sends a reply with a wrong sequence number before each real one; ``--quiet``
+writes no per-event status lines (latency runs).  It appends one line per step to ``--status``
+so the test can follow it without parsing logs; the first, ``start PID GENERATION``, carries
+the ``HSMFS_WORKER_GENERATION`` the holder gave it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import random
 import signal
 import sys
+import time
 
 import trio
 
@@ -36,7 +39,8 @@ from hsmfs.fanotify import (
     ignore_mount,
     open_private_tree,
 )
-from hsmfs.holder import CTRL_MSG, MSG_REPLY, HolderGone, HolderLink
+from hsmfs.holder import CTRL_MSG, ENV_GENERATION, MSG_REPLY
+from hsmfs.holder_link import HolderGone, HolderLink
 
 
 @functools.cache
@@ -165,6 +169,8 @@ def main() -> int:
     parser.add_argument("--stall-receive", help="do not even receive while this file exists")
     parser.add_argument("--stop-after", type=int, default=0)
     parser.add_argument("--crash-if")
+    parser.add_argument("--crash-status", type=int, default=3)
+    parser.add_argument("--hang-if", help="stay alive and not ready while this file exists")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--no-fill", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no per-event status lines")
@@ -173,10 +179,14 @@ def main() -> int:
     parser.add_argument("stubs", nargs="+", help="stub paths relative to --cache")
     args = parser.parse_args()
     status = Status(args.status)
-    status("start", os.getpid())
+    status("start", os.getpid(), os.environ.get(ENV_GENERATION, "-"))
     if args.crash_if and os.path.exists(args.crash_if):
-        status("crash")
-        return 3
+        status("crash", args.crash_status)
+        return args.crash_status
+    if args.hang_if and os.path.exists(args.hang_if):
+        status("hang")
+        while os.path.exists(args.hang_if):
+            time.sleep(0.02)
     return trio.run(serve, args, status)
 
 
