@@ -61,7 +61,20 @@ def _run_daemon(opts: Options, ready: Callable[[str], None]) -> int:
             # This process becomes the holder: only hsmfs.worker's light half is imported.
             from .worker import run_kernel_daemon
 
-            return run_kernel_daemon(opts, ready)
+            def before_close(guarded: bool) -> None:
+                # The pid file first: once covered, its path leads to the cover.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pid_path)
+                # A start that failed guarded nothing and changes nothing: the tree stays as
+                # it was, and its log readable.
+                if guarded and opts.kernel is not None and opts.kernel.cover:
+                    from .cover import cover
+
+                    if cover(opts.cache.cache_dir):
+                        log.info("covered %s: new opens fail (ENOENT) until the next start",
+                                 opts.cache.cache_dir)
+
+            return run_kernel_daemon(opts, ready, before_close)
         from . import daemon
 
         daemon.run(opts, ready)
@@ -94,14 +107,33 @@ def _failure_line(opts: Options, exc: BaseException, was_ready: bool) -> str:
     return line
 
 
+def _uncover(cache_dir: str) -> str | None:
+    """Remove the cover the last kernel-door stop left over the cache dir (:mod:`hsmfs.cover`):
+    first, before anything opens a path under it.  Returns what to log once logging is set up
+    (the log file itself lies beneath the cover)."""
+    if not os.path.isdir(cache_dir):
+        return None
+    from .cover import uncover
+
+    try:
+        if uncover(cache_dir):
+            return f"removed the cover the last stop left over {cache_dir}"
+    except OSError as exc:
+        return f"cannot check {cache_dir} for a cover: {exc}"
+    return None
+
+
 def _start(opts: Options) -> int:
     """Foreground: run here.  Background: fork, detach, and return once the door serves.
 
     Either way a daemon that cannot start makes this return non-zero with one line on stderr
     that names the cause (``hsmfs: cannot serve s3://b/: bucket does not exist ...``).
     """
+    uncovered = _uncover(opts.cache.cache_dir)
     if opts.foreground:
         setup_logging(opts.debug, opts.log_file)
+        if uncovered:
+            log.info("%s", uncovered)
         served = threading.Event()
 
         def ready(summary: str) -> None:
@@ -128,6 +160,8 @@ def _start(opts: Options) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     setup_logging(opts.debug, log_file)
+    if uncovered:
+        log.info("%s", uncovered)
     code = 1
     # Written once: "ok SUMMARY" when the door serves, or "fail LINE" if it never does.  The
     # kernel door calls ready() from a thread, so the lock keeps the two from both writing.

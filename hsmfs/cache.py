@@ -568,7 +568,8 @@ class StubCache:
         if not stub.fetchable:
             raise ObjectChanged(f"{stub.version.key!r} changed in S3 since version "
                                 f"{stub.version.etag}; {stub.path!r} is {stub.sync}")
-        await self._writable(stub, fd)
+        if stub.superseded:
+            await self._writable(stub, fd)
         if whole:
             # Before our own GET, so the siblings' GETs overlap it.
             self._read_siblings_ahead(stub)
@@ -577,7 +578,15 @@ class StubCache:
             # alongside the one the reader waits for, not a round trip after it (with
             # 20-80 ms of S3 latency, every stall of a stream used to cost two).
             self._read_ahead(stub, stop)
-        await self.engine.fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
+        try:
+            await self.engine.fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
+        except Superseded:
+            # The flight found the path leading elsewhere (checked there, in its own thread,
+            # so the common miss pays no extra hop): fill through the door's fd instead.
+            if fd is None:
+                raise
+            await self._writable(stub, fd)
+            await self.engine.fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
         if not whole:
             self._read_ahead(stub, stop)
 

@@ -72,6 +72,10 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class KernelConfig:
+    #: At stop, before the group closes, mount an empty read-only cover over the cache dir so
+    #: new opens by path fail (ENOENT) instead of reading unguarded stubs as zeros
+    #: (docs/unguarded.md).  The next start removes it.
+    cover: bool = True
     #: The holder kills (and restarts) a worker whose loop leaves a ping unanswered this long:
     #: a worker that hangs without dying would hold every guarded access forever.  0: never.
     watchdog_s: float = 30.0
@@ -218,6 +222,8 @@ def build_options(
                 cache_kw["open_fill_max"] = (
                     -1 if value == "all" else 0 if value in {"off", "0"} else parse_size(value)
                 )
+            case "cover":
+                kernel_kw["cover"] = _flag(value)
             case "watchdog":
                 kernel_kw["watchdog_s"] = 0.0 if value == "off" else _seconds(value)
             case "read_ahead_kb":

@@ -216,6 +216,11 @@ def start_door(kind: str, source: str, work: Path, endpoint: str | None) -> Iter
         subprocess.run(door.stop_cmd, capture_output=True, timeout=60)
         if kind == "fuse":
             subprocess.run(["fusermount3", "-u", "-z", str(door.root)], capture_output=True)
+        else:
+            from .cover import uncover
+
+            with contextlib.suppress(OSError):
+                uncover(door.root)  # the stop covered the tree (hsmfs.cover); the demo is done
 
 
 def demo_main(argv: list[str]) -> int:

@@ -33,7 +33,14 @@ from typing import Protocol
 import trio
 
 from .config import CacheConfig
-from .errors import BackendUnavailable, CacheFull, HsmError, ShortBody, cause_of
+from .errors import (
+    BackendUnavailable,
+    CacheFull,
+    HsmError,
+    ShortBody,
+    Superseded,
+    cause_of,
+)
 from .ranges import RangeMap, Span
 from .readahead import page_ceil, page_floor
 from .state import Stub
@@ -263,7 +270,8 @@ class FetchEngine:
                         prefetch: bool) -> None:
         cause = cause_of(exc)
         self.counters.errors[cause] += 1
-        level = logging.INFO if prefetch else logging.ERROR
+        # A superseded file is retried through the reader's own fd: not a failure it sees.
+        level = logging.INFO if prefetch or isinstance(exc, Superseded) else logging.ERROR
         if not isinstance(exc, (HsmError, OSError)):
             log.exception("unexpected failure fetching %r", stub.version.key)
         else:

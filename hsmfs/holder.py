@@ -297,8 +297,15 @@ class Holder:
         init_flags: int = HOLDER_INIT_FLAGS,
         event_f_flags: int = HOLDER_EVENT_F_FLAGS,
         watchdog: float = DEFAULT_WATCHDOG,
+        before_close: Callable[[bool], None] | None = None,
     ) -> None:
         """Create the group (raises OSError if the kernel refuses) and prepare, not start.
+
+        ``before_close``: called once, as soon as H knows it will close the group (a stop is
+        requested, or it is about to close for any other reason), before any event is denied
+        or the group closed, with whether any worker was ever ready (whether the group
+        guarded anything): the caller's chance to keep new openers away from what the group
+        will stop guarding (:mod:`hsmfs.cover`).  Its failures are logged, never fatal.
 
         ``ready_fd``: H writes one byte to it when the first worker reports ``ready`` (its marks
         are in place) and closes it; it is closed without a byte if H ends before that.
@@ -312,6 +319,7 @@ class Holder:
         if not worker_argv:
             raise ValueError("worker_argv is empty")
         self._argv = list(worker_argv)
+        self._before_close = before_close
         self._env = dict(os.environ if worker_env is None else worker_env)
         self._extra_fds = tuple(pass_fds)
         self._ready_fd = ready_fd
@@ -982,6 +990,7 @@ class Holder:
         self._stop_requested = True
         self._restart_at = None
         log.info("%s: stopping (%d pending)", why, len(self._pending))
+        self._run_before_close()
         if w is None:
             self._finish(0)
             return
@@ -991,6 +1000,15 @@ class Holder:
             w.proc.send_signal(signal.SIGTERM)
         self._stop_deadline = time.monotonic() + self._stop_timeout
 
+    def _run_before_close(self) -> None:
+        hook, self._before_close = self._before_close, None
+        if hook is None:
+            return
+        try:
+            hook(self._ever_ready)
+        except Exception:
+            log.exception("the before-close step failed; closing the group all the same")
+
     def _finish(self, status: int) -> None:
         if self._exit_status is None:
             self._exit_status = status
@@ -999,6 +1017,7 @@ class Holder:
         """Answer everything still pending or queued, then close the group.  Idempotent."""
         if self._fan < 0:
             return
+        self._run_before_close()
         w = self._worker
         if w is not None:
             self._worker = None

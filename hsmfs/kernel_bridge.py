@@ -31,6 +31,7 @@ import dataclasses
 import errno
 import logging
 import os
+import resource
 import time
 from collections import Counter
 from typing import Any
@@ -211,6 +212,7 @@ class KernelBridge:
                         ident, event, fd = await self.link.receive()
                     except HolderGone:
                         log.error("the holder is gone; stopping")
+                        await trio.to_thread.run_sync(self._last_guard)
                         raise
                     if not self._answer_resident(ident, event, fd, nursery):
                         nursery.start_soon(self._handle, ident, event, fd)
@@ -220,6 +222,48 @@ class KernelBridge:
             with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self.link.stopping()
             raise
+
+    def _last_guard(self) -> None:
+        """H died and this worker holds the last fd of the group: until this process exits,
+        every access blocks (measured, docs/unguarded.md §D); when it exits, every pending and
+        later access is allowed over the holes.  So, before exiting: cover the cache dir (new
+        opens by path fail with ENOENT), deny what is queued, and deny every event H had read
+        (any holder of the group may answer by number, KERNEL_FACTS §8) with EIO.  What
+        arrives between the last denial and the exit, and fds already open, stay exposed."""
+        from .cover import cover
+        from .fanotify import parse_events, write_response
+
+        started = time.perf_counter()
+        covered = False
+        if self.cfg.cover:
+            try:
+                covered = cover(self.cache_dir)
+            except OSError as exc:
+                log.error("cannot cover %s: %s", self.cache_dir, exc)
+        eio = deny_errno(errno.EIO)
+        denied = 0
+        for _ in range(1000):  # the group is non-blocking (H made it so): EAGAIN ends this
+            try:
+                buf = os.read(self.fan_fd, 64 * 1024)
+            except OSError:
+                break
+            for ev in parse_events(buf):
+                if ev.fd >= 0:
+                    with contextlib.suppress(OSError):
+                        write_response(self.fan_fd, ev.fd, eio)
+                        denied += 1
+                    os.close(ev.fd)
+        limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20)
+        for number in range(limit):
+            for _ in range(64):  # two pending events may share a number (KERNEL_FACTS §8 C'')
+                try:
+                    write_response(self.fan_fd, number, eio)
+                except OSError:
+                    break
+                denied += 1
+        log.error("holder gone: %s, %d events denied with EIO in %.0f ms; exiting",
+                  "cache dir covered" if covered else "cache dir NOT covered", denied,
+                  1000 * (time.perf_counter() - started))
 
     def _answer_resident(self, ident: int, event: Any, fd: int,
                          nursery: trio.Nursery) -> bool:

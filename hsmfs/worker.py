@@ -66,7 +66,8 @@ def decode_options(text: str) -> Options:
 
 # ---------------------------------------------------------------------------------- H side
 
-def run_kernel_daemon(opts: Options, ready: Callable[[str], None]) -> int:
+def run_kernel_daemon(opts: Options, ready: Callable[[str], None],
+                      before_close: Callable[[bool], None] | None = None) -> int:
     """Become the holder H and supervise a worker running both doors asked for.
 
     Returns H's exit status once it stops.  ``ready`` is called (from another thread) once the
@@ -84,7 +85,7 @@ def run_kernel_daemon(opts: Options, ready: Callable[[str], None]) -> int:
     try:
         holder = Holder(argv, ready_fd=write_end, watchdog=opts.kernel.watchdog_s,
                         worker_env={**os.environ, ENV_START_ERROR_FD: str(cause_w)},
-                        pass_fds=(cause_w,))
+                        pass_fds=(cause_w,), before_close=before_close)
     except OSError as exc:
         for fd in (cause_r, cause_w, read_end, write_end):
             os.close(fd)

@@ -56,7 +56,8 @@ def main() -> int:
         plain.write_bytes(data)
         daemon = subprocess.Popen(
             [sys.executable, "-m", "hsmfs", "serve", "-f", "s3://events", str(cache), "-o",
-             f"endpoint={server.endpoint},open_fill=off,small_file=0,chunk=64K,readahead=64K"],
+             f"endpoint={server.endpoint},open_fill=off,small_file=0,chunk=64K,readahead=64K,"
+             "cover=off"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while subprocess.run([sys.executable, "-m", "hsmfs", "stats", "--json", str(cache)],

@@ -242,7 +242,7 @@ def measure(layout: Layout, setting: Setting, base: Path, moto: MotoServer) -> l
             stack.enter_context(loop_fs(layout.mkfs, base / f"{layout.key}-{setting.key}.img",
                                         cache))
         door = stack.enter_context(serve_door("kernel", f"s3://{name}", workdir,
-                                              moto.endpoint, *setting.opts))
+                                              moto.endpoint, *setting.opts, "cover=off"))
         mark = door.stats()["kernel"]["mark"]
         if mark != layout.expected_mark:
             raise RuntimeError(f"{layout.key}: expected a {layout.expected_mark} mark, "

@@ -430,6 +430,10 @@ def test_forged_state_xattrs_are_not_trusted_at_restart(bucket: Bucket, moto: Mo
     with serving(bucket, moto, tmp_path, *RANGED) as d:
         root = d.root
         keep_log(d, "run1.log")
+    # The stop covered the tree (hsmfs.cover): an admin lifts the cover, and anyone who may
+    # write the files forges while no daemon runs.
+    out = run([sys.executable, "-m", "hsmfs.cover", "uncover", str(root)])
+    assert out.returncode == 0, out.stderr.decode()
     for name, xattrs in FORGERIES.items():
         for attr, value in xattrs.items():
             out = run(["setfattr", "-n", attr, "-v", value, str(root / "f" / name)])

@@ -353,6 +353,10 @@ class KernelDoor(_HsmfsDoor):
         except DoorUnavailable as exc:
             self.cfg.log(f"kernel: {exc}")
         self._kill_daemon(pid)
+        from ..cover import uncover
+
+        with contextlib.suppress(OSError):
+            uncover(self.root)  # the stop covered the tree (hsmfs.cover); it goes now
         shutil.rmtree(self.root.parent, ignore_errors=True)
         self.root = self.backing = None
 
