@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """What can keep unpopulated stubs from reading as zeros once no hsmfs process guards them?
 
-A probe in the house style of the team shelf's kprobe*/ scripts: self-contained (ctypes only,
-no hsmfs import), run as root, loop images and scratch dirs under /tmp/probe_unguarded, every
-reader a separate process bounded by a timeout, everything unmounted and removed in ``finally``.  The
-results and conclusions are in docs/unguarded.md (and KERNEL_FACTS_3.md §1).
+A probe in the house style of the team shelf's kprobe*/ scripts: self-contained (ctypes
+only, no hsmfs import), run as root, loop images and scratch dirs under /tmp/probe_unguarded,
+every reader a separate process bounded by a timeout, everything unmounted and removed in
+``finally``.  The results and conclusions are in docs/unguarded.md (and KERNEL_FACTS_3.md §1).
 
 Sections (default: all):
 
