@@ -129,7 +129,10 @@ def _start(opts: Options) -> int:
     Either way a daemon that cannot start makes this return non-zero with one line on stderr
     that names the cause (``hsmfs: cannot serve s3://b/: bucket does not exist ...``).
     """
-    uncovered = _uncover(opts.cache.cache_dir)
+    # The FUSE door alone does not guard the backing tree: it lifts a cover a kernel-door stop
+    # left at once.  The kernel door keeps it until every stub is guarded again (its worker
+    # lifts it then, KernelBridge.serve); its pid file and log reach hsmfs's state through it.
+    uncovered = _uncover(opts.cache.cache_dir) if opts.kernel is None else None
     if opts.foreground:
         setup_logging(opts.debug, opts.log_file)
         if uncovered:

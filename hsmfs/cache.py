@@ -55,7 +55,7 @@ from .errors import HsmError, ObjectChanged, Superseded
 from .fetch import Counters, FetchEngine, Fetcher
 from .keys import key_to_relpath, place
 from .ranges import RangeMap
-from .registry import STAGING_DIR, Found, Registry, Tree
+from .registry import STAGING_DIR, Changed, Found, Registry, Tree
 from .siblings import SiblingReadAhead
 from .state import Intent, Pin, Stub
 from .stubfile import (
@@ -67,6 +67,7 @@ from .stubfile import (
     RESIDENT,
     STALE,
     STUB,
+    X_VIEW,
     Record,
     RemoteVersion,
     VersionLike,
@@ -101,7 +102,9 @@ class CacheListener(Protocol):
 
     def on_stub(self, fd: int, resident: bool) -> None:
         """A stub exists.  For a new stub this runs *before* it is reachable by its public path
-        (it is still in staging), so a guard put in place here covers every later opener."""
+        (it is still in staging), so a guard put in place here covers every later opener.  For
+        a stub adopted at start it runs while the cache dir is still covered (hsmfs.cover), so
+        no new opener reaches it unguarded either."""
 
     def on_resident(self, fd: int) -> None:
         """Every byte of the stub is now local."""
@@ -144,6 +147,7 @@ class StubCache:
         self._siblings = SiblingReadAhead(cfg.dir_readahead, cfg.small_file,
                                           self.registry.stubs_in, self._wants_fetch)
         self._fd_lock = threading.Lock()
+        self._truncating: dict[int, trio.Lock] = {}  # inode -> one truncate at a time
         self.tree.prepare()
 
     # -- life cycle --------------------------------------------------------------------------
@@ -254,38 +258,26 @@ class StubCache:
         for rel, key in sorted(layout.files.items()):
             info = by_key[key]
             f = found.pop(rel, None)
-            if f is not None and f.legacy and not self._legacy_is_empty(rel):
-                log.warning("%r carries a record of an older hsmfs (user.* xattrs) and local "
-                            "data: kept as a local file; object %r is not served", rel, key)
+            try:
+                outcome = self._place_object(rel, key, info, f)
+            except (OSError, Changed) as exc:
+                # An application changed or removed the file since the scan: leave it as it
+                # is now; the next start (or refresh) decides again.
+                log.warning("%r changed while hsmfs looked at it (%s); left as it is", rel, exc)
                 continue
-            if f is None or f.record is None:
-                if f is not None and not f.legacy:
-                    log.warning("skipping object %r: a local file that is not a stub holds %r",
-                                key, rel)
-                    continue
-                if f is None and not self.tree.parents_are_dirs(rel):
-                    # *at() calls follow symlinks in parent components: a symlink planted
-                    # in the tree (kernel door: apps write here) must not take a stub outside.
-                    log.warning("skipping object %r: a parent of %r is not a directory", key,
-                                rel)
-                    continue
-                if self._create(rel, info, replace=f is not None):
-                    n["replaced" if f is not None else "created"] += 1
-                continue
-            if f.record.version.key != key:
-                log.warning("skipping object %r: %r holds a copy of %r (renamed locally)",
-                            key, rel, f.record.version.key)
-                self._adopt(f, f.record)
-                continue
-            outcome = self._reconcile(f, f.record, info)
-            n[outcome] += 1
+            if outcome:
+                n[outcome] += 1
         for f in found.values():
             if f.record is None:
                 continue
-            if key_to_relpath(f.record.version.key, prefix)[0] != f.rel:
-                self._adopt(f, f.record)  # renamed locally: kept, served from its record
-                continue
-            n["removed" if self._remote_gone(f, f.record) else "conflicts"] += 1
+            try:
+                if key_to_relpath(f.record.version.key, prefix)[0] != f.rel:
+                    self._adopt(f, f.record)  # renamed locally: kept, served from its record
+                    continue
+                n[self._remote_gone(f, f.record)] += 1
+            except (OSError, Changed) as exc:
+                log.warning("%r changed while hsmfs looked at it (%s); left as it is", f.rel,
+                            exc)
         report = PopulateReport(n["created"], n["kept"], n["replaced"], n["removed"],
                                 layout.rejected, len(layout.dirs), n["stale"], n["conflicts"])
         log.info("populated %s: %d new, %d kept, %d replaced, %d removed, %d stale, "
@@ -294,6 +286,33 @@ class StubCache:
                  len(layout.rejected))
         return report
 
+    def _place_object(self, rel: str, key: str, info: ObjectInfoLike,
+                      f: Found | None) -> str | None:
+        """One listed object and what the scan found at its path; the outcome's counter."""
+        if f is not None and f.legacy and self._has_local_data(f):
+            log.warning("%r carries a record of an older hsmfs (user.* xattrs) and local "
+                        "data: kept as a local file; object %r is not served", rel, key)
+            return None
+        if f is None or f.record is None:
+            if f is not None and not f.legacy:
+                log.warning("skipping object %r: a local file that is not a stub holds %r",
+                            key, rel)
+                return None
+            if f is None and not self.tree.parents_are_dirs(rel):
+                # *at() calls follow symlinks in parent components: a symlink planted in the
+                # tree (kernel door: apps write here) must not take a stub outside.
+                log.warning("skipping object %r: a parent of %r is not a directory", key, rel)
+                return None
+            if self._create(rel, info, replace=f):
+                return "replaced" if f is not None else "created"
+            return None
+        if f.record.version.key != key:
+            log.warning("skipping object %r: %r holds a copy of %r (renamed locally)", key,
+                        rel, f.record.version.key)
+            self._adopt(f, f.record)
+            return None
+        return self._reconcile(f, f.record, info)
+
     def _size_checked(self, f: Found) -> Found:
         """Transition *local truncate*, found at start: a clean file whose length is not its
         version's was changed while no door saw it (a resident file raises no events; or no
@@ -301,22 +320,24 @@ class StubCache:
         length if it is shorter, ``sync=dirty``, fsync.  The comparison is on length only:
         fills move a file's mtime, so mtime says nothing yet (issue 11 records a clean point)."""
         record = f.record
-        if record is None or record.sync != CLEAN or f.size == record.version.size:
+        if (record is None or record.sync not in (CLEAN, STALE)
+                or f.size == record.version.size):
             return f
         owed = min(record.owed, f.size)
+        sync = DIRTY if record.sync == CLEAN else CONFLICT  # a changed stale copy conflicts
         try:
-            fd = self.tree.open_rw(f.rel)
-        except OSError:
+            fd = self.tree.open_checked(f.rel, f.ino, f.gen)
+        except (OSError, Changed):
             return f
         try:
             if owed < record.owed:
                 write_owed(fd, owed)
-            write_sync(fd, DIRTY, durable=True)
+            write_sync(fd, sync, durable=True)
         finally:
             os.close(fd)
-        log.info("%r is %d bytes, its version %d: changed locally, now dirty", f.rel, f.size,
-                 record.version.size)
-        return dataclasses.replace(f, record=Record(record.version, owed, DIRTY, record.remote))
+        log.info("%r is %d bytes, its version %d: changed locally, now %s", f.rel, f.size,
+                 record.version.size, sync)
+        return dataclasses.replace(f, record=Record(record.version, owed, sync, record.remote))
 
     def _adopt_tree(self, found: dict[str, Found]) -> PopulateReport:
         kept = 0
@@ -327,28 +348,21 @@ class StubCache:
         log.info("adopted %s as it is: %d stubs", self.cfg.cache_dir, kept)
         return PopulateReport(0, kept, 0, 0, [], 0)
 
-    def _legacy_is_empty(self, rel: str) -> bool:
-        fd = self.tree.open_rw(rel)
-        try:
-            return not has_data(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-
     def _reconcile(self, f: Found, record: Record, info: ObjectInfoLike) -> str:
         """One file whose object is listed: adopt it, or apply a remote change."""
         if record.version.etag == info.version.etag:
             if record.sync in (STALE, CONFLICT):
                 # The listing shows this very version again (S3 went back to it): the side
                 # state no longer holds.
-                record = self._set_sync(f.rel, DIRTY if record.sync == CONFLICT else CLEAN,
-                                        record)
+                record = self._set_sync(f, DIRTY if record.sync == CONFLICT else CLEAN, record)
             self._adopt(f, record)
             return "kept"
         return self._remote_changed(f, record, info)
 
-    def _create(self, rel: str, info: ObjectInfoLike, *, replace: bool) -> bool:
-        """Transition *create*: a new stub at ``rel`` (``replace``: over a file the caller
-        found to hold nothing local).
+    def _create(self, rel: str, info: ObjectInfoLike, *, replace: Found | None) -> bool:
+        """Transition *create*: a new stub at ``rel`` (``replace``: over the file the scan
+        found there, which holds nothing local; exchanged, checked again, and put back if an
+        application changed it meanwhile).
 
         Persists, in staging: size, record, view, mode, times; then the guard (the kernel
         door's mark); then the rename makes it reachable.  Crash before the rename: a leftover
@@ -363,7 +377,11 @@ class StubCache:
                 listener.on_stub(fd, resident)
 
         try:
-            ino, gen = self.tree.create_stub(rel, v, info.mode, guard, replace=replace)
+            ino, gen = self.tree.create_stub(
+                rel, v, info.mode, guard,
+                replace=None if replace is None else (replace.ino, replace.gen))
+        except Changed:
+            raise
         except OSError as exc:
             log.warning("skipping object %r: cannot create its stub %r: %s", v.key, rel, exc)
             return False
@@ -417,40 +435,48 @@ class StubCache:
         a rename, atomic.  Crash before: the next start decides again, the same way.
         """
         if record.sync in (DIRTY, CONFLICT):
-            record = self._set_sync(f.rel, CONFLICT, record, remote=info.version.etag)
+            record = self._set_sync(f, CONFLICT, record, remote=info.version.etag)
             log.warning("%r: local changes to version %s, and S3 now holds %s: conflict "
                         "(the local file is kept)", f.rel, record.version.etag,
                         info.version.etag)
             self._adopt(f, record)
             return "conflicts"
-        if self._has_local_data(f.rel, record.owed):
-            record = self._set_sync(f.rel, STALE, record, remote=info.version.etag)
+        if self._has_local_data(f):
+            record = self._set_sync(f, STALE, record, remote=info.version.etag)
             log.info("%r: version %s is partly local and S3 now holds %s: stale", f.rel,
                      record.version.etag, info.version.etag)
             self._adopt(f, record)
             return "stale"
-        return "replaced" if self._create(f.rel, info, replace=True) else "kept"
+        return "replaced" if self._create(f.rel, info, replace=f) else "kept"
 
-    def _remote_gone(self, f: Found, record: Record) -> bool:
-        """Transition *remote delete*: the listing no longer names the object.  A clean file is
-        only a copy: it goes (True).  A file with local changes stays, as ``conflict``
-        (False).  A program holding the removed file keeps it (served as superseded)."""
+    def _remote_gone(self, f: Found, record: Record) -> str:
+        """Transition *remote delete*: the listing no longer names the object.  A file with
+        nothing local goes (``removed``).  A file with local bytes stays: ``conflict`` if it
+        holds recorded local changes, else ``stale`` with the remote gone — an in-place write
+        of a resident file raises no event and may not be recorded (issue 11), and a delete
+        must never take a program's bytes with it.  A program holding a removed file keeps it
+        (served as superseded).  Persists the sync word (durably for conflict) first."""
         if record.sync in (DIRTY, CONFLICT):
-            record = self._set_sync(f.rel, CONFLICT, record, remote=GONE)
+            record = self._set_sync(f, CONFLICT, record, remote=GONE)
             log.warning("%r: local changes to version %s, and the object is gone from S3: "
                         "conflict (the local file is kept)", f.rel, record.version.etag)
             self._adopt(f, record)
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            self.tree.unlink(f.rel, f.ino)
+            return "conflicts"
+        if self._has_local_data(f):
+            if record.sync != STALE or record.remote != GONE:
+                record = self._set_sync(f, STALE, record, remote=GONE)
+            log.info("%r: the object is gone from S3; its local bytes are kept (stale)", f.rel)
+            self._adopt(f, record)
+            return "stale"
+        self.tree.unlink(f.rel, f.ino, f.gen)
         gone = self.registry.by_path.get(f.rel)
         if gone is not None:
             self._supersede(gone, forget=True)
-        return True
+        return "removed"
 
-    def _set_sync(self, rel: str, sync: str, record: Record, *,
+    def _set_sync(self, f: Found, sync: str, record: Record, *,
                   remote: str | None = None) -> Record:
-        fd = self.tree.open_rw(rel)
+        fd = self.tree.open_checked(f.rel, f.ino, f.gen)
         try:
             write_sync(fd, sync, remote, durable=sync in (DIRTY, CONFLICT))
         finally:
@@ -458,10 +484,12 @@ class StubCache:
         return Record(record.version, record.owed, sync,
                       remote if remote is not None else record.remote)
 
-    def _has_local_data(self, rel: str, end: int) -> bool:
-        fd = self.tree.open_rw(rel)
+    def _has_local_data(self, f: Found) -> bool:
+        """Whether any byte of the file, up to its length, is data (not only below ``owed``:
+        bytes a program wrote past a truncate are local data too)."""
+        fd = self.tree.open_checked(f.rel, f.ino, f.gen)
         try:
-            return has_data(fd, end)
+            return has_data(fd, max(os.fstat(fd).st_size, 1))
         finally:
             os.close(fd)
 
@@ -471,9 +499,17 @@ class StubCache:
         record, filling through a dup of the door's fd (no path leads to it)."""
         def load() -> tuple[int, RangeMap]:
             own = os.dup(fd)
-            return own, RangeMap(data_extents(own, record.owed))
+            try:
+                return own, RangeMap(data_extents(own, record.owed))
+            except BaseException:
+                os.close(own)
+                raise
 
         own, ranges = await trio.to_thread.run_sync(load)
+        raced = self.registry.by_ino.get(ino)
+        if raced is not None and raced.gen == gen:
+            os.close(own)  # another event on the same inode got here first: one Stub per inode
+            return raced
         stub = Stub(path=f"<{record.version.key} inode {ino}>", version=record.version,
                     ino=ino, gen=gen, owed=record.owed, sync=record.sync, remote=record.remote,
                     ranges=ranges, local=ranges.covers(0, record.owed), superseded=True,
@@ -493,6 +529,8 @@ class StubCache:
         as a program is using it right now."""
         if forget:
             self.registry.forget(stub)
+            if not self.engine.busy(stub):
+                self._close_fd(stub)
         if stub.superseded:
             return
         stub.superseded = True
@@ -504,7 +542,7 @@ class StubCache:
         with contextlib.suppress(OSError):
             word = stub.state.encode()
             try:
-                current = os.getxattr(fd, "user.hsm.state")
+                current = os.getxattr(fd, X_VIEW)
             except OSError:
                 current = b""
             if current != word:
@@ -626,40 +664,54 @@ class StubCache:
         The kernel door calls this while the truncating program waits (so nothing is fetched:
         the bytes above the new size are thrown away, and the page holding the new end is a
         hole that stays owed); :meth:`lookup` calls it when it finds a size below ``owed``
-        after the fact.  Persists, in order: ``owed`` lowered to the new size (bytes the
-        program cut off must never be fetched back over what it writes next), then
-        ``sync=dirty``, then fsync — all before the program's truncate may land.  Crash before:
-        nothing recorded and nothing changed (the blocked truncate is re-dispatched to the next
-        worker).  Crash after: dirty and owed are durable; if the truncate then never lands
-        (the program was killed while it waited), bytes between the new ``owed`` and the old
-        size stay holes that read as zeros in a file marked dirty: the one window, recorded in
-        docs/design.md.
+        after the fact.  In order: flights of the file finish (none may write past the new end
+        after the truncate lands); ``owed`` lowered to the new size (bytes the program cut off
+        must never be fetched back over what it writes next) and ``sync=dirty`` (``conflict``
+        for a stale copy), fsync'd; then memory; then flights once more (none planned on the
+        old ``owed`` may still run) — all before the program's truncate may land.  One
+        truncate of a file at a time, and ``owed`` never rises.  Crash before the fsync:
+        nothing recorded and nothing changed (the blocked truncate is re-dispatched to the
+        next worker).  Crash after: dirty and owed are durable; if the truncate then never
+        lands (the program was killed while it waited), bytes between the new ``owed`` and the
+        old size stay holes that read as zeros in a file marked dirty: the one window,
+        recorded in docs/design.md.
         """
+        lock = self._truncating.setdefault(stub.ino, trio.Lock())
+        try:
+            async with lock:
+                await self._truncate(stub, new_size, fd)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._truncating.pop(stub.ino, None)
+
+    async def _truncate(self, stub: Stub, new_size: int, fd: int | None) -> None:
         size_now = await trio.to_thread.run_sync(_size_of, fd) if fd is not None else None
         if new_size >= stub.owed and (size_now is None or new_size == size_now):
             return  # no byte S3 owes is cut off, and the length does not change
+        await self.engine.wait_idle(stub)
         await self._writable(stub, fd)
         lowered = min(new_size, stub.owed)
+        sync = {CLEAN: DIRTY, STALE: CONFLICT}.get(stub.sync, stub.sync)
 
         def persist() -> None:
             rw = self.writable_fd(stub)
             if lowered < stub.owed:
                 write_owed(rw, lowered)
-            if stub.sync == CLEAN:
-                write_sync(rw, DIRTY, durable=True)
+            if sync != stub.sync:
+                write_sync(rw, sync, durable=True)
             else:
                 os.fsync(rw)
 
         await trio.to_thread.run_sync(persist)
         if lowered < stub.owed:
-            log.info("%r truncated locally to %d bytes (S3 owed %d): dirty", stub.path,
-                     new_size, stub.owed)
-        stub.owed = lowered
-        if stub.sync == CLEAN:
-            stub.sync = DIRTY
+            log.info("%r truncated locally to %d bytes (S3 owed %d): %s", stub.path, new_size,
+                     stub.owed, sync)
+        stub.owed = min(stub.owed, lowered)
+        stub.sync = sync
         if stub.ranges is not None:
-            stub.ranges.remove(lowered, max(stub.version.size, lowered))
-        if stub.local or (stub.ranges is not None and stub.ranges.covers(0, lowered)):
+            stub.ranges.remove(stub.owed, max(stub.version.size, stub.owed))
+        await self.engine.wait_idle(stub)
+        if stub.local or (stub.ranges is not None and stub.ranges.covers(0, stub.owed)):
             stub.local = False
             await trio.to_thread.run_sync(self._mark_local, stub)
         else:
@@ -833,10 +885,14 @@ class StubCache:
         """(state word, resident bytes below ``owed``): exact, from the data extents."""
         if stub.local:
             return stub.state, stub.owed
-        if stub.ranges is None:
-            # SEEK_DATA through the private door: a few syscalls, no event, no fill.
-            stub.ranges = self._load_ranges(stub)
-        return stub.state, stub.ranges.total()
+        ranges = stub.ranges
+        if ranges is None:
+            # SEEK_DATA through the private door: a few syscalls, no event, no fill.  Kept only
+            # if no one loaded it meanwhile (one map per file: fills write its gaps).
+            ranges = self._load_ranges(stub)
+            if stub.ranges is None:
+                stub.ranges = ranges
+        return stub.state, ranges.total()
 
     def stats(self) -> dict[str, object]:
         c = self.counters

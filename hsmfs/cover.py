@@ -98,6 +98,9 @@ COVER_SOURCE = "hsmfs-cover"
 MARKER = ".hsmfs-cover"
 _MAGIC = "hsmfs-cover v1"
 _TMPFS_MAGIC = 0x01021994
+#: hsmfs's state directory in the cache root (hsmfs.keys.STATE_DIR; not imported, so this
+#: module stays standalone for a service manager's hook).
+STATE_DIR_NAME = ".hsmfs"
 _MAX_STACK = 16  # covers stacked by racing callers, removed one by one (bounded)
 _ESCAPE = re.compile(rb"\\(040|011|012|134)")
 
@@ -159,13 +162,28 @@ def cover(cache_dir: str | os.PathLike[str]) -> bool:
         raise NotADirectoryError(errno.ENOTDIR, "cannot cover a non-directory", path)
     if is_covered(path):
         return False
-    mfd = _build_cover(path, st)
+    # hsmfs's own state (pid file, log, control socket, staging) stays reachable through the
+    # cover: a bind of the real state directory on an empty one in the cover.  A start can
+    # then write its pid file and log while the cover still keeps every stub out of reach,
+    # and the worker lifts the cover only once every stub is guarded again.
+    state = os.path.join(path, STATE_DIR_NAME)
+    state_fd = _open_tree(state) if os.path.isdir(state) else None
     try:
-        _syscall(_SYS_MOVE_MOUNT, ctypes.c_long(mfd), ctypes.c_char_p(b""),
-                 ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(os.fsencode(path)),
-                 ctypes.c_long(_MOVE_MOUNT_F_EMPTY_PATH), what="move_mount", path=path)
+        mfd = _build_cover(path, st, with_state=state_fd is not None)
+        try:
+            _syscall(_SYS_MOVE_MOUNT, ctypes.c_long(mfd), ctypes.c_char_p(b""),
+                     ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(os.fsencode(path)),
+                     ctypes.c_long(_MOVE_MOUNT_F_EMPTY_PATH), what="move_mount", path=path)
+        finally:
+            os.close(mfd)
+        if state_fd is not None:
+            _syscall(_SYS_MOVE_MOUNT, ctypes.c_long(state_fd), ctypes.c_char_p(b""),
+                     ctypes.c_long(_AT_FDCWD), ctypes.c_char_p(os.fsencode(state)),
+                     ctypes.c_long(_MOVE_MOUNT_F_EMPTY_PATH), what="move_mount(state)",
+                     path=state)
     finally:
-        os.close(mfd)
+        if state_fd is not None:
+            os.close(state_fd)
     return True
 
 
@@ -290,8 +308,9 @@ def _marker_text(path: str, st: os.stat_result) -> bytes:
     ).encode()
 
 
-def _build_cover(path: str, st: os.stat_result) -> int:
-    """A detached, read-only tmpfs holding the marker; returns its mount fd."""
+def _build_cover(path: str, st: os.stat_result, *, with_state: bool = False) -> int:
+    """A detached, read-only tmpfs holding the marker (and, ``with_state``, an empty
+    directory for hsmfs's state to be bound on); returns its mount fd."""
     fs = _syscall(_SYS_FSOPEN, ctypes.c_char_p(b"tmpfs"), ctypes.c_long(_FSOPEN_CLOEXEC),
                   what="fsopen(tmpfs)", path=path)
     try:
@@ -315,6 +334,8 @@ def _build_cover(path: str, st: os.stat_result) -> int:
             os.write(fd, _marker_text(path, st))
         finally:
             os.close(fd)
+        if with_state:
+            os.mkdir(STATE_DIR_NAME, 0o700, dir_fd=mfd)
         attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
         _syscall(_SYS_MOUNT_SETATTR, ctypes.c_long(mfd), ctypes.c_char_p(b""),
                  ctypes.c_long(_AT_EMPTY_PATH), ctypes.byref(attr),

@@ -119,11 +119,22 @@ class FetchEngine:
         # trio retires idle worker threads, and their buffers with them.
         self._buffers = threading.local()
 
+    def _flights_of(self, stub: Stub) -> list[Flight]:
+        seen: list[Flight] = []
+        for (ino, _chunk), flights in self._inflight.items():
+            if ino == stub.ino:
+                seen.extend(f for f in flights if f not in seen)
+        return seen
+
     def busy(self, stub: Stub) -> bool:
-        """Whether any flight of this inode is in progress."""
-        chunk = self.cfg.chunk_size
-        return any((stub.ino, i) in self._inflight
-                   for i in range(0, max(stub.size, 1) // chunk + 1))
+        """Whether any flight of this inode is in progress (also beyond a lowered ``owed``)."""
+        return any(ino == stub.ino for ino, _chunk in self._inflight)
+
+    async def wait_idle(self, stub: Stub) -> None:
+        """Return once no flight of this inode is in progress (their errors are theirs)."""
+        while flights := self._flights_of(stub):
+            for f in flights:
+                await f.done.wait()
 
     def flying_at_start(self, stub: Stub) -> bool:
         return (stub.ino, 0) in self._inflight

@@ -31,6 +31,7 @@ import dataclasses
 import errno
 import logging
 import os
+import platform
 import resource
 import time
 from collections import Counter
@@ -40,6 +41,7 @@ import trio
 
 from .cache import Intent, Pin, StubCache
 from .config import KernelConfig
+from .cover import is_mount_beneath, open_beneath, uncover
 from .errors import HsmError, to_errno
 from .fanotify import (
     FAN_ALLOW,
@@ -56,7 +58,6 @@ from .fanotify import (
     fanotify_mark,
     fanotify_mark_fd,
     ignore_mount,
-    open_private_tree,
 )
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,21 @@ log = logging.getLogger(__name__)
 # openat(2), open(2), creat(2), truncate(2), ftruncate(2) on x86_64: what a blocked thread is in.
 _SYS_OPEN, _SYS_CREAT, _SYS_OPENAT = 2, 85, 257
 _SYS_TRUNCATE, _SYS_FTRUNCATE = 76, 77
+PAGE = 4096
+
+
+#: The syscall numbers above are x86_64's: elsewhere (arm64's 76 is splice) nothing is read
+#: from /proc/<tid>/syscall, and every event takes the safe reading (fill; a read, not a
+#: truncate).
+_SYSCALLS_KNOWN = platform.machine() == "x86_64"
 
 
 def _syscall(tid: int) -> list[str] | None:
     """The fields of ``/proc/<tid>/syscall`` of a thread blocked in a syscall, or None
-    (another PID namespace, an io_uring worker, a thread that moved on)."""
+    (another architecture, another PID namespace, an io_uring worker, a thread that moved
+    on)."""
+    if not _SYSCALLS_KNOWN:
+        return None
     try:
         with open(f"/proc/{tid}/syscall") as f:
             return f.read().split()
@@ -97,7 +108,7 @@ def opened_with_trunc(tid: int) -> bool:
     return False
 
 
-def truncating_to(tid: int) -> int | None:
+def truncating_to(tid: int, ino: int) -> int | None:
     """The new length if the thread is blocked in truncate(2)/ftruncate(2), else None.
 
     The kernel reports a truncate as an access event (KERNEL_FACTS §3: a shrink to an aligned
@@ -108,9 +119,15 @@ def truncating_to(tid: int) -> int | None:
     """
     fields = _syscall(tid)
     try:
-        if fields and int(fields[0]) in (_SYS_TRUNCATE, _SYS_FTRUNCATE):
+        nr = int(fields[0]) if fields else -1
+        if nr == _SYS_FTRUNCATE and fields:
+            # The fd it truncates must be this file (a 32-bit program's numbers differ).
+            if os.stat(f"/proc/{tid}/fd/{int(fields[1], 16)}").st_ino != ino:
+                return None
             return int(fields[2], 16)
-    except (ValueError, IndexError):
+        if nr == _SYS_TRUNCATE and fields:
+            return int(fields[2], 16)
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
@@ -151,8 +168,10 @@ class KernelBridge:
         self.cache: StubCache | None = None
         self.stats_ = BridgeStats()
         self.mask = FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM
-        self.filesystem_mark = os.path.ismount(cache_dir)
-        self.root_fd = open_private_tree(cache_dir)
+        # A stop covers the cache dir (hsmfs.cover) until this worker has guarded every stub:
+        # the layout and the private door are those of the tree beneath the cover.
+        self.filesystem_mark = is_mount_beneath(cache_dir)
+        self.root_fd = open_beneath(cache_dir)
 
     def attach(self, cache: StubCache) -> None:
         """Learn the core, then guard the tree.  Called before the core makes or adopts any
@@ -203,7 +222,12 @@ class KernelBridge:
         from .holder_link import HolderGone
 
         assert self.cache is cache, "attach() the core before it makes stubs"
-        await self.link.ready()  # every stub is guarded: H may now tell `hsmfs serve` to return
+        # Every stub is guarded now: a cover the last stop left may go.  An access between here
+        # and ready blocks in H (it dispatches to ready workers only) instead of reading zeros.
+        if await trio.to_thread.run_sync(uncover, self.cache_dir):
+            log.info("lifted the cover the last stop left over %s: every stub is guarded",
+                     self.cache_dir)
+        await self.link.ready()  # H may now tell `hsmfs serve` to return
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -340,7 +364,10 @@ class KernelBridge:
                 elif not stub.local:
                     self.stats_.open_fills += 1
             else:
-                new_size = truncating_to(event.pid)
+                # A truncate reports (new end, 0) or the page holding it (KERNEL_FACTS §3):
+                # only such events are worth a look at what the thread is doing.
+                new_size = (truncating_to(event.pid, stub.ino)
+                            if event.count in (0, PAGE) else None)
                 if new_size is not None:
                     intent, start, stop = Intent.TRUNCATE, new_size, new_size
                     self.stats_.truncates += 1

@@ -424,10 +424,10 @@ PRIVATE_XATTRS = "trusted.hsmfs."
 def _identity_view(stub: Stub) -> dict[str, str]:
     """What HSM-aware tools read through the mount: the state word and the remote identity,
     computed from the core's state (the record itself is root-only, ``trusted.*``)."""
-    view = {X_VIEW: stub.state, "user.hsmfs.key": stub.version.key,
-            "user.hsmfs.etag": stub.version.etag, "user.hsmfs.size": str(stub.version.size)}
+    view = {X_VIEW: stub.state, "user.hsm.key": stub.version.key,
+            "user.hsm.etag": stub.version.etag, "user.hsm.remote_size": str(stub.version.size)}
     if stub.version.version_id:
-        view["user.hsmfs.version"] = stub.version.version_id
+        view["user.hsm.version"] = stub.version.version_id
     return view
 
 

@@ -10,6 +10,7 @@ façade runs them in worker threads).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import posixpath
@@ -26,6 +27,7 @@ from .stubfile import (
     Record,
     VersionLike,
     generation,
+    has_data,
     legacy_identity,
     read_record,
     write_identity,
@@ -38,6 +40,15 @@ STAGING_DIR = f"{STATE_DIR}/staging"
 #: The cache's format, so an older or newer hsmfs recognises a tree it must not misread.
 FORMAT_FILE = f"{STATE_DIR}/format"
 FORMAT = "2"  # 2: trusted.* record, residency from extents only (1: user.* words)
+
+
+class Changed(Exception):
+    """An application changed or replaced a file between the tree scan and hsmfs's action on
+    it: the action is not taken (the decision was made on what the scan saw)."""
+
+
+class NewerFormat(Exception):
+    """The cache was made by a newer hsmfs: this one must not misread it."""
 
 
 @dataclass(frozen=True)
@@ -103,14 +114,36 @@ class Tree:
         for d in (STATE_DIR, STAGING_DIR):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(d, 0o700, dir_fd=self.root_fd)
-        # Leftovers of a crash between create and rename: unreachable, delete them.
+        # Leftovers of a crash between create and rename: unreachable stubs with no data,
+        # deleted.  Anything holding data (a file being put back when hsmfs died) is kept.
         sfd = os.open(STAGING_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root_fd)
         try:
             for name in os.listdir(sfd):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=sfd)
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+                    try:
+                        holds = has_data(fd, max(os.fstat(fd).st_size, 1))
+                    finally:
+                        os.close(fd)
+                    if holds:
+                        log.warning("%s/%s holds data: kept for you to look at", STAGING_DIR,
+                                    name)
+                    else:
+                        os.unlink(name, dir_fd=sfd)
         finally:
             os.close(sfd)
+        try:
+            fd = os.open(FORMAT_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                found = os.read(fd, 64).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+            if not found.isdigit() or int(found) > int(FORMAT):
+                raise NewerFormat(f"the cache is in format {found!r}, this hsmfs knows "
+                                  f"format {FORMAT} and older: use a newer hsmfs")
         fd = os.open(FORMAT_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600,
                      dir_fd=self.root_fd)
         try:
@@ -150,15 +183,20 @@ class Tree:
                 return False
         return True
 
-    def exists(self, rel: str) -> bool:
-        try:
-            os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
-            return True
-        except FileNotFoundError:
-            return False
-
     def open_rw(self, rel: str) -> int:
         return os.open(rel, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
+
+    def open_checked(self, rel: str, ino: int, gen: int) -> int:
+        """``rel`` opened O_RDWR, if it is still the file the scan saw; else :class:`Changed`."""
+        fd = self.open_rw(rel)
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, generation(fd)) != (ino, gen):
+                raise Changed(f"{rel!r} is another file than the one scanned")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def scan(self) -> Iterator[Found]:
         """Every regular file of the tree (outside the state directory) with its record."""
@@ -187,15 +225,21 @@ class Tree:
                     os.close(fd)
 
     def create_stub(self, rel: str, version: VersionLike, mode: int | None,
-                    guard: Callable[[int], None], *, replace: bool) -> tuple[int, int]:
+                    guard: Callable[[int], None], *,
+                    replace: tuple[int, int] | None = None) -> tuple[int, int]:
         """Create a stub of ``version`` at ``rel``; return its (inode, generation).
 
-        Made in staging and guarded there (``guard(fd)``: the kernel door's mark) before the
-        rename makes it reachable, so no opener can ever hold an unguarded fd of it.  The
-        record is complete before the rename: a crash leaves either no stub (the staging
-        leftover is deleted at the next start) or a complete one.  ``replace``: the rename may
-        replace the file at ``rel`` (the caller decided it holds nothing local); otherwise an
-        existing file is never touched.
+        Made in staging and guarded there (``guard(fd)``: the kernel door's mark) before it
+        becomes reachable, so no opener can ever hold an unguarded fd of it.  The record is
+        complete before then: a crash leaves either no stub (the staging leftover is deleted at
+        the next start) or a complete one.
+
+        ``replace``: the (inode, generation) of the file the caller found at ``rel`` and
+        decided holds nothing local.  The two are *exchanged* (``RENAME_EXCHANGE``), so the
+        old file lands in staging, where it is checked again: if it is not that file any more,
+        or holds data now (an application wrote between the scan and here), the exchange is
+        undone and :class:`Changed` raised.  Without ``replace`` an existing file is never
+        touched: link + unlink fails with EEXIST instead.
         """
         tmp = f"{STAGING_DIR}/{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600,
@@ -207,8 +251,16 @@ class Tree:
             os.fchmod(fd, stat.S_IMODE(mode) if mode is not None else self.file_mode)
             os.utime(fd, (version.mtime, version.mtime))
             guard(fd)
-            if replace:
-                os.rename(tmp, rel, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
+            if replace is not None:
+                self._exchange(tmp, rel)
+                try:
+                    retired = self._retire(tmp, replace)
+                except BaseException:
+                    self._exchange(tmp, rel)  # unsure: the old file goes back where it was
+                    raise
+                if not retired:
+                    self._exchange(tmp, rel)  # the application's file goes back
+                    raise Changed(f"{rel!r} changed between the scan and its replacement")
             else:
                 # link + unlink: fails with EEXIST rather than replace a file that appeared
                 # since the caller looked (an application creating the same name).
@@ -218,19 +270,61 @@ class Tree:
             return st.st_ino, generation(fd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self.root_fd)
+                if os.fstat(fd).st_ino == os.stat(tmp, dir_fd=self.root_fd).st_ino:
+                    os.unlink(tmp, dir_fd=self.root_fd)  # our unfinished stub, nothing else
             raise
         finally:
             os.close(fd)
 
-    def unlink(self, rel: str, ino: int) -> bool:
-        """Remove ``rel`` if it is still inode ``ino``; True if it was removed."""
+    def _exchange(self, a: str, b: str) -> None:
+        if _libc.renameat2(self.root_fd, os.fsencode(a), self.root_fd, os.fsencode(b),
+                           _RENAME_EXCHANGE) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"renameat2(RENAME_EXCHANGE): {os.strerror(err)}", b)
+
+    def _retire(self, tmp: str, expected: tuple[int, int]) -> bool:
+        """The old file sits at ``tmp`` (staging): remove it if it is still the file the scan
+        saw and holds no data (True); else leave it there for the caller to put back."""
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
         try:
-            st = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
+            st = os.fstat(fd)
+            same = (st.st_ino, generation(fd)) == expected and not has_data(
+                fd, max(st.st_size, 1))
+        finally:
+            os.close(fd)
+        if same:
+            os.unlink(tmp, dir_fd=self.root_fd)
+        return same
+
+    def unlink(self, rel: str, ino: int, gen: int) -> bool:
+        """Remove ``rel`` if it is still the file the scan saw, holding no data; True if it
+        was removed.  Moved into staging first and checked there, so an application's new
+        file or fresh bytes at that name are never the ones removed; put back otherwise
+        (never over a file that appeared at ``rel`` meanwhile) and :class:`Changed` raised."""
+        tmp = f"{STAGING_DIR}/{secrets.token_hex(8)}"
+        try:
+            os.rename(rel, tmp, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
         except FileNotFoundError:
             return False
-        if st.st_ino != ino:
-            return False
-        os.unlink(rel, dir_fd=self.root_fd)
+        try:
+            retired = self._retire(tmp, (ino, gen))
+        except BaseException:
+            self._put_back(tmp, rel)
+            raise
+        if not retired:
+            self._put_back(tmp, rel)
+            raise Changed(f"{rel!r} changed between the scan and its removal")
         return True
 
+    def _put_back(self, tmp: str, rel: str) -> None:
+        if _libc.renameat2(self.root_fd, os.fsencode(tmp), self.root_fd, os.fsencode(rel),
+                           _RENAME_NOREPLACE) < 0:
+            err = ctypes.get_errno()
+            log.error("cannot put %r back (%s): it is kept at %s/%s until the next start "
+                      "removes staging leftovers", rel, os.strerror(err), STAGING_DIR, tmp)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2

@@ -41,7 +41,7 @@ class Intent(enum.Enum):
     OPEN = "open"  # an open: the whole file if it is small enough (open_fill), else nothing
     OPEN_TRUNC = "open_trunc"  # an open with O_TRUNC: its bytes are about to go, fetch nothing
     TRUNCATE = "truncate"  # the file is being truncated to ``start`` bytes: fetch nothing
-    WHOLE = "whole"  # make every byte resident (restore, open fill)
+    WHOLE = "whole"  # make every byte resident (restore)
 
 
 @dataclass

@@ -248,8 +248,10 @@ def describe(path: str) -> dict[str, object]:
         remote = int(get(X_RSIZE) or st.st_size)
     except ValueError:
         remote = st.st_size
-    resident = (min(st.st_size, remote) if word in (RESIDENT, DIRTY, CONFLICT) else 0
-                if word == STUB else min(st.st_blocks * 512, remote))
+    # Only ``resident`` says every owed byte is local; a dirty or conflicting file may be
+    # partial (a truncated stub), so it gets the estimate.
+    resident = (min(st.st_size, remote) if word == RESIDENT else 0
+                if word == STUB else min(st.st_blocks * 512, st.st_size, remote))
     info.update(state=word, resident_bytes=resident, key=key, remote_size=remote,
                 etag=get(X_ETAG), mtime=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                       time.gmtime(st.st_mtime)))

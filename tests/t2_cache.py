@@ -764,12 +764,16 @@ async def test_residency_survives_a_restart(h):
         await first.ensure(first.stub_at("full"), 0, 3 * C, Intent.WHOLE)
     assert len(f.calls) == 3
     first.close()
-    # Leftovers of a crash between create and rename are swept at start.
-    (h.path(STAGING_DIR) / "0123456789abcdef").write_bytes(b"half-made stub")
+    # Leftovers of a crash between create and rename (no data) are swept at start; a file
+    # holding data there (one being put back when hsmfs died) is kept.
+    with open(h.path(STAGING_DIR) / "0123456789abcdef", "wb") as half:
+        half.truncate(3 * C)
+    (h.path(STAGING_DIR) / "fedcba9876543210").write_bytes(b"someone's bytes")
 
     f.calls.clear()
     second = h.cache()
-    assert os.listdir(h.path(STAGING_DIR)) == []
+    assert os.listdir(h.path(STAGING_DIR)) == ["fedcba9876543210"]
+    os.unlink(h.path(STAGING_DIR) / "fedcba9876543210")
     report = await second.populate(f.listing())
     assert (report.created, report.kept) == (0, 3)
     part, full = second.stub_at("part"), second.stub_at("full")

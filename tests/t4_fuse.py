@@ -107,9 +107,10 @@ def test_read_only_hidden_state_and_xattrs(bucket: Bucket, moto: MotoServer,
             (d.root / "new").write_bytes(b"x")
         assert err.value.errno == errno.EROFS
         assert os.getxattr(path, "user.hsm.state") == b"stub"
-        assert os.getxattr(path, "user.hsmfs.key") == b"dir/obj.bin"
-        assert os.getxattr(path, "user.hsmfs.size") == str(len(data)).encode()
-        assert "user.hsmfs.etag" in os.listxattr(path)
+        assert os.getxattr(path, "user.hsm.key") == b"dir/obj.bin"
+        assert os.getxattr(path, "user.hsm.remote_size") == str(len(data)).encode()
+        assert "user.hsm.etag" in os.listxattr(path)
+        assert not [n for n in os.listxattr(path) if n.startswith("trusted.")]
         with open(path, "rb") as f:
             assert os.pread(f.fileno(), 10, 65536 * 2) == data[65536 * 2:65536 * 2 + 10]
         assert os.getxattr(path, "user.hsm.state") == b"partial"

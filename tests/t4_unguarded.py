@@ -53,11 +53,54 @@ def test_stop_covers_the_tree_and_the_next_start_lifts_it(bucket: Bucket, moto: 
         assert not is_covered(cache)
     assert is_covered(cache)
     assert _open_errno(cache / "d/cold.bin") == errno.ENOENT  # never zeros
-    assert sorted(os.listdir(cache)) == [".hsmfs-cover"]  # what is there says why
+    # What is there says why; hsmfs's own state (its log) stays reachable through it.
+    assert sorted(os.listdir(cache)) == [".hsmfs", ".hsmfs-cover"]
     with serve_door("kernel", source, tmp_path / "w", moto.endpoint, *OPTS) as d:
         assert not is_covered(cache)
         assert sha256((d.root / "d/cold.bin").read_bytes()) == sha256(data)
-        assert "removed the cover" in d.log()
+        assert "lifted the cover the last stop left" in d.log()
+
+
+def test_a_start_lifts_the_cover_only_once_every_stub_is_guarded(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
+    """A reader that keeps opening a cold stub by path while the door stops and starts again
+    (inode marks: the cache shares `/`) sees right bytes or ENOENT, never zeros."""
+    data = bucket.put("cold.bin", seeded(4 * MiB, "cold"))
+    source = f"s3://{bucket.name}"
+    with serve_door("kernel", source, tmp_path / "w", moto.endpoint, *OPTS) as d:
+        cache = d.root
+    code = ("import os, sys, time\n"
+            "want = open(sys.argv[2], 'rb').read()\n"
+            "end = time.monotonic() + float(sys.argv[3]); seen = set()\n"
+            "while time.monotonic() < end:\n"
+            "    off = int.from_bytes(os.urandom(3), 'little') % (len(want) - 4096) & ~4095\n"
+            "    try:\n"
+            "        fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "    except FileNotFoundError:\n"
+            "        seen.add('enoent'); continue\n"
+            "    try:\n"
+            "        got = os.pread(fd, 4096, off)\n"
+            "    finally:\n"
+            "        os.close(fd)\n"
+            "    if got != want[off:off + 4096]:\n"
+            "        print('WRONG', off, got[:8]); sys.exit(1)\n"
+            "    seen.add('data')\n"
+            "print(' '.join(sorted(seen)))\n")
+    want = tmp_path / "want.bin"
+    want.write_bytes(data)
+    reader = subprocess.Popen([sys.executable, "-c", code, str(cache / "cold.bin"), str(want),
+                               "12"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        with serve_door("kernel", source, tmp_path / "w", moto.endpoint, *OPTS):
+            time.sleep(2)
+        out, _ = reader.communicate(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait(10)
+    assert reader.returncode == 0, out
+    assert "enoent" in out and "data" in out, out
 
 
 def test_cover_off_leaves_the_tree_as_it_was(bucket: Bucket, moto: MotoServer,
