@@ -578,6 +578,10 @@ class StubCache:
             return
         if intent is Intent.OPEN_TRUNC:
             return
+        if intent is Intent.WRITE:
+            await self._ensure(stub, 0, stub.owed, Intent.WHOLE, fd)
+            await self.mark_dirty(stub, fd=fd)
+            return
         if intent is Intent.OPEN:
             limit = self.cfg.open_fill_max
             if limit == 0 or 0 < limit < stub.owed:
@@ -655,6 +659,32 @@ class StubCache:
         in use: that fd keeps a removed inode (and its blocks) alive."""
         if stub.superseded and stub.pins == 0 and not self.engine.busy(stub):
             self._close_fd(stub)
+
+    # -- transition: local write --------------------------------------------------------------
+
+    async def mark_dirty(self, stub: Stub, *, fd: int | None = None) -> None:
+        """Transition *local write*: the file holds (or is about to hold) changes S3 does not
+        have.  ``clean`` becomes ``dirty``, ``stale`` becomes ``conflict``; persisted and
+        fsync'd before this returns, so a door that calls it before letting a write land
+        leaves a crash with a dirty file, never a changed file marked clean.  (A crash right
+        after may leave a dirty file with no change: harmless, the next archive finds it equal.)
+        Through :attr:`Intent.WRITE` every owed byte is made local first: once a file holds
+        local changes, a hole in it is the program's data, never a byte S3 owes (DESIGN §4).
+        """
+        sync = {CLEAN: DIRTY, STALE: CONFLICT}.get(stub.sync)
+        if sync is None:
+            return  # dirty or conflict already
+        await self._writable(stub, fd)
+
+        def persist() -> None:
+            rw = self.writable_fd(stub)
+            write_sync(rw, sync, durable=True)
+            with contextlib.suppress(OSError):
+                write_view(rw, sync)
+
+        await trio.to_thread.run_sync(persist)
+        stub.sync = sync
+        log.info("%r changed locally: %s", stub.path, sync)
 
     # -- transition: local truncate ----------------------------------------------------------
 

@@ -42,6 +42,7 @@ class Intent(enum.Enum):
     OPEN_TRUNC = "open_trunc"  # an open with O_TRUNC: its bytes are about to go, fetch nothing
     TRUNCATE = "truncate"  # the file is being truncated to ``start`` bytes: fetch nothing
     WHOLE = "whole"  # make every byte resident (restore)
+    WRITE = "write"  # a program is about to change the file: all of it local, then dirty
 
 
 @dataclass

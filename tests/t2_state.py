@@ -315,3 +315,26 @@ async def test_a_clean_file_of_another_length_at_start_is_dirty(h):
     assert report.conflicts == 1
     assert h.read("f") == seeded(3 * C, "f-v1")[:100]
     assert second.stub_at("f").state == CONFLICT
+
+
+async def test_a_write_makes_the_file_whole_then_dirty_before_it_lands(h):
+    f = h.fetcher
+    f.put("f", seeded(5 * C, "f"))
+    f.put("stale", seeded(2 * C, "s-v1"))
+    cache = h.cache()
+    await cache.populate(f.listing())
+    stub = cache.stub_at("f")
+    async with serving(cache, f):
+        (await cache.ensure(stub, 2 * C, 2 * C + 10, Intent.WRITE)).release()
+        assert stub.local and stub.state == DIRTY
+        assert xattr(h.path("f"), X_SYNC) == DIRTY.encode()  # durable before the write lands
+        h.assert_content("f", "f")  # every byte S3 owed is local: no hole is owed any more
+        stale = cache.stub_at("stale")
+        (await cache.ensure(stale, 0, 10)).release()
+        f.put("stale", seeded(2 * C, "s-v2"))
+        with pytest.raises(ObjectChanged):
+            await cache.ensure(stale, C, C + 10)
+        with pytest.raises(ObjectChanged):  # a stale copy cannot be completed to be written
+            await cache.ensure(stale, 0, 10, Intent.WRITE)
+        await cache.mark_dirty(stale)  # a change found after the fact
+        assert stale.state == CONFLICT
