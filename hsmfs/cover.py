@@ -73,13 +73,16 @@ import ctypes
 import dataclasses
 import errno
 import os
-import re
 import socket
 import stat
 import struct
 import subprocess
 import sys
 import time
+
+# Absolute: this file also runs as a script (open_beneath's helper, a service manager's
+# hook); hsmfs.mounts needs only the standard library.
+from hsmfs.mounts import mountinfo
 
 __all__ = [
     "COVER_SOURCE",
@@ -102,7 +105,6 @@ _TMPFS_MAGIC = 0x01021994
 #: module stays standalone for a service manager's hook).
 STATE_DIR_NAME = ".hsmfs"
 _MAX_STACK = 16  # covers stacked by racing callers, removed one by one (bounded)
-_ESCAPE = re.compile(rb"\\(040|011|012|134)")
 
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 428, 429, 430, 431, 432
 _SYS_MOUNT_SETATTR = 442
@@ -388,29 +390,11 @@ def _fs_magic(fd: int) -> int:
     return int(ctypes.c_long.from_buffer(buf).value)
 
 
-def _unescape(field: bytes) -> str:
-    """mountinfo escapes exactly space, tab, newline and backslash, as ``\\ooo``.  Only those
-    four are decoded, so a literal ``\\101`` in a name stays as it is (the same rule as
-    ``hsmfs.mounts``, which this module does not import so that it stays a leaf)."""
-    return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
-
-
 def _mountinfo() -> dict[int, _Mount]:
-    mounts = {}
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                sep = fields.index(b"-", 6)
-                mounts[int(fields[0])] = _Mount(
-                    parent=int(fields[1]),
-                    mount_point=_unescape(fields[4]),
-                    fstype=_unescape(fields[sep + 1]),
-                    source=_unescape(fields[sep + 2]) if len(fields) > sep + 2 else "",
-                )
-            except (ValueError, IndexError):
-                continue
-    return mounts
+    """The mount table by mount id, from the one reader (hsmfs.mounts: standard library only,
+    so this module still runs as a service manager's hook)."""
+    return {m.mount_id: _Mount(parent=m.parent_id, mount_point=m.mount_point,
+                               fstype=m.fstype, source=m.source) for m in mountinfo()}
 
 
 def _looks_like_cover(info: _Mount, path: str) -> bool:

@@ -144,9 +144,9 @@ def _run(cmd: list[str], timeout: float = 60, check: bool = True) -> subprocess.
 
 
 def _mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    from hsmfs.mounts import is_mounted
+
+    return is_mounted(os.path.realpath(path))
 
 
 @contextlib.contextmanager

@@ -266,9 +266,9 @@ def hsmfs_cmd(*args: str) -> list[str]:
 
 
 def is_mounted(path: str | os.PathLike) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
+    from hsmfs.mounts import is_mounted as mounted
+
+    return mounted(os.path.realpath(path))
 
 
 def force_unmount(path: str | os.PathLike) -> None:

@@ -141,7 +141,8 @@ def _unescape(field: str) -> str:
 
 
 def mounts_at(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(fstype, source) of every mount whose mount point is ``path``."""
+    """(fstype, source) of every mount whose mount point is ``path``.  The test's own reader on
+    purpose: an oracle independent of hsmfs.mounts, which hsmfs.cover itself uses."""
     target = os.path.realpath(path)
     out = []
     with open("/proc/self/mountinfo") as f:

@@ -42,9 +42,9 @@ IMAGE_SIZE = "1G"
 # -- loop filesystems ----------------------------------------------------------------------------
 
 def _is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    from hsmfs.mounts import is_mounted
+
+    return is_mounted(os.path.realpath(path))
 
 
 def _need_mkfs(fs: str) -> None:

@@ -372,8 +372,9 @@ def _meta(args: argparse.Namespace, ds: Dataset, endpoint_desc: str,
 
 
 def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1].replace("\\040", " ") for line in f]
+    from ..mounts import mountinfo
+
+    points = [m.mount_point for m in mountinfo()]
     return [p for p in points if p == str(path) or p.startswith(str(path) + "/")]
 
 
