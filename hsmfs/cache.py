@@ -314,14 +314,18 @@ class StubCache:
         return self._reconcile(f, f.record, info)
 
     def _size_checked(self, f: Found) -> Found:
-        """Transition *local truncate*, found at start: a clean file whose length is not its
-        version's was changed while no door saw it (a resident file raises no events; or no
-        daemon ran).  Persisted before anything else looks at it: ``owed`` lowered to the
-        length if it is shorter, ``sync=dirty``, fsync.  The comparison is on length only:
-        fills move a file's mtime, so mtime says nothing yet (issue 11 records a clean point)."""
+        """Transition *local write*, found at start: a clean (or stale) file whose length or
+        mtime is not its version's was changed while no door saw it (a resident file raises no
+        access events; or no daemon ran).  hsmfs keeps a clean copy's mtime at its version's
+        (stubs are made with it, and every fill puts it back), so any other mtime is a
+        program's write.  Persisted before anything else looks at it: ``owed`` lowered to the
+        length if it is shorter, ``sync=dirty`` (``conflict`` for a stale copy), fsync.  What
+        it cannot see: a write that put the mtime back (``touch -r``) without changing the
+        length."""
         record = f.record
         if (record is None or record.sync not in (CLEAN, STALE)
-                or f.size == record.version.size):
+                or (f.size == record.version.size
+                    and abs(f.mtime - record.version.mtime) < MTIME_SLACK_S)):
             return f
         owed = min(record.owed, f.size)
         sync = DIRTY if record.sync == CLEAN else CONFLICT  # a changed stale copy conflicts
@@ -335,8 +339,9 @@ class StubCache:
             write_sync(fd, sync, durable=True)
         finally:
             os.close(fd)
-        log.info("%r is %d bytes, its version %d: changed locally, now %s", f.rel, f.size,
-                 record.version.size, sync)
+        log.info("%r is %d bytes (mtime %.3f), its version %d (mtime %.3f): changed locally, "
+                 "now %s", f.rel, f.size, f.mtime, record.version.size, record.version.mtime,
+                 sync)
         return dataclasses.replace(f, record=Record(record.version, owed, sync, record.remote))
 
     def _adopt_tree(self, found: dict[str, Found]) -> PopulateReport:
@@ -794,6 +799,12 @@ class StubCache:
         moves to ``partial``, or, when every owed byte is local, to ``resident`` with the
         guard's ignore mask.  Persists only the view: residency is the extents themselves,
         so a crash at any point leaves exactly the bytes written as resident."""
+        if stub.sync == CLEAN:
+            # A fill's pwrite moved the mtime; a clean copy keeps its version's (what `ls`,
+            # make and rsync must see, and how a start tells a program's write from a fill).
+            with contextlib.suppress(OSError):
+                fd = self.writable_fd(stub)
+                os.utime(fd, (os.fstat(fd).st_atime, stub.version.mtime))
         if completes:
             self._mark_local(stub)
         elif stub.residency == STUB and stub.sync == CLEAN:
@@ -950,6 +961,11 @@ class StubCache:
         if callable(backend_stats):
             out.update(backend_stats())
         return out
+
+
+#: mtimes are compared to this precision (LastModified has whole seconds; some filesystems
+#: keep microseconds of a float timestamp).
+MTIME_SLACK_S = 1e-3
 
 
 def _writable(fd: int) -> bool:

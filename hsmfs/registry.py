@@ -61,6 +61,7 @@ class Found:
     size: int
     record: Record | None
     legacy: bool  # carries only the old forgeable record
+    mtime: float = 0.0
 
 
 class Registry:
@@ -217,7 +218,7 @@ class Tree:
                         continue
                     record = read_record(fd)
                     yield Found(rel, st.st_ino, generation(fd), st.st_size, record,
-                                record is None and legacy_identity(fd))
+                                record is None and legacy_identity(fd), st.st_mtime)
                 except OSError as exc:
                     log.warning("cannot read the record of %r: %s; treated as a local file",
                                 rel, exc)

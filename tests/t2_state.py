@@ -338,3 +338,25 @@ async def test_a_write_makes_the_file_whole_then_dirty_before_it_lands(h):
             await cache.ensure(stale, 0, 10, Intent.WRITE)
         await cache.mark_dirty(stale)  # a change found after the fact
         assert stale.state == CONFLICT
+
+
+async def test_fills_keep_the_versions_mtime_and_a_start_sees_a_same_length_write(h):
+    f = h.fetcher
+    f.put("f", seeded(3 * C, "f-v1"))
+    first = h.cache()
+    await first.populate(f.listing())
+    async with serving(first, f):
+        (await first.ensure(first.stub_at("f"), 0, C)).release()
+        (await first.ensure(first.stub_at("f"), 2 * C, 3 * C)).release()
+    assert os.stat(h.path("f")).st_mtime == pytest.approx(f.info("f").version.mtime, abs=1e-3)
+    first.close()
+    second = h.cache()
+    assert (await second.populate(f.listing())).kept == 1
+    assert second.stub_at("f").state == PARTIAL  # fills alone: still clean
+    second.close()
+    with open(h.path("f"), "r+b") as out:  # a same-length in-place edit while no daemon ran
+        out.write(b"EDIT")
+    third = h.cache()
+    await third.populate(f.listing())
+    assert third.stub_at("f").state == DIRTY
+    assert h.read("f", 0, 4) == b"EDIT"
