@@ -665,6 +665,44 @@ class StubCache:
         if stub.superseded and stub.pins == 0 and not self.engine.busy(stub):
             self._close_fd(stub)
 
+    # -- transitions: the local namespace (a door that sees renames and removals) ------------
+
+    def moved(self, moves: dict[str, str]) -> None:
+        """Transition *local rename*, told by a door right after it renamed: every stub at a
+        path in ``moves`` (old → new), or below one as a directory, now lives at the new path.
+        Persists nothing: the record keeps the key it is a copy of, so a renamed copy is served
+        from its record as before, and at the next start a record whose key does not map to
+        its path is kept and served as renamed (archive --delete makes S3 follow).  A stub that
+        stood at a destination is superseded (programs holding it are still served)."""
+        by_path = self.registry.by_path
+        moving: list[tuple[Stub, str]] = []
+        for path, stub in list(by_path.items()):
+            for old, new in moves.items():
+                if path == old:
+                    moving.append((stub, new))
+                    break
+                if path.startswith(old + "/"):
+                    moving.append((stub, new + path[len(old):]))
+                    break
+        movers = {id(stub) for stub, _ in moving}
+        for _, target in moving:
+            displaced = by_path.get(target)
+            if displaced is not None and id(displaced) not in movers:
+                self._supersede(displaced)
+        for stub, _ in moving:
+            self.registry.unlink_path(stub)
+        for stub, target in moving:
+            stub.path = target
+            self.registry.add(stub)
+
+    def unlinked(self, path: str, ino: int) -> None:
+        """Transition *local removal*, told by a door right after it removed ``path`` (which
+        was inode ``ino``): a stub there is superseded, still served to programs holding it.
+        Persists nothing (the inode is gone once the last holder closes it)."""
+        stub = self.registry.by_path.get(path)
+        if stub is not None and stub.ino == ino:
+            self._supersede(stub)
+
     # -- transition: local write --------------------------------------------------------------
 
     async def mark_dirty(self, stub: Stub, *, fd: int | None = None) -> None:

@@ -360,3 +360,24 @@ async def test_fills_keep_the_versions_mtime_and_a_start_sees_a_same_length_writ
     await third.populate(f.listing())
     assert third.stub_at("f").state == DIRTY
     assert h.read("f", 0, 4) == b"EDIT"
+
+
+async def test_a_door_tells_the_core_of_renames_and_removals(h):
+    f = h.fetcher
+    for rel in ("d/a", "d/b", "x"):
+        f.put(rel, seeded(C, rel))
+    cache = h.cache()
+    await cache.populate(f.listing())
+    a, b, x = cache.stub_at("d/a"), cache.stub_at("d/b"), cache.stub_at("x")
+    os.rename(h.path("d"), h.path("e"))
+    cache.moved({"d": "e"})
+    assert cache.stub_at("e/a") is a and cache.stub_at("e/b") is b and cache.stub_at("d/a") is None
+    os.rename(h.path("e/a"), h.path("x"))
+    cache.moved({"e/a": "x"})
+    assert cache.stub_at("x") is a and x.superseded  # the one it replaced stays served
+    os.unlink(h.path("e/b"))
+    cache.unlinked("e/b", b.ino)
+    assert cache.stub_at("e/b") is None and b.superseded
+    async with serving(cache, f):
+        (await cache.ensure(a, 0, C)).release()
+    h.assert_content("x", "d/a")
