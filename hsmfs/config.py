@@ -91,6 +91,9 @@ class FuseConfig:
     attr_timeout_s: float = 300.0
     allow_other: bool = False
     fsname: str = "hsmfs"
+    #: ``-o ro``: the mount is read-only (the kernel answers EROFS to every write).  Default:
+    #: read-write (``-o rw``).
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class Options:
 # Options that mount(8)/fstab pass and that mean nothing to hsmfs (or are implied by FUSE).
 IGNORED_OPTIONS = frozenset(
     {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "_netdev", "auto", "noauto", "defaults",
-     "rw", "ro", "nofail", "user", "users", "nouser", "async", "sync", "atime", "noatime",
+     "nofail", "user", "users", "nouser", "async", "sync", "atime", "noatime",
      "relatime", "nodiratime", "owner", "group", "default_permissions"}
 )
 
@@ -234,6 +237,10 @@ def build_options(
                 fuse_kw["allow_other"] = True
             case "fsname":
                 fuse_kw["fsname"] = value
+            case "ro":
+                fuse_kw["read_only"] = True
+            case "rw":
+                fuse_kw["read_only"] = False
             case "debug":
                 debug = True
             case "log":

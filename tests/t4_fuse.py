@@ -1,4 +1,4 @@
-"""The FUSE door's own surface: mount(8) and fstab-style mounting, read-only semantics, state
+"""The FUSE door's own surface: mount(8) and fstab-style mounting, ``-o ro`` semantics, state
 xattrs, ``hsmfs state``, and failing closed when the daemon is killed."""
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def test_bad_source_fails_with_a_clear_message(moto: MotoServer, tmp_path: Path)
 def test_read_only_hidden_state_and_xattrs(bucket: Bucket, moto: MotoServer,
                                            tmp_path: Path) -> None:
     data = bucket.put("dir/obj.bin", seeded(5 * 65536, "x"))
+    # -o ro: read-only on request (the default is read-write: tests/t4_fuse_write.py)
     with serve_door("fuse", f"s3://{bucket.name}", tmp_path, moto.endpoint, "chunk=64K",
-                    "small_file=0", "readahead=64K") as d:
+                    "small_file=0", "readahead=64K", "ro") as d:
         path = d.root / "dir/obj.bin"
         assert os.listdir(d.root) == ["dir"]  # .hsmfs is hidden
         assert not (d.root / ".hsmfs").exists()
