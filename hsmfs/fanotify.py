@@ -35,6 +35,7 @@ __all__ = [
     "FAN_CLASS_NOTIF",
     "FAN_CLASS_PRE_CONTENT",
     "FAN_CLOEXEC",
+    "FAN_CLOSE_WRITE",
     "FAN_DENY",
     "FAN_ENABLE_AUDIT",
     "FAN_EVENT_INFO_TYPE_PIDFD",
@@ -52,6 +53,7 @@ __all__ = [
     "FAN_MARK_INODE",
     "FAN_MARK_MOUNT",
     "FAN_MARK_REMOVE",
+    "FAN_MODIFY",
     "FAN_NOFD",
     "FAN_NONBLOCK",
     "FAN_ONDIR",
@@ -64,6 +66,7 @@ __all__ = [
     "FAN_REPORT_TID",
     "FAN_UNLIMITED_MARKS",
     "FAN_UNLIMITED_QUEUE",
+    "NOTIFY_EVENTS",
     "OPEN_TREE_CLOEXEC",
     "OPEN_TREE_CLONE",
     "PERM_EVENTS",
@@ -142,6 +145,16 @@ FAN_MARK_FILESYSTEM = 0x0000_0100
 # --------------------------------------------------------------------------------------------
 # Event mask bits (KF §1).
 
+#: Notification (no answer, after the fact): a write through a file descriptor landed.  Raised
+#: by write/pwrite/writev/pwritev2/O_APPEND, fallocate (also PUNCH_HOLE), copy_file_range,
+#: sendfile and splice into the file; **not** by truncate/ftruncate (a dentry event, which a
+#: group without FID reporting never gets) nor by writes through a shared mmap
+#: (KERNEL_FACTS_3 §2).  Allowed in a pre-content group (KF §5).  Merged with an unread
+#: MODIFY of the same file in the queue.
+FAN_MODIFY = 0x0000_0002
+#: Notification: the last reference of a file opened for writing was closed (also when nothing
+#: was written; after munmap for a shared mapping).  KERNEL_FACTS_3 §2.
+FAN_CLOSE_WRITE = 0x0000_0008
 #: Permission event at open(); filling the whole file here makes cp/tar/rsync copy the right
 #: bytes of a stub (KF2 §1).  No RANGE record (KF §2).
 FAN_OPEN_PERM = 0x0001_0000
@@ -165,10 +178,16 @@ FAN_ONDIR = 0x4000_0000
 #: exactly once, or the accessing task blocks (killably) until the group dies (KF §8).
 PERM_EVENTS = FAN_OPEN_PERM | FAN_ACCESS_PERM | FAN_OPEN_EXEC_PERM | FAN_PRE_ACCESS
 
+#: The notification events hsmfs marks in its pre-content group (writes seen after the fact).
+#: They carry an fd but want no answer; the holder forwards them to the worker.
+NOTIFY_EVENTS = FAN_MODIFY | FAN_CLOSE_WRITE
+
 #: Default mask of the private tree's mount ignore mark: every permission event, so that no mark
-#: hsmfs might add can raise an event for hsmfs's own I/O.  Leaving OPEN_PERM out while stubs
-#: carry it self-deadlocks the daemon's own open() (KF2 §1e).
-PRIVATE_IGNORE_MASK = PERM_EVENTS
+#: hsmfs might add can raise an event for hsmfs's own I/O (leaving OPEN_PERM out while stubs
+#: carry it self-deadlocks the daemon's own open(), KF2 §1e), and the notification events: a
+#: mount ignore mark without FAN_MODIFY lets hsmfs's own fills raise FAN_MODIFY, which would
+#: mark every filled file dirty (KERNEL_FACTS_3 §2, columns priv / priv+).
+PRIVATE_IGNORE_MASK = PERM_EVENTS | NOTIFY_EVENTS
 
 # --------------------------------------------------------------------------------------------
 # Responses (KF §1, §4).
@@ -427,6 +446,8 @@ def ignore_mount(fan_fd: int, tree_fd: int, mask: int = PRIVATE_IGNORE_MASK) -> 
 
 
 _MASK_NAMES = (
+    (FAN_MODIFY, "MODIFY"),
+    (FAN_CLOSE_WRITE, "CLOSE_WRITE"),
     (FAN_OPEN_PERM, "OPEN_PERM"),
     (FAN_ACCESS_PERM, "ACCESS_PERM"),
     (FAN_OPEN_EXEC_PERM, "OPEN_EXEC_PERM"),

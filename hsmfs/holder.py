@@ -14,6 +14,10 @@ answers its dead predecessor's events with its own numbers.  So:
     reused by another event while this one is pending.  A sequence number travels with it, so
     even a late or duplicate reply for an id that H has since reused is recognised and dropped:
     no response can land on the wrong event.
+  * Notification events the worker's marks ask for (FAN_MODIFY: a write landed, for the
+    worker to record the file dirty) carry an fd but want no answer: H forwards each to a ready
+    worker as a *notice* (below) and closes its own fd at once.  H holds no number for them,
+    so they can never be confused with a pending permission event.
   * W gets a dup of the group fd only to *add marks* (marks belong to the group and survive W).
   * When W dies, every pending event stays blocked (H still holds the fds: apps wait instead of
     reading zeros), H restarts W with backoff, and re-dispatches every pending event to it once
@@ -48,6 +52,28 @@ Wire format (native byte order; both ends are on the same machine):
      32  u64 offset    RANGE record
      40  u64 count     RANGE record (0 = to EOF, see hsmfs.fanotify.Event)
 
+  H → W, a notification (no reply), same 48-byte layout + exactly one fd in SCM_RIGHTS::
+
+      0  u32 kind      = MSG_NOTICE (7)
+      4  i32 id        -1 (:data:`NOTICE_ID`: nothing to answer)
+      8  u32 seq       0
+     12  u32 flags     0
+     16  u64 mask      fanotify event mask (FAN_MODIFY and/or FAN_CLOSE_WRITE)
+     24  i32 pid       tid of the writing thread
+     28  u32 reserved  0
+     32  u64 offset    0
+     40  u64 count     0
+
+    The kernel raises these for the notification bits the worker adds to its marks
+    (:data:`hsmfs.fanotify.NOTIFY_EVENTS`: a write landed, docs/kernel_writes.md).  H closes
+    its own fd as soon as the message is sent: nothing waits on a notification, so H keeps no
+    number for it.  They are sent only to a ready worker, after the permission events of the
+    same turn; while they wait in H they are coalesced by inode (a second FAN_MODIFY of a file
+    whose notice is still queued only ORs its mask in), at most :data:`_MAX_NOTICES` files
+    (past that the newest are dropped and counted, ``notices_dropped``).  A worker that dies
+    loses the notices it had not handled (the write is still found by the size/mtime check at
+    the next start); notices are not re-dispatched.
+
   W → H, 16 bytes, no fds (:data:`CTRL_MSG`, ``"=IiII"``)::
 
       0  u32 kind      MSG_REPLY (2) | MSG_READY (3) | MSG_STOPPING (4)
@@ -61,7 +87,8 @@ of this H it is (1, then 2, 3, ... for restarts).  Its obligations: add marks th
 fd but never ``read()`` it and never write a response to it (the one exception is
 :class:`hsmfs.holder_link.HolderLink` denying its own outstanding events once H is gone); send
 ``ready`` once its marks are in place; reply exactly once per event, in any order; close every
-event fd it receives; exit on ``HolderGone``; exit with :data:`EXIT_START_FAILED` when it fails
+event fd it receives, and every notice's fd (never replying to a notice); exit on
+``HolderGone``; exit with :data:`EXIT_START_FAILED` when it fails
 before it sent ``ready``.
 
 What this module owns: the H process (:class:`Holder`, :func:`main`) and the wire format.  The
@@ -102,6 +129,7 @@ from hsmfs.fanotify import (
     FAN_REPORT_FD_ERROR,
     FAN_REPORT_TID,
     FAN_UNLIMITED_QUEUE,
+    NOTIFY_EVENTS,
     Event,
     deny_errno,
     describe_mask,
@@ -150,6 +178,10 @@ MSG_STOPPING = 4
 #: from W's trio loop, carrying the ping's sequence number.
 MSG_PING = 5
 MSG_PONG = 6
+#: H -> W: a notification event (FAN_MODIFY...) with its fd; no reply (see the wire format).
+MSG_NOTICE = 7
+#: The id of every MSG_NOTICE: no event number to answer.
+NOTICE_ID = -1
 FLAG_HAS_RANGE = 0x1
 EVENT_MSG = struct.Struct("=IiIIQiIQQ")
 CTRL_MSG = struct.Struct("=IiII")
@@ -205,6 +237,8 @@ _POLL_TICK = 1.0
 #: Most messages taken from the worker per loop turn, so a flood of replies cannot starve the
 #: group (and vice versa: one read() per turn).
 _MAX_MSGS_PER_TURN = 512
+#: Most notices (files with a write seen, not yet sent to a worker) H keeps; each holds an fd.
+_MAX_NOTICES = 4096
 #: Log the first few fd errors (per errno) and read errors, then every n-th: a running binary
 #: under an O_RDWR event fd raises one per access and must not flood the log.
 _ERROR_LOG_FIRST = 10
@@ -229,7 +263,10 @@ class HolderStats:
     read_errors: int = 0  # read() of the group failed (never fatal)
     parse_errors: int = 0
     overflows: int = 0
-    non_permission: int = 0
+    non_permission: int = 0  # notification events H did not forward (not ours, or no room)
+    notices: int = 0  # notification events forwarded (or coalesced) to workers
+    notices_sent: int = 0
+    notices_dropped: int = 0
     bad_messages: int = 0
     fd_errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     worker_starts: int = 0
@@ -338,6 +375,8 @@ class Holder:
         self._pending: dict[int, _Pending] = {}  # insertion order = arrival order
         self._seq = 0
         self._stuck: set[int] = set()  # fds kept open because no response was accepted
+        # Notification events waiting for a ready worker: (st_dev, st_ino) -> [mask, fd, pid].
+        self._notices: dict[tuple[int, int], list[int]] = {}
         self._worker: _Worker | None = None
         self._generation = 0  # workers started so far (the last one's HSMFS_WORKER_GENERATION)
         self._rapid_crashes = 0
@@ -408,7 +447,8 @@ class Holder:
             self._worker_gone(w, "process exited")
         if revents.get(self._wake_r, 0) or self._signals:
             self._handle_signals()
-        if self._worker is not None and self._worker.outbox:
+        w = self._worker
+        if w is not None and (w.outbox or (self._notices and w.ready)):
             self._flush_outbox()
         self._check_timers()
 
@@ -528,8 +568,7 @@ class Holder:
             self._fd_error(ev)
             return
         if not ev.is_permission:
-            self.stats.non_permission += 1
-            os.close(ev.fd)
+            self._take_notice(ev)
             return
         if ev.fd in self._pending:  # cannot happen: the number is open in this process
             log.critical("kernel reused pending event fd %d; keeping both open", ev.fd)
@@ -559,6 +598,64 @@ class Holder:
         if w is not None and w.ready:
             w.outbox.append(ev.fd)
         # Else it waits here: the next worker gets it once ready (or degraded mode denies it).
+
+    def _take_notice(self, ev: Event) -> None:
+        """Queue a notification event (a write landed) for the worker, coalesced by inode; H
+        never answers or holds it (see the wire format)."""
+        if not ev.mask & NOTIFY_EVENTS or self._exit_status is not None or self._stop_requested:
+            self.stats.non_permission += 1
+            os.close(ev.fd)
+            return
+        try:
+            st = os.fstat(ev.fd)  # never raises an event
+        except OSError:
+            self.stats.non_permission += 1
+            os.close(ev.fd)
+            return
+        key = (st.st_dev, st.st_ino)
+        self.stats.notices += 1
+        queued = self._notices.get(key)
+        if queued is not None:
+            queued[0] |= ev.mask
+            os.close(ev.fd)
+            return
+        if len(self._notices) >= _MAX_NOTICES:
+            self.stats.notices_dropped += 1
+            n = self.stats.notices_dropped
+            if n <= _ERROR_LOG_FIRST or n % _ERROR_LOG_EVERY == 0:
+                log.error("%d files with writes wait for the worker: dropped a %s of tid %d "
+                          "(%d dropped so far; the start-time check finds the write)",
+                          len(self._notices), describe_mask(ev.mask), ev.pid, n)
+            os.close(ev.fd)
+            return
+        self._notices[key] = [ev.mask, ev.fd, ev.pid]
+
+    def _flush_notices(self, w: _Worker) -> bool:
+        """Send queued notices to ready worker ``w`` after its permission events; False if its
+        socket is full (POLLOUT resumes)."""
+        while self._notices and not w.outbox:
+            key = next(iter(self._notices))
+            mask, fd, pid = self._notices[key]
+            message = EVENT_MSG.pack(MSG_NOTICE, NOTICE_ID, 0, 0, mask, pid, 0, 0, 0)
+            try:
+                w.sock.sendmsg([message],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                               socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                self.stats.send_blocked += 1
+                return False
+            except OSError as e:
+                self._worker_gone(w, f"send failed: {_ename(e.errno)}")
+                return False
+            del self._notices[key]
+            os.close(fd)
+            self.stats.notices_sent += 1
+        return True
+
+    def _drop_notices(self) -> None:
+        for _mask, fd, _pid in self._notices.values():
+            os.close(fd)
+        self._notices.clear()
 
     def _fd_error(self, ev: Event) -> None:
         # The kernel could not open the event fd (KF §7: ETXTBSY for a binary that runs since
@@ -808,7 +905,12 @@ class Holder:
             w.outbox.popleft()
             self.stats.dispatched += 1
             pending.sent = True
-        events = select.POLLIN | (select.POLLOUT if w.outbox else 0)
+        notices = bool(self._notices) and w.ready
+        if notices and not w.outbox:
+            notices = not self._flush_notices(w)
+            if self._worker is not w:
+                return  # it died on the send
+        events = select.POLLIN | (select.POLLOUT if w.outbox or notices else 0)
         self._poll.modify(w.sock.fileno(), events)
 
     def _read_worker(self) -> None:
@@ -1031,6 +1133,7 @@ class Holder:
             if not self._read_group():
                 break
             self._deny_all_pending("stopping")
+        self._drop_notices()
         os.close(self._fan)
         self._fan = -1
         for fd in self._stuck:

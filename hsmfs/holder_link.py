@@ -5,7 +5,8 @@ needs): H must stay small and plain so that it does not crash, and a module it i
 module that can fail for it.  The wire format and its constants are H's (:mod:`hsmfs.holder`
 documents them); this module only speaks it.
 
-What it owns: receiving events with their fds, replying exactly once per event, the ``ready``,
+What it owns: receiving events (and notices: notification events such as FAN_MODIFY, which
+want no reply) with their fds, replying exactly once per event, the ``ready``,
 ``stopping`` and ``pong`` messages, and the last-resort denial of this worker's own outstanding
 events when H is gone.  What it must not do: read the group or answer an event through it while
 H lives (H is the only responder: KERNEL_FACTS §8).
@@ -33,11 +34,13 @@ from .holder import (
     EVENT_MSG,
     FLAG_HAS_RANGE,
     MSG_EVENT,
+    MSG_NOTICE,
     MSG_PING,
     MSG_PONG,
     MSG_READY,
     MSG_REPLY,
     MSG_STOPPING,
+    NOTICE_ID,
 )
 
 log = logging.getLogger(__name__)
@@ -125,8 +128,10 @@ class HolderLink:
     async def receive(self) -> tuple[int, Event, int]:
         """Wait for the next event: ``(id, event, event_fd)``; ``event.fd == event_fd``.
 
-        ``event_fd`` is this process's copy (O_CLOEXEC), owned by the caller.  Raises
-        :class:`HolderGone` when H closed the link.
+        ``event_fd`` is this process's copy (O_CLOEXEC), owned by the caller.  A notice (a
+        notification event such as FAN_MODIFY, sent only if the worker's marks ask for one)
+        comes with ``id == NOTICE_ID`` (-1): it must not be replied to, only its fd closed.
+        Raises :class:`HolderGone` when H closed the link.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
@@ -189,6 +194,12 @@ class HolderLink:
         if kind == MSG_PING:
             _close_all(fds)
             return Ping(seq)
+        if kind == MSG_NOTICE:
+            if len(fds) != 1 or flags & socket.MSG_CTRUNC:
+                log.error("notice %#x arrived with %d fds; dropped", mask, len(fds))
+                _close_all(fds)
+                return None
+            return NOTICE_ID, Event(mask=mask, fd=fds[0], pid=pid), fds[0]
         if kind != MSG_EVENT:
             log.error("holder sent unknown message kind %d; ignored", kind)
             _close_all(fds)

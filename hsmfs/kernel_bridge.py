@@ -18,6 +18,16 @@ KERNEL_FACTS.md / KERNEL_FACTS_2.md; the short version:
 * **The private door** is a detached ``open_tree`` clone with a mount ignore mark covering every
   permission event we mark: all of hsmfs's own I/O goes through it and raises nothing, and no
   path to it exists for anyone else.
+* **Writes** (docs/kernel_writes.md, KERNEL_FACTS_3 §2).  A write to a guarded (not resident)
+  file raises ``FAN_PRE_ACCESS`` like a read; ``/proc/<tid>/syscall`` of the waiting thread
+  tells them apart (write, pwrite64, writev, pwritev(2), fallocate, copy_file_range /
+  sendfile / splice *into* this file, a shared writable mmap).  A write becomes
+  ``Intent.WRITE``: every owed byte local and the file durably dirty before the write lands.
+  A write to a resident file raises no ``PRE_ACCESS`` (ignored): the marks also carry
+  ``FAN_MODIFY``, which H forwards as a notice after the fact, and the file is marked dirty
+  then; a dirty file gets ``FAN_MODIFY`` in its ignore mask (:meth:`KernelBridge.ignore_writes`)
+  so a write-heavy program costs one notice, until archive makes it clean again
+  (:meth:`KernelBridge.watch_writes`).  Truncate and mmap writes raise no ``FAN_MODIFY``.
 * **Open-time fill.** ``SEEK_DATA``/``FIEMAP`` raise no event, so ``cp``/``tar -S`` would copy a
   stub's holes as zeros.  Files up to ``open_fill_max`` are filled whole at ``FAN_OPEN_PERM``
   (skipped for ``O_TRUNC`` opens, read from ``/proc/<tid>/syscall``); ``FAN_OPEN_EXEC_PERM``
@@ -33,13 +43,14 @@ import logging
 import os
 import platform
 import resource
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 import trio
 
-from .cache import Intent, Pin, StubCache
+from .cache import CLEAN, STALE, Intent, Pin, StubCache
 from .config import KernelConfig
 from .cover import is_mount_beneath, open_beneath, uncover
 from .errors import HsmError, to_errno
@@ -51,9 +62,11 @@ from .fanotify import (
     FAN_MARK_IGNORE,
     FAN_MARK_IGNORE_SURV,
     FAN_MARK_REMOVE,
+    FAN_MODIFY,
     FAN_OPEN_EXEC_PERM,
     FAN_OPEN_PERM,
     FAN_PRE_ACCESS,
+    PERM_EVENTS,
     deny_errno,
     fanotify_mark,
     fanotify_mark_fd,
@@ -65,6 +78,25 @@ log = logging.getLogger(__name__)
 # openat(2), open(2), creat(2), truncate(2), ftruncate(2) on x86_64: what a blocked thread is in.
 _SYS_OPEN, _SYS_CREAT, _SYS_OPENAT = 2, 85, 257
 _SYS_TRUNCATE, _SYS_FTRUNCATE = 76, 77
+#: Write-family syscalls (x86_64) whose first argument is the written fd: each raised
+#: FAN_PRE_ACCESS on the file it writes, with the thread waiting in it (KERNEL_FACTS_3 §2).
+_SYS_WRITES_FD1 = frozenset({
+    1,    # write
+    18,   # pwrite64
+    20,   # writev
+    296,  # pwritev
+    328,  # pwritev2
+    285,  # fallocate (also PUNCH_HOLE, ZERO_RANGE, COLLAPSE/INSERT_RANGE)
+    40,   # sendfile(out_fd, in_fd, ...): out_fd is argument 1; the source raises one too
+})
+#: Two-file syscalls: (number, index of the destination fd in /proc/<tid>/syscall's fields).
+#: Both files raise an event; only the destination's is a write.
+_SYS_WRITES_DEST = {
+    326: 3,  # copy_file_range(fd_in, off_in, fd_out, ...)
+    275: 3,  # splice(fd_in, off_in, fd_out, ...)
+}
+_SYS_MMAP = 9
+_PROT_WRITE, _MAP_SHARED = 0x2, 0x1
 PAGE = 4096
 
 
@@ -80,11 +112,91 @@ def _syscall(tid: int) -> list[str] | None:
     on)."""
     if not _SYSCALLS_KNOWN:
         return None
+    return _SYSCALL_FILES.read(tid)
+
+
+class _SyscallFiles:
+    """``/proc/<tid>/syscall`` of recent threads, kept open: a ``pread`` at offset 0 of an
+    open one re-reads the thread's current syscall (3.6 us here) where open+read+close costs
+    9.5 us, and the receive loop reads it for every access to a file that is not wholly local
+    and dirty (:meth:`KernelBridge._may_write`).  A proc fd belongs to its thread, not to the
+    number: once the thread is gone it fails (ESRCH) and is opened again, so a reused tid never
+    reads another thread's line.  At most :attr:`MAX` open; the oldest goes first."""
+
+    MAX = 128
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def read(self, tid: int) -> list[str] | None:
+        with self._lock:
+            for attempt in (0, 1):
+                fd = self._fds.get(tid)
+                fresh = fd is None
+                if fresh:
+                    try:
+                        fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY | os.O_CLOEXEC)
+                    except OSError:
+                        return None
+                    if len(self._fds) >= self.MAX:
+                        os.close(self._fds.pop(next(iter(self._fds))))
+                    self._fds[tid] = fd
+                try:
+                    return os.pread(fd, 512, 0).decode("ascii", "replace").split()
+                except OSError:
+                    del self._fds[tid]
+                    os.close(fd)
+                    if fresh or attempt:
+                        return None
+            return None
+
+
+_SYSCALL_FILES = _SyscallFiles()
+
+
+def _fd_is(tid: int, fields: list[str], index: int, ino: int) -> bool:
+    """Whether the fd in argument ``index`` of the blocked syscall is the file ``ino``."""
+    return os.stat(f"/proc/{tid}/fd/{int(fields[index], 16)}").st_ino == ino
+
+
+def access_kind(tid: int, ino: int) -> tuple[str, int | None]:
+    """What the thread behind a ``FAN_PRE_ACCESS`` on file ``ino`` is doing, from one read of
+    ``/proc/<tid>/syscall``: ``("truncate", new_length)``, ``("write", None)`` or
+    ``("read", None)``.
+
+    Writes (KERNEL_FACTS_3 §2): write, pwrite64, writev, pwritev, pwritev2, fallocate,
+    sendfile into this file, copy_file_range/splice with this file as the destination, and an
+    ``mmap`` of it with ``PROT_WRITE`` and ``MAP_SHARED`` (its stores raise nothing later).
+    Unreadable (another architecture or PID namespace, an io_uring worker, a thread that moved
+    on) or anything else: a read, the safe reading for residency (it fetches the range; the
+    write, if it was one, is then seen by FAN_MODIFY after the fact).
+    """
+    fields = _syscall(tid)
     try:
-        with open(f"/proc/{tid}/syscall") as f:
-            return f.read().split()
-    except OSError:
-        return None
+        nr = int(fields[0]) if fields else -1
+        if nr in _SYS_WRITES_FD1:
+            if nr == 40 and not _fd_is(tid, fields, 1, ino):
+                return "read", None  # sendfile *from* this file
+            return "write", None
+        dest = _SYS_WRITES_DEST.get(nr)
+        if dest is not None:
+            return ("write" if _fd_is(tid, fields, dest, ino) else "read"), None
+        if nr == _SYS_MMAP:
+            prot, flags = int(fields[3], 16), int(fields[4], 16)
+            if prot & _PROT_WRITE and flags & _MAP_SHARED:
+                return "write", None
+            return "read", None
+        if nr == _SYS_FTRUNCATE:
+            # The fd it truncates must be this file (a 32-bit program's numbers differ).
+            if not _fd_is(tid, fields, 1, ino):
+                return "read", None
+            return "truncate", int(fields[2], 16)
+        if nr == _SYS_TRUNCATE:
+            return "truncate", int(fields[2], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return "read", None
 
 
 def opened_with_trunc(tid: int) -> bool:
@@ -109,27 +221,16 @@ def opened_with_trunc(tid: int) -> bool:
 
 
 def truncating_to(tid: int, ino: int) -> int | None:
-    """The new length if the thread is blocked in truncate(2)/ftruncate(2), else None.
+    """The new length if the thread is blocked in truncate(2)/ftruncate(2) of ``ino``, else
+    None (see :func:`access_kind`).
 
     The kernel reports a truncate as an access event (KERNEL_FACTS §3: a shrink to an aligned
     size is (size, 0), to an unaligned one the page holding the new end), indistinguishable
     from a read by its range; read as a read, count 0 ("to EOF") fetched every byte the truncate
-    was about to throw away (issue 10, defect 5).  Unreadable: None, and the event is handled as
-    a read (it fetches too much, never too little).
+    was about to throw away (issue 10, defect 5).
     """
-    fields = _syscall(tid)
-    try:
-        nr = int(fields[0]) if fields else -1
-        if nr == _SYS_FTRUNCATE and fields:
-            # The fd it truncates must be this file (a 32-bit program's numbers differ).
-            if os.stat(f"/proc/{tid}/fd/{int(fields[1], 16)}").st_ino != ino:
-                return None
-            return int(fields[2], 16)
-        if nr == _SYS_TRUNCATE and fields:
-            return int(fields[2], 16)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    kind, new_size = access_kind(tid, ino)
+    return new_size if kind == "truncate" else None
 
 
 @dataclasses.dataclass
@@ -141,6 +242,9 @@ class BridgeStats:
     open_fills: int = 0
     trunc_opens: int = 0
     truncates: int = 0  # truncate(2)/ftruncate(2) of a stub, recorded without a fetch
+    writes: int = 0  # write-family PRE_ACCESS events: whole file local + dirty before it lands
+    notices: int = 0  # FAN_MODIFY notices received from H (writes already landed)
+    marked_dirty: int = 0  # files a notice found clean and marked dirty
     busy_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,6 +257,9 @@ class BridgeStats:
             "open_fills": self.open_fills,
             "trunc_opens": self.trunc_opens,
             "truncates": self.truncates,
+            "writes": self.writes,
+            "notices": self.notices,
+            "marked_dirty": self.marked_dirty,
             "mean_event_ms": round(1000 * self.busy_s / total, 3) if total else 0.0,
         }
 
@@ -167,7 +274,10 @@ class KernelBridge:
         self.cache_dir = cache_dir
         self.cache: StubCache | None = None
         self.stats_ = BridgeStats()
-        self.mask = FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM
+        # FAN_MODIFY: writes to resident files (whose permission events are ignored) are seen
+        # after the fact.  FAN_CLOSE_WRITE is not marked: it fires on every close of a writable
+        # fd, written or not (KERNEL_FACTS_3 §2).
+        self.mask = FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM | FAN_MODIFY
         # A stop covers the cache dir (hsmfs.cover) until this worker has guarded every stub:
         # the layout and the private door are those of the tree beneath the cover.
         self.filesystem_mark = is_mount_beneath(cache_dir)
@@ -184,7 +294,8 @@ class KernelBridge:
         if cache.cfg.open_fill_max != 0:
             self.mask |= FAN_OPEN_PERM
         # The private door must ignore *every* permission event the marks carry, or hsmfs's own
-        # open of a stub deadlocks on itself (KERNEL_FACTS_2 §1e).
+        # open of a stub deadlocks on itself (KERNEL_FACTS_2 §1e), and FAN_MODIFY, or its own
+        # fills would mark every file dirty (KERNEL_FACTS_3 §2): PRIVATE_IGNORE_MASK has both.
         ignore_mount(self.fan_fd, self.root_fd)
         if self.filesystem_mark:
             fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, self.mask,
@@ -210,16 +321,33 @@ class KernelBridge:
     def on_resident(self, fd: int) -> None:
         # With a filesystem mark the ignore mark may be evicted under memory pressure: that only
         # brings events back (the safe direction).  An inode mark's ignore mask lives with it.
+        # Only the permission events: FAN_MODIFY of a clean resident file must still come.
+        fanotify_mark_fd(self.fan_fd, self._ignore_flags(), self.mask & PERM_EVENTS, fd)
+
+    def _ignore_flags(self) -> int:
         flags = FAN_MARK_ADD | FAN_MARK_IGNORE_SURV
         if self.filesystem_mark:
             flags |= FAN_MARK_EVICTABLE
-        fanotify_mark_fd(self.fan_fd, flags, self.mask, fd)
+        return flags
+
+    def ignore_writes(self, fd: int) -> None:
+        """Stop FAN_MODIFY for this file: it is dirty (or holds no record: a local file that
+        archive uploads as new anyway), and a write-heavy program must not send a notice per
+        write.  Safe to lose (evictable with a filesystem mark): a notice comes again."""
+        fanotify_mark_fd(self.fan_fd, self._ignore_flags(), FAN_MODIFY, fd)
+
+    def watch_writes(self, fd: int) -> None:
+        """The archive hook: FAN_MODIFY again for this file.  Call it *before* reading the
+        bytes to upload (docs/kernel_writes.md: a write during the upload then raises a
+        notice, which keeps the file dirty).  Never raises for a file with no such mask."""
+        with contextlib.suppress(OSError):
+            fanotify_mark_fd(self.fan_fd, FAN_MARK_REMOVE | FAN_MARK_IGNORE, FAN_MODIFY, fd)
 
     # -- serving -------------------------------------------------------------------------------
 
     async def serve(self, cache: StubCache, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from .holder_link import HolderGone
+        from .holder_link import NOTICE_ID, HolderGone
 
         assert self.cache is cache, "attach() the core before it makes stubs"
         # Every stub is guarded now: a cover the last stop left may go.  An access between here
@@ -238,7 +366,9 @@ class KernelBridge:
                         log.error("the holder is gone; stopping")
                         await trio.to_thread.run_sync(self._last_guard)
                         raise
-                    if not self._answer_resident(ident, event, fd, nursery):
+                    if ident == NOTICE_ID:
+                        nursery.start_soon(self._notice, event, fd)
+                    elif not self._answer_resident(ident, event, fd, nursery):
                         nursery.start_soon(self._handle, ident, event, fd)
         except trio.Cancelled:
             # A deliberate stop (signal, unmount): tell H not to restart us.  A crash is not a
@@ -272,7 +402,9 @@ class KernelBridge:
             except OSError:
                 break
             for ev in parse_events(buf):
-                if ev.fd >= 0:
+                if ev.fd >= 0 and not ev.is_permission:  # a FAN_MODIFY: nothing to answer
+                    os.close(ev.fd)
+                elif ev.fd >= 0:
                     with contextlib.suppress(OSError):
                         write_response(self.fan_fd, ev.fd, eio)
                         denied += 1
@@ -291,10 +423,10 @@ class KernelBridge:
 
     def _answer_resident(self, ident: int, event: Any, fd: int,
                          nursery: trio.Nursery) -> bool:
-        """Answer a plain access to resident bytes right here in the receive loop: no task,
-        no await.  False (nothing done) for anything else: a miss, an open, an exec, a
-        truncated file, a file the core does not know, a count-0 access (a truncate or a
-        whole-file clone, which the task path tells apart).
+        """Answer a plain *read* of resident bytes right here in the receive loop: no task,
+        no await.  False (nothing done) for anything else: a miss, an open, an exec, a write
+        (:meth:`_may_write`), a truncated file, a file the core does not know, a count-0
+        access (a truncate or a whole-file clone, which the task path tells apart).
 
         A partly resident file raises an event on every read, also of local bytes (a stream
         reading what read-ahead landed, the hot pages of a big database).  Measured
@@ -310,6 +442,8 @@ class KernelBridge:
             st = os.fstat(fd)  # never raises an event
             start, stop = _event_range(event, st.st_size)
             stub = self.cache.resident_file(fd, st, start, stop)
+            if stub is not None and self._may_write(event, stub):
+                return False  # a write needs Intent.WRITE: the task path
         except Exception:  # nothing done yet: the task path takes it
             log.exception("cannot check %r in the receive loop; handling it as a task", event)
             return False
@@ -324,6 +458,39 @@ class KernelBridge:
         self.cache.note_served(max(stop - start, 0))
         self.stats_.busy_s += time.perf_counter() - started
         return True
+
+    def _may_write(self, event: Any, stub: Any) -> bool:
+        """Whether the receive loop must leave this event to a task: it may be a write, which
+        needs ``Intent.WRITE``.  A dirty file that is wholly local needs nothing for a write, so
+        its reads skip the look at ``/proc/<tid>/syscall``; every other file pays it (a pread
+        of a kept-open proc file, 3.6-6 us: docs/kernel_writes.md, "Measured cost")."""
+        if stub.local and stub.sync not in (CLEAN, STALE):
+            return False
+        return access_kind(event.pid, stub.ino)[0] != "read"
+
+    async def _notice(self, event: Any, fd: int) -> None:
+        """A write landed (FAN_MODIFY, forwarded by H; nothing to answer): record the file
+        dirty, and stop its notices.  Never raises; closes ``fd``."""
+        assert self.cache is not None
+        self.stats_.notices += 1
+        try:
+            stub = await self.cache.lookup(fd)
+            if stub is None:
+                # Created locally: no record, nothing S3 owes; archive takes it as new whatever
+                # is written, so its further writes need no notice.
+                self.ignore_writes(fd)
+                return
+            if stub.sync in (CLEAN, STALE):
+                await self.cache.mark_dirty(stub, fd=fd)
+                self.stats_.marked_dirty += 1
+            self.ignore_writes(fd)
+        except Exception as exc:
+            level = logging.WARNING if isinstance(exc, (HsmError, OSError)) else logging.ERROR
+            log.log(level, "cannot record a write (%r): %s", event, exc,
+                    exc_info=level == logging.ERROR)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     async def _handle(self, ident: int, event: Any, fd: int) -> None:
         """Answer one event exactly once, whatever happens; then close its fd."""
@@ -364,13 +531,17 @@ class KernelBridge:
                 elif not stub.local:
                     self.stats_.open_fills += 1
             else:
-                # A truncate reports (new end, 0) or the page holding it (KERNEL_FACTS §3):
-                # only such events are worth a look at what the thread is doing.
-                new_size = (truncating_to(event.pid, stub.ino)
-                            if event.count in (0, PAGE) else None)
-                if new_size is not None:
+                # What the waiting thread does: a read, a write (KERNEL_FACTS_3 §2), or a
+                # truncate, which reports (new end, 0) or the page holding it (KF §3).
+                what, new_size = access_kind(event.pid, stub.ino)
+                if what == "truncate" and new_size is not None:
                     intent, start, stop = Intent.TRUNCATE, new_size, new_size
                     self.stats_.truncates += 1
+                elif what == "write":
+                    # Every owed byte local and the file durably dirty before the write lands
+                    # (an O_APPEND write reports the fd's position, not EOF: KF §3).
+                    intent, start, stop = Intent.WRITE, 0, stub.owed
+                    self.stats_.writes += 1
                 else:
                     intent = Intent.READ
                     start, stop = _event_range(event, os.fstat(fd).st_size)

@@ -720,6 +720,45 @@ def test_stale_reply_is_dropped(rig_factory: Callable[..., Rig]) -> None:
     assert rig.stop_holder() == 0
 
 
+WRITER = r"""
+import os, sys
+path, n = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_WRONLY)
+for i in range(n):
+    os.pwrite(fd, b"w" * 100, 4096 * i)
+os.close(fd)
+"""
+
+
+def _fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@kernel
+def test_notices_reach_the_worker_and_hold_no_fd_in_h(rig_factory: Callable[..., Rig]) -> None:
+    """FAN_MODIFY (a notification: the write landed) is forwarded to the worker as a notice with
+    the file's fd and no reply; H keeps no fd for it, and queued notices of one file coalesce."""
+    rig = rig_factory(["m", "n"], worker_args=["--notices"])
+    rig.start()
+    h = rig.holder_pid
+    fds_before = _fds_of(h)
+    out = subprocess.run([*_bounded(20), "-c", WRITER, str(rig.cache / "m"), "50"],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    rig.wait_for(lambda: rig.count("notice") >= 1, "a notice for m")
+    # Every write was allowed (PRE_ACCESS answered) and each raised FAN_MODIFY after it.
+    assert rig.count("reply") == rig.count("event") >= 50
+    notices = [line for line in rig.status() if line[0] == "notice"]
+    assert all(line[2] == "m" and int(line[1], 16) & 0x2 for line in notices), notices
+    assert len(notices) <= 50, notices  # coalesced or merged, never more than the writes
+    time.sleep(0.3)
+    assert _fds_of(h) <= fds_before, "H kept fds after forwarding notices"
+    assert rig.stop_holder() == 0
+    stats = holder_stats(rig.log())
+    assert stats["notices"] >= stats["notices_sent"] == len(notices), stats
+    assert stats["notices_dropped"] == 0 and stats["refused_responses"] == 0, stats
+
+
 @kernel
 def test_added_latency_per_event(rig_factory: Callable[..., Rig]) -> None:
     """Measure one PRE_ACCESS round trip through H and a trio worker (reported, loosely bounded).

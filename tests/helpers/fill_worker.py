@@ -12,9 +12,10 @@ makes it announce "stopping" and exit 0 after N events; ``--crash-if PATH`` exit
 (status ``--crash-status``, default 3) while PATH exists; ``--hang-if PATH`` waits at start,
 alive but not ready, while PATH exists; ``--ignore-sigterm``; ``--no-fill`` answers at once;
 ``--stale-reply`` sends a reply with a wrong sequence number before each real one; ``--quiet``
-writes no per-event status lines (latency runs).  It appends one line per step to ``--status``
-so the test can follow it without parsing logs; the first, ``start PID GENERATION``, carries
-the ``HSMFS_WORKER_GENERATION`` the holder gave it.
+writes no per-event status lines (latency runs); ``--notices`` also marks FAN_MODIFY on each stub
+and writes ``notice MASK REL`` for each notice H forwards (no reply: nothing to answer).  It
+appends one line per step to ``--status`` so the test can follow it without parsing logs; the
+first, ``start PID GENERATION``, carries the ``HSMFS_WORKER_GENERATION`` the holder gave it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import trio
 from hsmfs.fanotify import (
     FAN_ALLOW,
     FAN_MARK_ADD,
+    FAN_MODIFY,
     FAN_PRE_ACCESS,
     deny_errno,
     fanotify_mark,
@@ -40,7 +42,7 @@ from hsmfs.fanotify import (
     open_private_tree,
 )
 from hsmfs.holder import CTRL_MSG, ENV_GENERATION, MSG_REPLY
-from hsmfs.holder_link import HolderGone, HolderLink
+from hsmfs.holder_link import NOTICE_ID, HolderGone, HolderLink
 
 
 @functools.cache
@@ -72,7 +74,8 @@ async def serve(args: argparse.Namespace, status: Status) -> int:
     ignore_mount(link.fan_fd, tree)
     by_ino: dict[int, tuple[str, int]] = {}
     for rel in args.stubs:
-        fanotify_mark(link.fan_fd, FAN_MARK_ADD, FAN_PRE_ACCESS, rel, dirfd=tree)
+        mask = FAN_PRE_ACCESS | (FAN_MODIFY if args.notices else 0)
+        fanotify_mark(link.fan_fd, FAN_MARK_ADD, mask, rel, dirfd=tree)
         st = os.stat(rel, dir_fd=tree)
         by_ino[st.st_ino] = (rel, st.st_size)
     response = parse_response(args.response)
@@ -148,6 +151,11 @@ async def serve(args: argparse.Namespace, status: Status) -> int:
                 while args.stall_receive and os.path.exists(args.stall_receive):
                     await trio.sleep(0.02)
                 ident, event, fd = await link.receive()
+                if ident == NOTICE_ID:
+                    rel = by_ino.get(os.fstat(fd).st_ino, ("?", 0))[0]
+                    os.close(fd)
+                    status("notice", hex(event.mask), rel)
+                    continue
                 received += 1
                 nursery.start_soon(handle, ident, event.offset, event.count, fd)
                 if args.stop_after and received >= args.stop_after:
@@ -175,6 +183,7 @@ def main() -> int:
     parser.add_argument("--no-fill", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no per-event status lines")
     parser.add_argument("--stale-reply", action="store_true", help="send a wrong-seq DENY first")
+    parser.add_argument("--notices", action="store_true", help="mark FAN_MODIFY, log notices")
     parser.add_argument("--response", default="allow")
     parser.add_argument("stubs", nargs="+", help="stub paths relative to --cache")
     args = parser.parse_args()
