@@ -205,6 +205,13 @@ class StubCache:
                 return None
         if st.st_size < stub.owed:
             await self.truncate(stub, st.st_size, fd=fd)
+        elif (stub.sync in (CLEAN, STALE) and not self.engine.busy(stub)
+              and (st.st_size != stub.version.size
+                   or abs(st.st_mtime - stub.version.mtime) >= MTIME_SLACK_S)):
+            # The clean point: a clean copy keeps its version's length and mtime (fills put
+            # the mtime back, in the flight, so not while one runs).  Anything else is a write
+            # no access event announced: an mmap store or a truncate of a resident file.
+            await self.mark_dirty(stub, fd=fd)
         return stub
 
     def resident_file(self, fd: int, st: os.stat_result, start: int, stop: int) -> Stub | None:
@@ -728,6 +735,12 @@ class StubCache:
         await trio.to_thread.run_sync(persist)
         stub.sync = sync
         log.info("%r changed locally: %s", stub.path, sync)
+        if stub.ranges is not None and not stub.local:
+            # A write seen after the fact may have landed in a hole: the map would still call
+            # it missing and a later fill would write S3's bytes over the program's.  Read
+            # residency again from the extents, once no flight can be writing.
+            await self.engine.wait_idle(stub)
+            stub.ranges = await trio.to_thread.run_sync(self._load_ranges, stub)
 
     # -- transition: local truncate ----------------------------------------------------------
 

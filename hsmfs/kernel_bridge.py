@@ -56,6 +56,7 @@ from .cover import is_mount_beneath, open_beneath, uncover
 from .errors import HsmError, to_errno
 from .fanotify import (
     FAN_ALLOW,
+    FAN_CLOSE_WRITE,
     FAN_MARK_ADD,
     FAN_MARK_EVICTABLE,
     FAN_MARK_FILESYSTEM,
@@ -275,9 +276,11 @@ class KernelBridge:
         self.cache: StubCache | None = None
         self.stats_ = BridgeStats()
         # FAN_MODIFY: writes to resident files (whose permission events are ignored) are seen
-        # after the fact.  FAN_CLOSE_WRITE is not marked: it fires on every close of a writable
-        # fd, written or not (KERNEL_FACTS_3 §2).
-        self.mask = FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM | FAN_MODIFY
+        # after the fact.  FAN_CLOSE_WRITE: it fires on every close of a writable fd, written
+        # or not (KERNEL_FACTS_3 §2), so it is no dirty signal by itself; but a truncate or an
+        # mmap store of a resident file raises nothing else, and at the close the core compares
+        # the file's length and mtime with its version's (the clean point, StubCache.lookup).
+        self.mask = FAN_PRE_ACCESS | FAN_OPEN_EXEC_PERM | FAN_MODIFY | FAN_CLOSE_WRITE
         # A stop covers the cache dir (hsmfs.cover) until this worker has guarded every stub:
         # the layout and the private door are those of the tree beneath the cover.
         self.filesystem_mark = is_mount_beneath(cache_dir)
@@ -334,14 +337,15 @@ class KernelBridge:
         """Stop FAN_MODIFY for this file: it is dirty (or holds no record: a local file that
         archive uploads as new anyway), and a write-heavy program must not send a notice per
         write.  Safe to lose (evictable with a filesystem mark): a notice comes again."""
-        fanotify_mark_fd(self.fan_fd, self._ignore_flags(), FAN_MODIFY, fd)
+        fanotify_mark_fd(self.fan_fd, self._ignore_flags(), FAN_MODIFY | FAN_CLOSE_WRITE, fd)
 
     def watch_writes(self, fd: int) -> None:
         """The archive hook: FAN_MODIFY again for this file.  Call it *before* reading the
         bytes to upload (docs/kernel_writes.md: a write during the upload then raises a
         notice, which keeps the file dirty).  Never raises for a file with no such mask."""
         with contextlib.suppress(OSError):
-            fanotify_mark_fd(self.fan_fd, FAN_MARK_REMOVE | FAN_MARK_IGNORE, FAN_MODIFY, fd)
+            fanotify_mark_fd(self.fan_fd, FAN_MARK_REMOVE | FAN_MARK_IGNORE,
+                             FAN_MODIFY | FAN_CLOSE_WRITE, fd)
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -474,11 +478,22 @@ class KernelBridge:
         assert self.cache is not None
         self.stats_.notices += 1
         try:
-            stub = await self.cache.lookup(fd)
+            known = self.cache.stub_for_ino(os.fstat(fd).st_ino)
+            before = known.sync if known is not None else None
+            stub = await self.cache.lookup(fd)  # compares length and mtime: may mark it dirty
+            if stub is not None and stub is known and before in (CLEAN, STALE) \
+                    and stub.sync not in (CLEAN, STALE):
+                self.stats_.marked_dirty += 1
             if stub is None:
                 # Created locally: no record, nothing S3 owes; archive takes it as new whatever
                 # is written, so its further writes need no notice.
                 self.ignore_writes(fd)
+                return
+            if not event.mask & FAN_MODIFY:
+                # A close after writing, or not: lookup compared length and mtime with the
+                # version's and recorded a change; nothing else to do.
+                if stub.sync not in (CLEAN, STALE):
+                    self.ignore_writes(fd)
                 return
             if stub.sync in (CLEAN, STALE):
                 await self.cache.mark_dirty(stub, fd=fd)

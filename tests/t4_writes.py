@@ -234,3 +234,30 @@ def test_writes_through_the_kernel_door_are_recorded_dirty(bucket: Bucket, moto:
         if "worker gone" in d.log() or worker_pids(d) != [worker]:
             problems.append("the worker died:\n" + "\n".join(d.log().splitlines()[-30:]))
     assert not problems, "\n".join(problems)
+
+
+def test_an_mmap_store_or_truncate_of_a_resident_file_is_seen_at_its_close(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
+    """Neither raises FAN_MODIFY (KERNEL_FACTS_3 §2); the close (FAN_CLOSE_WRITE) lets the core
+    compare the file's length and mtime with its version's."""
+    objs = {name: bucket.put(name, blob(256 * 1024, name)) for name in ("m.bin", "t.bin")}
+    with serving(bucket, moto, tmp_path, "inode") as d:
+        root = d.root
+        for name in objs:
+            assert read(root / name) == objs[name]
+            assert wait_state(root / name, "resident") == "resident"
+        code = ("import mmap, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                "m = mmap.mmap(fd, 0)\n"
+                "time.sleep(0.05)\n"  # a store a little later than the open: another mtime
+                "m[4096:4100] = b'MMAP'\n"
+                "m.flush(); m.close(); os.close(fd)\n")
+        sh([sys.executable, "-c", code, str(root / "m.bin")])
+        want = bytearray(objs["m.bin"])
+        want[4096:4100] = b"MMAP"
+        assert read(root / "m.bin") == bytes(want)
+        assert wait_state(root / "m.bin", "dirty") == "dirty"
+        sh([sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "os.ftruncate(fd, 1000); os.close(fd)", str(root / "t.bin")])
+        assert read(root / "t.bin") == objs["t.bin"][:1000]
+        assert wait_state(root / "t.bin", "dirty") == "dirty"
