@@ -1,4 +1,5 @@
-"""Command line: ``hsmfs mount|serve|stop|state|stats|bench|demo`` and ``mount.hsmfs``.
+"""Command line: ``hsmfs mount|serve|stop|state|restore|archive|stats|bench|demo`` and
+``mount.hsmfs``.
 
 Owns argv and ``-o`` parsing, daemonization, the choice of process shape and what the user is
 told when the daemon cannot start (one line); builds the config objects and hands them to
@@ -361,6 +362,102 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return code
 
 
+def _locate_any(path: str) -> tuple[str, str, bool] | None:
+    """:func:`_locate` for a file or a directory, the tree's root included, and for a path
+    that no longer exists (``archive --delete`` of a removed file)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, STATE_DIR)):
+            return path, "", False
+        with contextlib.suppress(OSError):
+            return os.getxattr(path, "user.hsmfs.cache_dir").decode(), "", True
+    return _locate(path)
+
+
+#: How often `hsmfs archive` asks the daemon how far large uploads are (terminal only).
+PROGRESS_POLL_S = 0.5
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    """Upload local changes, one line per file; non-zero if any file failed."""
+    from . import control
+
+    by_cache: dict[str, list[tuple[str, str]]] = {}
+    code = 0
+    for p in args.paths:
+        where = _locate_any(p)
+        if where is None:
+            print(f"hsmfs: {p}: not in an hsmfs tree", file=sys.stderr)
+            code = 1
+            continue
+        cache, rel, _ = where
+        by_cache.setdefault(cache, []).append((rel, p))
+    for cache, items in by_cache.items():
+        shown = {rel: p for rel, p in items}
+        request = {"cmd": "archive", "paths": [rel for rel, _ in items],
+                   "delete": args.delete, "dry_run": args.dry_run}
+        stop = threading.Event()
+        bar = None
+        if sys.stderr.isatty() and not args.dry_run:
+            bar = threading.Thread(target=_progress_lines, args=(cache, stop), daemon=True)
+            bar.start()
+        try:
+            reply = control.query(cache, request, timeout=None)
+        except OSError as exc:
+            print(f"hsmfs: {', '.join(shown.values())}: no daemon serves it: {exc}",
+                  file=sys.stderr)
+            code = 1
+            continue
+        finally:
+            stop.set()
+            if bar is not None:
+                bar.join()
+        if "error" in reply:
+            print(f"hsmfs: archive: {reply['error']}", file=sys.stderr)
+            code = 1
+            continue
+        for row in reply["files"]:
+            print(f"{row['result']:<12} {_shown_path(row['path'], shown)}"
+                  + (f"  {row['detail']}" if row.get("detail") else ""))
+            if row["result"] in {"conflict", "refused", "failed"}:
+                code = 1
+    return code
+
+
+def _shown_path(rel: str, shown: dict[str, str]) -> str:
+    """A row's path as the user named it (or below a directory they named)."""
+    for named_rel, named in sorted(shown.items(), key=lambda kv: -len(kv[0])):
+        if rel == named_rel:
+            return named
+        if named_rel == "" or rel.startswith(named_rel + "/"):
+            return os.path.join(named, rel[len(named_rel):].lstrip("/"))
+    return rel
+
+
+def _progress_lines(cache: str, stop: threading.Event) -> None:
+    """One self-overwriting stderr line for the large files in flight (a terminal only:
+    a pipe or a log gets the result lines and nothing else)."""
+    from . import control
+
+    drawn = False
+    while not stop.wait(PROGRESS_POLL_S):
+        try:
+            progress = control.query(cache, {"cmd": "archive_progress"}, timeout=5)["progress"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if not progress:
+            continue
+        parts = [f"{os.path.basename(rel)} {100 * sent // max(total, 1):3d}% "
+                 f"{sent >> 20}/{total >> 20} MiB" for rel, (sent, total) in sorted(
+                     progress.items())]
+        sys.stderr.write("\r\x1b[K" + "  ".join(parts)[:200])
+        sys.stderr.flush()
+        drawn = True
+    if drawn:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from . import control
 
@@ -422,6 +519,13 @@ def _parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("restore", help="make files resident now (prefetch them whole)")
     sr.add_argument("paths", nargs="+")
     sr.set_defaults(func=_cmd_restore)
+
+    sv = sub.add_parser("archive", help="upload local changes (dirty and new files) to S3")
+    sv.add_argument("paths", nargs="+", metavar="PATH")
+    sv.add_argument("--delete", action="store_true",
+                    help="also delete in S3 the objects whose files were removed locally")
+    sv.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    sv.set_defaults(func=_cmd_archive)
 
     sb = sub.add_parser("stats", help="counters of a running daemon")
     sb.add_argument("path")

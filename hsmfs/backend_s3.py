@@ -1,4 +1,5 @@
-"""S3 access: list, head, ranged GET pinned to an ETag.  The only module that imports boto3.
+"""S3 access: list, head, ranged GET pinned to an ETag, conditional upload and delete.  The only
+module that imports boto3.
 
 Every call here blocks; the cache runs them in worker threads.  Ranged GETs, the hot path,
 skip botocore's request pipeline: they are signed with botocore's own SigV4 signer and sent
@@ -6,10 +7,47 @@ over a urllib3 pool (:class:`_LeanGet`), ~0.5 ms of CPU per GET instead of ~1.5 
 live here and only here (exponential backoff with full jitter), and every botocore or urllib3
 failure leaves this module as one of the domain errors in :mod:`hsmfs.errors`, so nothing
 above knows about HTTP.
+
+Uploads (:meth:`S3Backend.plan_upload`, :meth:`S3Backend.put`) are conditional: ``If-Match`` of
+the ETag the file is based on, or ``If-None-Match: *`` for a new key; a failed condition is
+:class:`~hsmfs.errors.ObjectChanged` (412), a based-on object that is gone
+:class:`~hsmfs.errors.ObjectMissing`.  What servers honour, measured here on moto 5.2.1 and
+Ceph RGW 16.2.15 (``tests/t1_upload.py`` passes against both):
+
+==================================  =========  ===========  =================================
+condition                           moto 5     Ceph 16.2    what this module does
+==================================  =========  ===========  =================================
+PUT ``If-None-Match: *``            412        412          sends it; trusts the server
+PUT ``If-Match`` (quoted ETag)      412 / 200  always 412   sends it quoted; after a 412
+                                                            whose HEAD shows the base still
+                                                            there, unquoted from then on
+PUT ``If-Match`` (unquoted ETag)    412 / 200  412 / 200    (as above)
+PUT ``If-Match``, key gone          404        412          HEAD tells: ObjectMissing
+Complete MPU ``If-None-Match: *``   412        ignored      HEAD first (404 expected), then
+                                                            sends it too
+Complete MPU ``If-Match``           ignored    ignored      HEAD first (ETag must be the
+                                                            base), then sends it too
+Complete MPU answer's ETag          set        empty        HEAD after; planned ETag if empty
+DELETE ``If-Match``                 412        **ignored**  HEAD first, then sends it
+``Content-MD5`` on PUT / part       ignored    BadDigest    sent; parts re-hashed as sent
+==================================  =========  ===========  =================================
+
+Where the server ignores a condition, the window between our HEAD and the server applying the
+request remains: another writer completing in those milliseconds is overwritten (multipart on
+moto and RGW < 20.2.1), or its new version deleted (DELETE on RGW 16).  A single PUT is not
+exposed on either server.
+
+Metadata follows s3fs: ``x-amz-meta-mtime`` is the file's mtime in whole decimal seconds (s3fs
+writes ``%llu`` of ``st_mtime``; rclone writes the same header as decimal seconds with a
+fraction, and reads an integer fine, so one header serves both), ``x-amz-meta-mode`` is
+``st_mode`` in decimal (s3fs; :meth:`S3Backend.head` reads it back).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import http.client
 import logging
 import os
@@ -20,6 +58,7 @@ import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -64,6 +103,51 @@ class ObjectInfo:
     mode: int | None = None
 
 
+MiB = 1 << 20
+#: Above this size a file goes up in parts.  One PUT keeps a file to one request and one hash
+#: pass; parts let several connections carry one large file (boto3's ``upload_file`` starts at
+#: 8 MiB; a part costs a request, so small files stay single).  A single PUT's body is held in
+#: memory (it is the snapshot that was hashed), so this also bounds that buffer.
+MULTIPART_THRESHOLD = 64 * MiB
+#: S3 allows 5 MiB to 5 GiB per part (the last may be smaller) and at most 10,000 parts; 16 MiB
+#: parts cover files up to 156 GiB, and the part size grows beyond that.
+PART_SIZE = 16 * MiB
+MIN_PART_SIZE = 5 * MiB
+MAX_PARTS = 10_000
+#: Parts in flight at once, per file: enough to fill a link where one stream cannot (measured
+#: single-stream PUTs on loopback Ceph are CPU-bound around one core), while the part buffers
+#: stay at PART_THREADS x PART_SIZE of memory.
+PART_THREADS = 4
+
+
+class SourceChanged(Exception):
+    """The file's bytes changed between :meth:`S3Backend.plan_upload` and the moment they were
+    sent: nothing was stored (an unfinished multipart upload is aborted).  Not an
+    :class:`~hsmfs.errors.HsmError`: it never reaches a door; the archive snapshots again."""
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """A snapshot of a file's bytes, hashed, and the ETag S3 will give it.
+
+    The ETag is S3's for unencrypted (or SSE-S3) objects: the MD5 of the body for one PUT, the
+    MD5 of the parts' MD5s followed by ``-N`` for a multipart upload (AWS, Ceph RGW and moto all
+    compute it so).  It is known *before* anything is sent, so the archive can record it as
+    the upload it is about to make and recognise that upload in S3 after a crash.
+    """
+
+    size: int
+    etag: str  # quoted, as S3 returns ETags
+    part_size: int  # 0: a single PUT
+    part_md5: tuple[bytes, ...]
+    #: A single PUT's bytes: sent exactly as hashed, so what lands is what ``etag`` names.
+    body: bytes | None = None
+
+    @property
+    def parts(self) -> int:
+        return len(self.part_md5) if self.part_size else 0
+
+
 # HTTP statuses worth another attempt: server errors and throttling.
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException",
@@ -105,6 +189,13 @@ class S3Backend:
         self.requests = 0
         self.bytes = 0
         self.retries = 0
+        self.uploaded = 0  # bytes stored by put (not yet in stats(): its keys are pinned)
+        # Upload shape: module defaults, per backend so a test can make multipart cheap.
+        self.multipart_threshold = MULTIPART_THRESHOLD
+        self.part_size = PART_SIZE
+        self.part_threads = PART_THREADS
+        #: Learnt from the server (Ceph RGW 16): If-Match on writes must be unquoted.
+        self._unquoted_if_match = False
 
     # -- public calls --------------------------------------------------------------------------
 
@@ -196,6 +287,208 @@ class S3Backend:
             self.bytes += got
         return got
 
+    # -- upload and delete ------------------------------------------------------------------------
+
+    def head_key(self, key: str) -> ObjectInfo | None:
+        """What S3 holds at ``key`` now (any version), or None if nothing.  Not pinned: this
+        is the question "who is there?", asked before and after conditional writes."""
+        try:
+            resp = self._call(f"head {key!r}",
+                              lambda: self._client.head_object(Bucket=self.cfg.bucket, Key=key))
+        except ObjectMissing:
+            return None
+        return ObjectInfo(version=_version_of(key, resp), mode=_mode_of(key, resp))
+
+    def plan_upload(self, fd: int, size: int) -> UploadPlan:
+        """Read ``size`` bytes of ``fd`` once and hash them the way S3 will (see
+        :class:`UploadPlan`).  ``fd`` must raise no fanotify event (the private door): this is
+        hsmfs reading its own file.  A file shorter than ``size`` now changed under us:
+        :class:`SourceChanged`."""
+        if size <= self.multipart_threshold:
+            body = _pread_exactly(fd, 0, size)
+            digest = hashlib.md5(body, usedforsecurity=False).digest()
+            return UploadPlan(size, f'"{digest.hex()}"', 0, (digest,), body)
+        part_size = max(self.part_size, MIN_PART_SIZE, -(-size // MAX_PARTS))
+        digests = []
+        for start in range(0, size, part_size):
+            h = hashlib.md5(usedforsecurity=False)
+            stop = min(start + part_size, size)
+            for at in range(start, stop, 4 * MiB):  # bounded reads: no part-sized buffer here
+                h.update(_pread_exactly(fd, at, min(4 * MiB, stop - at)))
+            digests.append(h.digest())
+        whole = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+        return UploadPlan(size, f'"{whole}-{len(digests)}"', part_size, tuple(digests))
+
+    def put(self, key: str, fd: int, plan: UploadPlan, *, base: str | None, mtime: float,
+            mode: int, progress: Callable[[int], None] | None = None,
+            started: Callable[[str], None] | None = None) -> ObjectVersion:
+        """Store the planned bytes of ``fd`` at ``key`` if S3 still holds ``base`` there (an
+        ETag), or holds nothing there (``base`` None); return the version stored, as HEAD
+        reports it (ETag, size, LastModified, version id).
+
+        Raises :class:`~hsmfs.errors.ObjectChanged` when S3 holds another version (412, or our
+        HEAD found one), :class:`~hsmfs.errors.ObjectMissing` when ``base`` is gone,
+        :class:`SourceChanged` when the file's bytes no longer hash as planned, or the
+        classified failure after every retry.  A retried request whose first attempt landed
+        is recognised (S3 then holds ``plan.etag``) and counted as success, never as a conflict.
+        ``progress(n)`` is called (from worker threads) as bytes go out; ``started(upload_id)``
+        once a multipart upload exists, before any part is sent, so the caller can record it
+        and abort it after a crash (:meth:`abort_upload`).
+        """
+        meta = {"mtime": str(int(mtime)), "mode": str(mode)}
+        cond: dict[str, str] = {"IfMatch": base} if base else {"IfNoneMatch": "*"}
+        try:
+            if not plan.part_size:
+                etag, vid = self._put_single(key, plan, meta, cond)
+            else:
+                etag, vid = self._put_multipart(key, fd, plan, meta, cond, base, progress,
+                                                started)
+        except (ObjectChanged, ObjectMissing) as exc:
+            # A retry after a lost answer meets our own earlier attempt: S3 holds our bytes.
+            landed = self.head_key(key)
+            if landed is None and base is not None and isinstance(exc, ObjectChanged):
+                # Ceph answers If-Match on a missing key with 412, moto and AWS with 404.
+                raise ObjectMissing(f"put {key!r}: gone from S3 (was {base})") from exc
+            if landed is None or landed.version.etag != plan.etag:
+                raise
+            log.info("put %r: an earlier attempt landed (%s)", key, plan.etag)
+            return landed.version
+        if plan.body is not None and progress is not None:
+            progress(plan.size)
+        with self._lock:
+            self.uploaded += plan.size
+        head = self.head_key(key)
+        if head is not None and head.version.etag == etag:
+            return head.version
+        # Someone wrote the key between our request and the HEAD (milliseconds): our version
+        # is still the one we stored; the next listing shows the file as stale, as it is.
+        log.warning("put %r: stored %s, but S3 already holds %s", key, etag,
+                    head.version.etag if head else "nothing")
+        return ObjectVersion(key, etag, plan.size, time.time(), vid)
+
+    def _put_single(self, key: str, plan: UploadPlan, meta: dict[str, str],
+                    cond: dict[str, str]) -> tuple[str, str | None]:
+        kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Key": key, "Body": plan.body,
+                              "ContentMD5": _b64(plan.part_md5[0]), "Metadata": meta,
+                              **self._condition(cond)}
+
+        def put() -> dict[str, Any]:
+            return self._call(f"put {key!r}", lambda: _digest_checked(
+                lambda: self._client.put_object(**kw)))
+
+        try:
+            resp = put()
+        except ObjectChanged:
+            base = cond.get("IfMatch")
+            if base is None or self._unquoted_if_match:
+                raise
+            # Ceph RGW 16 compares If-Match on PUT with the unquoted ETag, so a quoted one
+            # (RFC 9110's form, which AWS and moto take) fails even when it holds.  If S3
+            # still holds the base, the condition held: say it RGW's way from now on.
+            head = self.head_key(key)
+            if head is None or head.version.etag != base:
+                raise
+            log.info("the server refuses a quoted If-Match on PUT; sending ETags unquoted")
+            self._unquoted_if_match = True
+            kw.update(self._condition(cond))
+            resp = put()
+        # The response's ETag is our write's own; HEAD's may already be someone else's.
+        return resp.get("ETag") or plan.etag, _vid(resp)
+
+    def _put_multipart(self, key: str, fd: int, plan: UploadPlan, meta: dict[str, str],
+                       cond: dict[str, str], base: str | None,
+                       progress: Callable[[int], None] | None,
+                       started: Callable[[str], None] | None) -> tuple[str, str | None]:
+        bucket = self.cfg.bucket
+        created = self._call(f"create upload {key!r}",
+                             lambda: self._client.create_multipart_upload(
+                                 Bucket=bucket, Key=key, Metadata=meta))
+        upload_id = created["UploadId"]
+        n = plan.parts
+        etags: list[str] = [""] * n
+
+        def send(i: int) -> None:
+            start = i * plan.part_size
+            body = _pread_exactly(fd, start, min(plan.part_size, plan.size - start))
+            # Re-hashed as sent: bytes that changed since the plan would land under an ETag
+            # the archive did not record (moto ignores Content-MD5, AWS and RGW do not).
+            if hashlib.md5(body, usedforsecurity=False).digest() != plan.part_md5[i]:
+                raise SourceChanged(f"{key!r}: part {i + 1} changed since it was hashed")
+            resp = self._call(f"put part {i + 1}/{n} of {key!r}", lambda: _digest_checked(
+                lambda: self._client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                                                 PartNumber=i + 1, Body=body,
+                                                 ContentMD5=_b64(plan.part_md5[i]))))
+            etags[i] = resp["ETag"]
+            if progress is not None:
+                progress(len(body))
+
+        try:
+            if started is not None:
+                started(upload_id)
+            pool = ThreadPoolExecutor(min(self.part_threads, n), thread_name_prefix="part")
+            try:
+                for future in [pool.submit(send, i) for i in range(n)]:
+                    future.result()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            # moto and Ceph RGW < 20.2.1 ignore the condition on CompleteMultipartUpload: look
+            # ourselves, right before completing (the window left is this HEAD's round trip).
+            self._check_condition(key, base)
+            parts = {"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]}
+            resp = self._call(f"complete upload {key!r}",
+                              lambda: self._client.complete_multipart_upload(
+                                  Bucket=bucket, Key=key, UploadId=upload_id,
+                                  MultipartUpload=parts, **self._condition(cond)))
+        except BaseException:
+            # Parts of an unfinished upload are stored (and billed) until aborted; an abort
+            # after a complete that did land is a harmless NoSuchUpload.
+            try:
+                self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                log.info("abort upload %r: %s", key, exc)
+            raise
+        # Ceph answers CompleteMultipartUpload with an empty ETag: the planned one is S3's.
+        return resp.get("ETag") or plan.etag, _vid(resp)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload a crash left unfinished (its parts are stored and billed
+        until then).  One that is gone already (completed or aborted) is fine."""
+        with contextlib.suppress(ObjectMissing):  # NoSuchUpload: nothing left to abort
+            self._call(f"abort upload {key!r}", lambda: self._client.abort_multipart_upload(
+                Bucket=self.cfg.bucket, Key=key, UploadId=upload_id))
+
+    def _condition(self, cond: dict[str, str]) -> dict[str, str]:
+        if self._unquoted_if_match and "IfMatch" in cond:
+            return {"IfMatch": cond["IfMatch"].strip('"')}
+        return cond
+
+    def _check_condition(self, key: str, base: str | None) -> None:
+        """What a conditional request would check, by HEAD, for servers that do not."""
+        head = self.head_key(key)
+        if base is None and head is not None:
+            raise ObjectChanged(f"{key!r}: created meanwhile ({head.version.etag})")
+        if base is not None and head is None:
+            raise ObjectMissing(f"{key!r}: gone from S3 (was {base})")
+        if base is not None and head is not None and head.version.etag != base:
+            raise ObjectChanged(f"{key!r}: S3 holds {head.version.etag}, not {base}")
+
+    def delete(self, version: ObjectVersion) -> bool:
+        """Delete ``version.key`` if S3 still holds ``version.etag`` there; False if nothing was
+        there.  HEAD first (a server that ignores ``If-Match`` on DELETE would remove whatever
+        is there), then DELETE with ``If-Match`` (moto and AWS honour it).  In a versioned
+        bucket this adds a delete marker: older versions stay recoverable."""
+        try:
+            self._check_condition(version.key, version.etag)
+        except ObjectMissing:
+            return False
+        try:
+            cond = self._condition({"IfMatch": version.etag})
+            self._call(f"delete {version.key!r}", lambda: self._client.delete_object(
+                Bucket=self.cfg.bucket, Key=version.key, **cond))
+        except ObjectMissing:
+            return False
+        return True
+
     # -- retry and classification ---------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -279,6 +572,10 @@ def classify_status(what: str, status: int, code: str) -> HsmError | _Retryable:
         return ObjectChanged(f"{detail}: object shrank")
     if status == 403 or code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
         return AccessDenied(detail)
+    if code in {"ConditionalRequestConflict", "OperationAborted"}:
+        # AWS: a concurrent conditional write or operation on the key is in progress; the
+        # condition is decided once it ends, so ask again.
+        return _Retryable(BackendUnavailable(detail))
     if code in _THROTTLE_CODES or status == 429:
         return _Retryable(Throttled(detail))
     if status in _RETRY_STATUS or code in {"InternalError", "ServiceUnavailable"}:
@@ -448,3 +745,54 @@ def _error_code(body: bytes) -> str:
     except ET.ParseError:
         return ""
     return (node.text or "") if node is not None else ""
+
+
+def _version_of(key: str, resp: dict[str, Any]) -> ObjectVersion:
+    """The version a HEAD (or GET) answer describes."""
+    modified = resp.get("LastModified")
+    return ObjectVersion(key, resp.get("ETag", ""), int(resp.get("ContentLength", 0)),
+                         modified.timestamp() if modified is not None else 0.0, _vid(resp))
+
+
+def _mode_of(key: str, resp: dict[str, Any]) -> int | None:
+    raw = resp.get("Metadata", {}).get("mode")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        log.warning("ignoring malformed x-amz-meta-mode %r on %r", raw, key)
+        return None
+
+
+def _vid(resp: dict[str, Any]) -> str | None:
+    vid = resp.get("VersionId")
+    return vid if vid and vid != "null" else None
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _digest_checked(fn: Callable[[], T]) -> T:
+    """A server that checks ``Content-MD5`` refuses a body that is not what was hashed
+    (BadDigest): the file changed under us, which no retry cures."""
+    try:
+        return fn()
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"BadDigest", "InvalidDigest"}:
+            raise SourceChanged(str(exc)) from exc
+        raise
+
+
+def _pread_exactly(fd: int, start: int, length: int) -> bytes:
+    """``length`` bytes at ``start``, or :class:`SourceChanged` if the file is shorter now."""
+    parts = []
+    got = 0
+    while got < length:
+        chunk = os.pread(fd, length - got, start + got)
+        if not chunk:
+            raise SourceChanged(f"file shorter than {start + length} bytes now")
+        parts.append(chunk)
+        got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

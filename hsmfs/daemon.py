@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import trio
 
 from . import control
+from .archive import Archiver
 from .backend_s3 import ObjectInfo, S3Backend
 from .cache import Intent, StubCache, describe
 from .config import Options
@@ -105,6 +106,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
         objects = await list_objects(backend, opts)
     report = await cache.populate(objects, opts.s3.prefix)
+    archiver = Archiver(cache, backend, opts.s3.prefix)
     ops = None
     if opts.fuse is not None:
         from .ops import Operations  # pyfuse3 only where a FUSE door is asked for
@@ -134,6 +136,14 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                 return {"states": states}
             case "restore":
                 return {"states": [await _restore(cache, p) for p in request.get("paths", [])]}
+            case "archive":
+                rows = await archiver.run([str(p) for p in request.get("paths", [])],
+                                          delete=bool(request.get("delete")),
+                                          dry_run=bool(request.get("dry_run")))
+                return {"files": rows}
+            case "archive_progress":
+                # Polled by `hsmfs archive` on a terminal while its own request runs.
+                return {"progress": {k: list(v) for k, v in archiver.progress.items()}}
             case other:
                 return {"error": f"unknown command {other!r}"}
 

@@ -1,0 +1,639 @@
+"""The *archive* transition: local changes go back to S3, conditionally, and are never lost.
+
+A transition module of the core (docs/design.md, "State machine"): it acts on the same
+:class:`~hsmfs.state.Stub` objects and trusted records as :mod:`hsmfs.cache`, and uses its
+internals (the registry, the per-file truncate lock, the fetch engine's flights).  The bytes go
+through :mod:`hsmfs.backend_s3`; nothing here imports boto3 or a door.
+
+Which files: a ``dirty`` stub is uploaded with ``If-Match`` of the ETag it is based on; a file
+with no record (created locally) with ``If-None-Match: *`` — or, if it replaced a stub hsmfs
+knew at that path (an editor's write-temp-and-rename save), with ``If-Match`` of that stub's
+version; a stub renamed locally is uploaded to the key of its new path.  ``clean`` and
+``stale`` files are unchanged; ``conflict`` files are reported, never uploaded.
+
+The steps, one function each (their docstrings say what is persisted, in which order, and what
+a SIGKILL before or after leaves):
+
+1. :func:`Archiver._recover` — a file carrying an upload marker from an interrupted archive:
+   HEAD says whether that upload landed; if so its record is completed, nothing is sent again;
+2. :func:`Archiver._snapshot` — every owed byte made local, then size, mtime and the bytes'
+   ETag (hashed before anything is sent);
+3. :func:`Archiver._mark` — the marker (``trusted.hsmfs.upload``) persisted;
+4. :func:`Archiver._send` — the conditional PUT or multipart upload, then HEAD;
+5. :func:`Archiver._record` — the new version recorded: ``clean`` if the file did not change
+   during the upload, else still ``dirty`` but based on the new version;
+   or :func:`Archiver._conflict` — a failed condition: ``conflict``, bytes kept;
+6. :func:`Archiver._delete` (``--delete`` only) — a stub whose file is gone locally is deleted
+   in S3 (``If-Match``, HEAD-checked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import trio
+
+from .backend_s3 import ObjectVersion, S3Backend, SourceChanged, UploadPlan
+from .cache import StubCache
+from .errors import HsmError, ObjectChanged, ObjectMissing, to_errno
+from .keys import STATE_DIR, key_to_relpath
+from .ranges import RangeMap
+from .state import Intent, Pin, Stub
+from .stubfile import (
+    CLEAN,
+    CONFLICT,
+    DIRTY,
+    GONE,
+    STALE,
+    X_OWED,
+    X_REMOTE,
+    X_SYNC,
+    X_VERSION,
+    RemoteVersion,
+    generation,
+    write_identity,
+    write_sync,
+    write_view,
+)
+
+log = logging.getLogger(__name__)
+
+#: The upload in progress: JSON of :class:`Marker`.  trusted.* like the record (only
+#: CAP_SYS_ADMIN may write it), so no user can make hsmfs believe an upload landed.
+X_UPLOAD = "trusted.hsmfs.upload"
+#: S3's limit on a key's length, in UTF-8 bytes.
+KEY_MAX = 1024
+#: Files archived at once: small files are a few round trips each, so a tree of them wants
+#: several in flight; large files bring their own part parallelism (backend_s3.PART_THREADS).
+FILES_AT_ONCE = 8
+#: Files at least this large are listed by ``archive_progress`` (the CLI's progress line).
+PROGRESS_MIN = 8 << 20
+#: Snapshots tried per file when it keeps changing while it is read.
+SNAPSHOT_TRIES = 3
+
+# The words of a result row; FAILED_RESULTS make ``hsmfs archive`` exit non-zero.
+UPLOADED, UNCHANGED, CONFLICTED, REFUSED, FAILED = (
+    "uploaded", "unchanged", "conflict", "refused", "failed")
+DELETED, WOULD_UPLOAD, WOULD_DELETE = "deleted", "would-upload", "would-delete"
+FAILED_RESULTS = frozenset({CONFLICTED, REFUSED, FAILED})
+
+
+@dataclass(frozen=True)
+class Marker:
+    """An upload about to be sent: where, what it will be called, and the file it was read
+    from.  ``etag`` is what S3 will call exactly these bytes; ``base`` the version the file
+    was based on (None: a new key)."""
+
+    key: str
+    etag: str
+    base: str | None
+    size: int
+    mtime_ns: int
+    #: A multipart upload's id once it exists: a crash leaves it unfinished, and the next
+    #: archive aborts it (its parts are stored and billed until then).
+    upload_id: str | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def read(cls, fd: int) -> Marker | None:
+        try:
+            raw = os.getxattr(fd, X_UPLOAD)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return None
+            raise
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError):
+            log.warning("ignoring a malformed upload marker %r", raw[:200])
+            return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The file as it was read for an upload: its bytes' plan and what says it changed."""
+
+    plan: UploadPlan
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+class Archiver:
+    """Runs archives for one daemon (one per :class:`~hsmfs.cache.StubCache`).
+
+    Invariants: at most one archive of a file at a time (``_locks``, by inode and
+    generation); a marker is on a file exactly while an upload of it may be in S3 without
+    its record saying so; a file is written ``clean`` only if its size and mtime are those
+    its uploaded bytes were read at.
+    """
+
+    def __init__(self, cache: StubCache, backend: S3Backend, prefix: str) -> None:
+        self.cache = cache
+        self.backend = backend
+        self.prefix = prefix
+        self._locks: dict[tuple[int, int], trio.Lock] = {}
+        #: rel -> [bytes sent, bytes to send], for files of at least PROGRESS_MIN in flight.
+        self.progress: dict[str, list[int]] = {}
+
+    # -- the command -------------------------------------------------------------------------
+
+    async def run(self, paths: Iterable[str], *, delete: bool = False,
+                  dry_run: bool = False) -> list[dict[str, Any]]:
+        """Archive every file at or under ``paths`` (relative to the cache root); one row
+        per file, in path order."""
+        rels = [_norm(p) for p in paths]
+        files = await trio.to_thread.run_sync(self._walk, rels)
+        # Candidates for --delete are taken before any upload moves a renamed stub's path.
+        gone = await trio.to_thread.run_sync(self._removed, self._known(rels)) if delete else []
+        rows: dict[str, dict[str, Any]] = {}
+        limiter = trio.CapacityLimiter(FILES_AT_ONCE)
+
+        async def one(rel: str, problem: str | None) -> None:
+            async with limiter:
+                if problem is not None:
+                    rows[rel] = _row(rel, REFUSED, problem)
+                    return
+                try:
+                    rows[rel] = await self.archive_file(rel, dry_run=dry_run)
+                except (HsmError, OSError) as exc:
+                    rows[rel] = _failed(rel, exc)
+
+        async with trio.open_nursery() as nursery:
+            # Overlapping PATHs name a file once: one row, one archive.
+            for rel, problem in dict(files).items():
+                nursery.start_soon(one, rel, problem)
+        out = [rows[r] for r in sorted(rows)]
+        for version, rel in gone:
+            out.append(await self._delete(version, rel, dry_run=dry_run))
+        # A named path that is not there and (with --delete) named no removed stub either.
+        for rel in rels:
+            if rel not in rows and not any(_under(g, [rel]) for _v, g in gone) \
+                    and not await trio.to_thread.run_sync(self._exists, rel):
+                out.append(_row(rel, REFUSED, "no such file or directory"))
+        return out
+
+    def _exists(self, rel: str) -> bool:
+        try:
+            os.stat(rel or ".", dir_fd=self.cache.root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _walk(self, rels: list[str]) -> list[tuple[str, str | None]]:
+        """Regular files at or under ``rels`` through the private door, with why one cannot
+        be archived (None: it can).  A path that does not exist is left to ``--delete``."""
+        out: list[tuple[str, str | None]] = []
+        root = self.cache.root_fd
+        for rel in rels:
+            try:
+                st = os.stat(rel or ".", dir_fd=root, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                out.append((rel, _not_a_file(st)))
+                continue
+            for dirpath, dirnames, filenames, _dirfd in os.fwalk(rel or ".", dir_fd=root):
+                if dirpath == ".":
+                    with contextlib.suppress(ValueError):
+                        dirnames.remove(STATE_DIR)
+                dirnames.sort()
+                for name in sorted(filenames):
+                    path = os.path.normpath(os.path.join(dirpath, name))
+                    try:
+                        fst = os.stat(path, dir_fd=root, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    out.append((path, _not_a_file(fst)))
+        return out
+
+    # -- one file ----------------------------------------------------------------------------
+
+    async def archive_file(self, rel: str, *, dry_run: bool = False) -> dict[str, Any]:
+        key = self.prefix + rel
+        if len(key.encode()) > KEY_MAX:
+            return _row(rel, REFUSED, f"its key would be {len(key.encode())} bytes, over S3's "
+                        f"{KEY_MAX}; the file is kept as it is")
+        if key_to_relpath(key, self.prefix)[0] != rel:
+            return _row(rel, REFUSED, "its path cannot be an S3 key hsmfs would list back")
+        fd = await trio.to_thread.run_sync(self._open, rel)
+        try:
+            st = os.fstat(fd)
+            lock = self._locks.setdefault((st.st_ino, generation(fd)), trio.Lock())
+            async with lock:
+                return await self._archive_open(rel, key, fd, dry_run)
+        finally:
+            os.close(fd)
+
+    def _open(self, rel: str) -> int:
+        # Through the private door: no fanotify event, no fill.  O_RDWR so the core can fill
+        # a stub whose recorded path no longer leads to it (renamed) through this fd; a
+        # running executable refuses it (ETXTBSY), and then O_RDONLY does for the rest
+        # (xattrs and fsync need no write mode).
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            return os.open(rel, os.O_RDWR | flags, dir_fd=self.cache.root_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ETXTBSY, errno.EACCES, errno.EROFS):
+                raise
+            return os.open(rel, os.O_RDONLY | flags, dir_fd=self.cache.root_fd)
+
+    async def _archive_open(self, rel: str, key: str, fd: int,
+                            dry_run: bool) -> dict[str, Any]:
+        stub = await self.cache.lookup(fd)  # also records a truncate found after the fact
+        marker = await trio.to_thread.run_sync(Marker.read, fd)
+        if marker is not None and not dry_run:
+            done = await self._recover(rel, fd, stub, marker)
+            if done is not None:
+                return done
+        base = self._base(rel, key, stub)
+        if stub is not None and stub.version.key == key:
+            if stub.sync == CONFLICT:
+                return _row(rel, CONFLICTED, _conflict_text(rel, stub.version.etag, stub.remote))
+            if stub.sync == STALE:
+                return _row(rel, UNCHANGED, f"stale: S3 holds {_show(stub.remote)} now; "
+                            "nothing local to send")
+            if stub.sync == CLEAN:
+                if os.fstat(fd).st_size == stub.version.size or not stub.local:
+                    return _row(rel, UNCHANGED, stub.version.etag)
+                # A resident file changed length without an event (the kernel door ignores
+                # resident files): record the change before it is sent.
+                if not dry_run:
+                    await self.cache.mark_dirty(stub, fd=fd)
+        if dry_run:
+            return _row(rel, WOULD_UPLOAD, f"based on {base}" if base else "new key",
+                        size=os.fstat(fd).st_size)
+        return await self._upload(rel, key, fd, stub, base)
+
+    def _base(self, rel: str, key: str, stub: Stub | None) -> str | None:
+        """The ETag S3 must hold at ``key`` for this upload to go ahead; None: no object."""
+        if stub is not None and stub.version.key == key:
+            return stub.version.etag
+        # A new file at a stub's path (a save by rename over it), or a stub renamed onto it:
+        # it is a new version of the object the path's stub was a copy of.
+        prev = self.cache.registry.by_path.get(rel)
+        if prev is not None and prev is not stub and prev.version.key == key \
+                and prev.sync != CONFLICT:
+            return prev.version.etag
+        return None
+
+    async def _upload(self, rel: str, key: str, fd: int, stub: Stub | None,
+                      base: str | None) -> dict[str, Any]:
+        pin = await self._local(stub, fd)
+        try:
+            for _attempt in range(SNAPSHOT_TRIES):
+                snap = await self._snapshot(fd)
+                if snap is None:
+                    continue  # changed while it was read
+                marker = Marker(key, snap.plan.etag, base, snap.size, snap.mtime_ns)
+                await self._mark(fd, marker)
+                try:
+                    version = await self._send(rel, key, fd, snap, base)
+                except SourceChanged:
+                    await trio.to_thread.run_sync(_drop_marker, fd)
+                    continue  # nothing landed: read it again
+                except (ObjectChanged, ObjectMissing) as exc:
+                    return await self._conflict(rel, key, fd, stub, base, exc)
+                # Any other failure leaves the marker: the upload may have landed after all,
+                # and the next archive's HEAD decides (_recover).
+                changed = await self._record(rel, fd, stub, version, marker)
+                return _row(rel, UPLOADED, version.etag + (
+                    " (changed during the upload: still dirty, based on it)" if changed else ""),
+                    size=snap.size)
+            return _row(rel, FAILED, f"changed while it was read, {SNAPSHOT_TRIES} times; "
+                        "still dirty: archive it again once it is quiet")
+        finally:
+            if pin is not None:
+                pin.release()
+
+    async def _local(self, stub: Stub | None, fd: int) -> Pin | None:
+        """Every byte S3 owes the file made local, and pinned until the record is written
+        (no release may punch what is being read)."""
+        if stub is None:
+            return None
+        return await self.cache.ensure(stub, 0, stub.owed, Intent.WHOLE, fd=fd)
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    async def _snapshot(self, fd: int) -> Snapshot | None:
+        """Step *snapshot*: size, mtime and mode, then the bytes hashed the way S3 will name
+        them (:meth:`S3Backend.plan_upload`), then size and mtime again.  Persists nothing:
+        a SIGKILL here leaves the file as it was (dirty, or new).  None if the file changed
+        while it was read.  (This kernel's multigrain timestamps give a write right after our
+        ``fstat`` a fresh mtime, so a coarse clock tick does not hide one.)"""
+        st = await trio.to_thread.run_sync(os.fstat, fd)
+        plan = await trio.to_thread.run_sync(self._plan, fd, st.st_size)
+        after = await trio.to_thread.run_sync(os.fstat, fd)
+        if plan is None or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            return None
+        return Snapshot(plan, st.st_size, st.st_mtime_ns, st.st_mode)
+
+    def _plan(self, fd: int, size: int) -> UploadPlan | None:
+        try:
+            return self.backend.plan_upload(fd, size)
+        except SourceChanged:
+            return None
+
+    async def _mark(self, fd: int, marker: Marker) -> None:
+        """Step *mark*: the marker (:data:`X_UPLOAD`) written and fsync'd before a byte is
+        sent.  SIGKILL before: nothing in S3, nothing recorded.  After: the marker names the
+        ETag the upload will have, so the next archive can tell by HEAD whether it landed
+        (:meth:`_recover`) instead of sending it again, or, worse, meeting its own upload as
+        a 412 and calling it a conflict."""
+        def persist() -> None:
+            os.setxattr(fd, X_UPLOAD, marker.encode())
+            os.fsync(fd)
+
+        await trio.to_thread.run_sync(persist)
+
+    async def _send(self, rel: str, key: str, fd: int, snap: Snapshot,
+                    base: str | None) -> ObjectVersion:
+        """Step *send*: the conditional upload, then HEAD for the stored version's ETag,
+        size, LastModified and version id (Ceph's CompleteMultipartUpload answers an empty
+        ETag).  Persists locally only a multipart upload's id, in the marker.  SIGKILL
+        during a single PUT: S3 has the whole
+        object or nothing.  During a multipart upload: no object is visible until the
+        complete; the upload's id is added to the marker before any part is sent, and the
+        next archive aborts the unfinished upload (:meth:`_recover`).  After the upload
+        landed: the marker says so (:meth:`_recover`)."""
+        track = snap.size >= PROGRESS_MIN
+        if track:
+            self.progress[rel] = [0, snap.size]
+
+        def progress(n: int) -> None:
+            if track:
+                self.progress[rel][0] += n  # one int under the GIL: a lost update is a late bar
+
+        def started(upload_id: str) -> None:
+            # Worker thread, before any part is sent: the marker learns the upload's id.
+            marker = Marker(key, snap.plan.etag, base, snap.size, snap.mtime_ns, upload_id)
+            os.setxattr(fd, X_UPLOAD, marker.encode())
+            os.fsync(fd)
+
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: self.backend.put(key, fd, snap.plan, base=base,
+                                         mtime=snap.mtime_ns / 1e9, mode=snap.mode,
+                                         progress=progress, started=started))
+        finally:
+            self.progress.pop(rel, None)
+
+    async def _record(self, rel: str, fd: int, stub: Stub | None, version: ObjectVersion,
+                      marker: Marker) -> bool:
+        """Step *record*: the file becomes a copy of ``version``; True if it changed during
+        the upload (then it stays ``dirty``, now based on ``version``).
+
+        The recorded mtime is the file's (as sent in ``x-amz-meta-mtime``), the clean point
+        the core compares a clean copy with.  Persisted in this order, then fsync:
+        ``sync=dirty`` and ``owed=0`` (a record still valid and still dirty whatever comes
+        next); the identity (key, ETag, size, mtime, version id); ``owed`` (the size if
+        unchanged: S3 holds exactly these bytes; 0 if changed: no hole of a changed file is
+        S3's to fill); ``sync`` (clean or dirty), the stale ``remote`` removed, the view; the
+        marker removed last.  A SIGKILL anywhere
+        before the marker is removed leaves a dirty file with its marker, which the next
+        archive completes without sending anything (:meth:`_recover`); after it, the record.
+
+        Under the core's per-file truncate lock, so a truncate either lands before (and is
+        seen here as a change) or after (and lowers the new ``owed``).  Memory follows the
+        disk: version, owed, sync, residency, and the registry (a new or renamed file)."""
+        # The core's own per-file truncate lock (a transition module may use it), released
+        # and dropped the way StubCache.truncate drops it.
+        ino = stub.ino if stub is not None else os.fstat(fd).st_ino
+        truncating = self.cache._truncating
+        lock = truncating.setdefault(ino, trio.Lock())
+        try:
+            async with lock:
+                if stub is not None:
+                    await self.cache.engine.wait_idle(stub)  # no flight of the old version
+                st = await trio.to_thread.run_sync(os.fstat, fd)
+                changed = (st.st_size, st.st_mtime_ns) != (marker.size, marker.mtime_ns)
+                owed = 0 if changed else version.size
+                sync = DIRTY if changed else CLEAN
+                # The version's mtime is the file's own as uploaded (x-amz-meta-mtime, here
+                # to the nanosecond), not S3's LastModified: a clean copy keeps its version's
+                # mtime (the core's clean point, StubCache.lookup), and this file has it.
+                version = dataclasses.replace(version, mtime=marker.mtime_ns / 1e9)
+                await trio.to_thread.run_sync(_write_record, fd, version, owed, sync)
+                self._remember(rel, fd, st, stub, version, owed, sync)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                truncating.pop(ino, None)
+        log.info("%r archived as %s%s", rel, version.etag,
+                 " (changed during the upload: still dirty)" if changed else "")
+        return changed
+
+    def _remember(self, rel: str, fd: int, st: os.stat_result, stub: Stub | None,
+                  version: ObjectVersion, owed: int, sync: str) -> None:
+        remote = RemoteVersion(version.key, version.etag, version.size, version.mtime,
+                               version.version_id)
+        registry = self.cache.registry
+        other = registry.by_path.get(rel)
+        if other is not None and other is not stub:
+            # The stub this file replaced (or was renamed over): programs holding it are
+            # still served from its record; its path is this file's now.
+            self.cache._supersede(other)
+        if stub is None:
+            stub = Stub(path=rel, version=remote, ino=st.st_ino, gen=generation(fd), owed=owed,
+                        sync=sync, ranges=RangeMap([(0, owed)] if owed else []), local=True)
+            registry.add(stub)
+            for listener in self.cache.listeners:
+                listener.on_stub(fd, True)  # guarded like any stub, resident: ignored
+            return
+        stub.version = remote
+        stub.owed = owed
+        stub.sync = sync
+        stub.remote = None
+        stub.ranges = RangeMap([(0, owed)] if owed else [])
+        stub.local = True
+        if stub.path != rel or stub.superseded:
+            # Renamed locally (or found by its record): it now lives at its own key's path.
+            registry.unlink_path(stub)
+            stub.path, stub.superseded = rel, False
+            registry.add(stub)
+        for listener in self.cache.listeners:
+            listener.on_resident(fd)
+
+    async def _conflict(self, rel: str, key: str, fd: int, stub: Stub | None,
+                        base: str | None, exc: HsmError) -> dict[str, Any]:
+        """Step *conflict*: S3 holds another version than the file was based on (412), or
+        none any more (a delete is a write too: first writer wins, the user decides).
+        Persists ``sync=conflict`` with ``remote`` = what S3 holds now (``-``: gone),
+        fsync'd, then the view, then the marker removed.  The bytes are kept as they are.
+        A file with no record keeps none (it is not a copy of anything): its view says
+        ``conflict`` and the next archive meets the same 412.  SIGKILL before the fsync:
+        dirty with a marker whose upload did not land: the next archive tries again and
+        meets the same condition."""
+        head = await trio.to_thread.run_sync(self.backend.head_key, key)
+        remote = head.version.etag if head is not None else GONE
+
+        def persist() -> None:
+            if stub is not None and stub.version.key == key:
+                write_sync(fd, CONFLICT, remote, durable=True)
+            with contextlib.suppress(OSError):
+                write_view(fd, CONFLICT)
+            _drop_marker(fd)
+
+        await trio.to_thread.run_sync(persist)
+        if stub is not None and stub.version.key == key:
+            stub.sync, stub.remote = CONFLICT, remote
+        text = _conflict_text(rel, base, remote)
+        log.warning("%s (%s)", text, exc)
+        return _row(rel, CONFLICTED, text)
+
+    async def _recover(self, rel: str, fd: int, stub: Stub | None,
+                       marker: Marker) -> dict[str, Any] | None:
+        """Step *recover*: the file carries a marker, so an archive was interrupted after it
+        was about to send.  HEAD the key: if S3 holds the marker's ETag, that upload landed
+        (or S3 holds exactly these bytes anyway): the record is completed from HEAD and the
+        marker's size and mtime (:meth:`_record`), nothing is sent again.  Otherwise the
+        upload never landed: the marker is removed and the file archived as usual (returns
+        None).  Persists what :meth:`_record` does, or the marker's removal; a SIGKILL here
+        leaves the marker for the next archive to decide the same way.
+
+        A new daemon lists S3 before anyone archives: it sees the landed upload as another
+        ETag under a dirty file and records ``conflict`` with that ETag as ``remote``.  Such a
+        conflict is our own upload, and is resolved here like any other landed one."""
+        if stub is not None and stub.sync == CONFLICT and stub.remote != marker.etag:
+            await trio.to_thread.run_sync(_drop_marker, fd)  # a real conflict: keep it
+            return None
+        head = await trio.to_thread.run_sync(self.backend.head_key, marker.key)
+        if head is None or head.version.etag != marker.etag:
+            if marker.upload_id is not None:
+                try:
+                    await trio.to_thread.run_sync(self.backend.abort_upload, marker.key,
+                                                  marker.upload_id)
+                except HsmError as exc:  # the lifecycle rule will; the file is what matters
+                    log.info("%r: cannot abort the interrupted upload: %s", rel, exc)
+            await trio.to_thread.run_sync(_drop_marker, fd)
+            return None
+        changed = await self._record(rel, fd, stub, head.version, marker)
+        return _row(rel, UPLOADED, head.version.etag + " (by an interrupted archive; "
+                    "nothing sent again)" + (": changed since, still dirty" if changed else ""),
+                    size=marker.size)
+
+    # -- --delete ----------------------------------------------------------------------------
+
+    def _known(self, rels: list[str]) -> list[tuple[ObjectVersion, str]]:
+        """Every version the registry knows a stub of under ``rels``, with its key's path: by
+        path and by inode (a removed file a door found stays indexed by inode).  On the loop:
+        the registry is the loop's."""
+        known: dict[str, tuple[ObjectVersion, str]] = {}
+        registry = self.cache.registry
+        for stub in [*registry.by_path.values(), *registry.by_ino.values()]:
+            v = stub.version
+            rel, _ = key_to_relpath(v.key, self.prefix)
+            if rel is None or rel.endswith("/") or not _under(rel, rels) \
+                    or stub.sync == CONFLICT or v.key in known:
+                continue
+            known[v.key] = (ObjectVersion(v.key, v.etag, v.size, v.mtime, v.version_id), rel)
+        return sorted(known.values(), key=lambda item: item[1])
+
+    def _removed(self, known: list[tuple[ObjectVersion, str]]
+                 ) -> list[tuple[ObjectVersion, str]]:
+        """Those whose key's path leads to no file now: removed (or renamed away) locally."""
+        return [(v, rel) for v, rel in known if not self._exists(rel)]
+
+    async def _delete(self, version: ObjectVersion, rel: str, *,
+                      dry_run: bool) -> dict[str, Any]:
+        """Step *delete*: the object a removed stub was a copy of is deleted in S3 if S3
+        still holds that version (HEAD, then DELETE with ``If-Match``).  Persists nothing
+        locally (there is no file); a SIGKILL leaves S3 with or without the object, and the
+        next ``--delete`` finds the same.  Checked again first: a file may have appeared."""
+        try:
+            os.stat(rel, dir_fd=self.cache.root_fd, follow_symlinks=False)
+            return _row(rel, UNCHANGED, "a file exists at this path again: not deleted")
+        except FileNotFoundError:
+            pass
+        if dry_run:
+            return _row(rel, WOULD_DELETE, version.etag)
+        try:
+            removed = await trio.to_thread.run_sync(self.backend.delete, version)
+        except ObjectChanged:
+            head = await trio.to_thread.run_sync(self.backend.head_key, version.key)
+            return _row(rel, CONFLICTED, f"{rel}: removed locally from version {version.etag},"
+                        f" but S3 now holds {_show(head.version.etag if head else GONE)}: "
+                        "not deleted")
+        except HsmError as exc:
+            return _failed(rel, exc)
+        for stub in list(self.cache.registry.by_ino.values()):
+            if stub.version.key == version.key and stub.version.etag == version.etag:
+                self.cache.registry.forget(stub)
+        stale = self.cache.registry.by_path.get(rel)
+        if stale is not None and stale.version.key == version.key:
+            self.cache.registry.unlink_path(stale)
+        return _row(rel, DELETED if removed else UNCHANGED,
+                    version.etag if removed else "already gone from S3")
+
+
+# -- persistence helpers (worker threads) ------------------------------------------------------
+
+def _write_record(fd: int, version: ObjectVersion, owed: int, sync: str) -> None:
+    """The record of :meth:`Archiver._record`, in its order (see there)."""
+    os.setxattr(fd, X_SYNC, DIRTY.encode())
+    os.setxattr(fd, X_OWED, b"0")
+    write_identity(fd, version)
+    if not version.version_id:
+        with contextlib.suppress(OSError):  # ENODATA: none was there
+            os.removexattr(fd, X_VERSION)
+    os.setxattr(fd, X_OWED, str(owed).encode())
+    with contextlib.suppress(OSError):
+        os.removexattr(fd, X_REMOTE)
+    write_sync(fd, sync, durable=False)
+    with contextlib.suppress(OSError):
+        write_view(fd, "resident" if sync == CLEAN else sync)
+    os.fsync(fd)  # the record is durable before the marker goes
+    _drop_marker(fd)
+
+
+def _drop_marker(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.removexattr(fd, X_UPLOAD)
+        os.fsync(fd)
+
+
+# -- small helpers --------------------------------------------------------------------------
+
+def _norm(path: str) -> str:
+    rel = os.path.normpath(path.lstrip("/")) if path else ""
+    return "" if rel == "." else rel
+
+
+def _under(rel: str, scopes: list[str]) -> bool:
+    return any(s == "" or rel == s or rel.startswith(s + "/") for s in scopes)
+
+
+def _not_a_file(st: os.stat_result) -> str | None:
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+    return f"{kind}: S3 holds files only"
+
+
+def _show(etag: str | None) -> str:
+    return "nothing (deleted)" if etag in (None, GONE) else str(etag)
+
+
+def _conflict_text(rel: str, base: str | None, remote: str | None) -> str:
+    based = f"version {base}" if base else "no version (a new file)"
+    return (f"{rel}: conflict: the local file is based on {based}, S3 now holds "
+            f"{_show(remote)}; the local bytes are kept")
+
+
+def _row(rel: str, result: str, detail: str = "", **extra: Any) -> dict[str, Any]:
+    return {"path": rel, "result": result, "detail": detail, **extra}
+
+
+def _failed(rel: str, exc: BaseException) -> dict[str, Any]:
+    name = errno.errorcode.get(to_errno(exc), "EIO")
+    return _row(rel, FAILED, f"{name}: {exc}", errno=name)
