@@ -290,6 +290,13 @@ class Archiver:
 
     async def _upload(self, rel: str, key: str, fd: int, stub: Stub | None,
                       base: str | None) -> dict[str, Any]:
+        # Before a byte is read: doors that stopped watching a dirty file's writes (the kernel
+        # door's FAN_MODIFY ignore) watch again, so a write during or after the upload is a
+        # change, never lost under a clean record.
+        for listener in self.cache.listeners:
+            watch = getattr(listener, "watch_writes", None)
+            if watch is not None:
+                watch(fd)
         pin = await self._local(stub, fd)
         try:
             for _attempt in range(SNAPSHOT_TRIES):

@@ -147,7 +147,8 @@ class StubCache:
         self._siblings = SiblingReadAhead(cfg.dir_readahead, cfg.small_file,
                                           self.registry.stubs_in, self._wants_fetch)
         self._fd_lock = threading.Lock()
-        self._truncating: dict[int, trio.Lock] = {}  # inode -> one truncate at a time
+        # inode -> one lock for truncate, mark_dirty and archive's record step
+        self._truncating: dict[int, trio.Lock] = {}
         self.tree.prepare()
 
     # -- life cycle --------------------------------------------------------------------------
@@ -721,6 +722,19 @@ class StubCache:
         Through :attr:`Intent.WRITE` every owed byte is made local first: once a file holds
         local changes, a hole in it is the program's data, never a byte S3 owes (DESIGN §4).
         """
+        if stub.sync not in (CLEAN, STALE):
+            return  # dirty or conflict already (read again under the lock below)
+        # One per-file lock with truncate and archive's record step: a file recorded clean by
+        # an archive while this write was announced is made dirty again, never left clean.
+        lock = self._truncating.setdefault(stub.ino, trio.Lock())
+        try:
+            async with lock:
+                await self._mark_dirty(stub, fd)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._truncating.pop(stub.ino, None)
+
+    async def _mark_dirty(self, stub: Stub, fd: int | None) -> None:
         sync = {CLEAN: DIRTY, STALE: CONFLICT}.get(stub.sync)
         if sync is None:
             return  # dirty or conflict already

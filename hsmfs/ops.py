@@ -543,7 +543,12 @@ class Operations(pyfuse3.Operations):
             # The core took the file on since the open (an upload gave it a record).
             stub = h.stub = await self.cache.lookup(h.fd)
         if stub is None or (stub.local and stub.sync in (DIRTY, CONFLICT)):
-            return await _io(_pwrite_all, h.fd, buf, off)
+            n = await _io(_pwrite_all, h.fd, buf, off)
+            if stub is not None and stub.sync not in (DIRTY, CONFLICT):
+                # An archive recorded the file clean while these bytes were on their way
+                # (it holds the core's per-file lock for that): they are a change again.
+                await self.cache.mark_dirty(stub, fd=h.fd)
+            return n
         try:
             # Every owed byte local, then dirty (fsync'd): only then may the new bytes land.
             pin = await self._ensure(h, 0, stub.size, Intent.WRITE)
