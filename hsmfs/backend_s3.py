@@ -220,7 +220,8 @@ class S3Backend:
             token = page["NextContinuationToken"]
 
     def head(self, version: ObjectVersion) -> ObjectInfo:
-        """HEAD pinned to the listed ETag: the mode from metadata, the version id if any."""
+        """HEAD pinned to the listed ETag: the mode and mtime from metadata, the version id if
+        any."""
         resp = self._call(
             f"head {version.key!r}",
             lambda: self._client.head_object(Bucket=self.cfg.bucket, Key=version.key,
@@ -233,9 +234,23 @@ class S3Backend:
                 mode = int(raw)
             except ValueError:
                 log.warning("ignoring malformed x-amz-meta-mode %r on %r", raw, version.key)
+        mtime = version.mtime
+        raw_mtime = resp.get("Metadata", {}).get("mtime")
+        if raw_mtime is not None:
+            # s3fs's (and rclone's) x-amz-meta-mtime: the file's own mtime, which make, rsync
+            # and Python's .pyc cache compare, rather than the upload's LastModified.
+            try:
+                value = float(raw_mtime)
+                if not 0 <= value < 1 << 40:
+                    raise ValueError("out of range")
+                mtime = value
+            except ValueError:
+                log.warning("ignoring malformed x-amz-meta-mtime %r on %r", raw_mtime,
+                            version.key)
         vid = resp.get("VersionId")
-        if vid and vid != "null":
-            version = ObjectVersion(version.key, version.etag, version.size, version.mtime, vid)
+        if not vid or vid == "null":
+            vid = version.version_id
+        version = ObjectVersion(version.key, version.etag, version.size, mtime, vid)
         return ObjectInfo(version=version, mode=mode)
 
     def fetch(self, version: ObjectVersion, start: int, stop: int) -> bytes:

@@ -249,7 +249,8 @@ class Tree:
             os.ftruncate(fd, version.size)
             write_identity(fd, version)
             write_view(fd, RESIDENT if version.size == 0 else STUB)  # nothing to fetch
-            os.fchmod(fd, stat.S_IMODE(mode) if mode is not None else self.file_mode)
+            # Permission bits only: metadata never makes a setuid, setgid or sticky file.
+            os.fchmod(fd, stat.S_IMODE(mode) & 0o777 if mode is not None else self.file_mode)
             os.utime(fd, (version.mtime, version.mtime))
             guard(fd)
             if replace is not None:

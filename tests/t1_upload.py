@@ -201,3 +201,18 @@ def test_delete_if_match(backend, bucket):
     assert backend.delete(v2) is True
     assert backend.head_key("x") is None
     assert backend.delete(v2) is False  # already gone
+
+
+def test_head_honours_s3fs_metadata_and_refuses_what_lies(backend, bucket):
+    """x-amz-meta-mtime becomes the version's mtime (what stubs are made with); a mode asking
+    for setuid keeps only its permission bits when the stub is made; garbage is ignored."""
+    client = bucket.client
+    client.put_object(Bucket=bucket.name, Key="meta", Body=b"x",
+                      Metadata={"mtime": "1600000000", "mode": str(0o104755)})
+    client.put_object(Bucket=bucket.name, Key="lies", Body=b"y",
+                      Metadata={"mtime": "yesterday", "mode": "rwx"})
+    versions = {v.key: v for v in backend.list()}
+    meta = backend.head(versions["meta"])
+    assert meta.version.mtime == 1600000000 and meta.mode == 0o104755
+    lies = backend.head(versions["lies"])
+    assert lies.version.mtime == versions["lies"].mtime and lies.mode is None

@@ -381,3 +381,11 @@ async def test_a_door_tells_the_core_of_renames_and_removals(h):
     async with serving(cache, f):
         (await cache.ensure(a, 0, C)).release()
     h.assert_content("x", "d/a")
+
+
+async def test_metadata_never_makes_a_setuid_file(h):
+    f = h.fetcher
+    f.put("tool", seeded(10, "tool"), mode=0o104755)
+    cache = h.cache()
+    await cache.populate(f.listing())
+    assert os.stat(h.path("tool")).st_mode & 0o7777 == 0o755
