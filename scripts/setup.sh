@@ -10,7 +10,7 @@ extra="${1:-}"
 python="${PYTHON:-python3}"
 
 apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc sqlite3)  # sqlite3: the demo queries through both doors
-[ "$extra" = test ] && apt_pkgs+=(rsync attr util-linux e2fsprogs xfsprogs btrfs-progs)
+[ "$extra" = test ] && apt_pkgs+=(rsync attr util-linux e2fsprogs xfsprogs btrfs-progs git)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
