@@ -79,21 +79,16 @@ from .errors import (
     ShortBody,
     Throttled,
 )
+from .stubfile import RemoteVersion
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class ObjectVersion:
-    """What identifies cached bytes: a key at one ETag (and size).  Bytes of two versions are
-    never stitched together: every ranged GET carries ``If-Match: etag``."""
-
-    key: str
-    etag: str
-    size: int
-    mtime: float
-    version_id: str | None = None
+#: What identifies cached bytes: a key at one ETag (and size).  Bytes of two versions are
+#: never stitched together: every ranged GET carries ``If-Match: etag``.  One class for the
+#: backend and the core's record (defined in the format module, which imports no boto3).
+ObjectVersion = RemoteVersion
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,9 @@ class FdProgram:
 WORKER_ENTRIES = ("hsmfs.kernel_bridge", "hsmfs.worker")
 
 
-def _children(pid: int) -> list[int]:
+def _procs(field: int, value: int) -> list[int]:
+    """Live (not zombie) processes whose /proc/PID/stat field ``field`` (counted after the
+    command: 1 = ppid, 2 = pgrp) is ``value``."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -136,11 +138,15 @@ def _children(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[field]) == value and fields[0] != "Z":
             out.append(int(entry))
     return out
+
+
+def _children(pid: int) -> list[int]:
+    return _procs(1, pid)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -198,16 +204,4 @@ def wait_new_worker_ready(log_path: Path, old: int, timeout: float = 30) -> int:
 
 def group_alive(pgid: int) -> list[int]:
     """Processes (not zombies) still in process group ``pgid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
+    return _procs(2, pgid)
