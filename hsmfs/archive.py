@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -644,3 +645,163 @@ def _row(rel: str, result: str, detail: str = "", **extra: Any) -> dict[str, Any
 def _failed(rel: str, exc: BaseException) -> dict[str, Any]:
     name = errno.errorcode.get(to_errno(exc), "EIO")
     return _row(rel, FAILED, f"{name}: {exc}", errno=name)
+
+
+#: How often writeback looks for files that became idle.
+WRITEBACK_TICK_S = 1.0
+#: Writeback uploads at most this many files at once: it runs beside programs, which should
+#: keep most of the S3 connections.
+WRITEBACK_AT_ONCE = 2
+#: A failed upload is tried again after this long, doubling per failure up to the cap.
+WRITEBACK_BACKOFF_S = 2.0
+WRITEBACK_BACKOFF_CAP_S = 300.0
+
+
+@dataclass
+class WritebackStats:
+    uploads: int = 0
+    conflicts: int = 0
+    failures: int = 0
+    pending: int = 0  # dirty or closed-new files waiting for their idle period (last tick)
+
+
+class Writeback:
+    """``-o writeback=SECONDS``: archive a dirty file once every writer closed it and it has
+    not been written for ``SECONDS``, with the same :class:`Archiver` as ``hsmfs archive``.
+
+    Candidates, each tick: ``dirty`` stubs, and files with no record that a door saw closed
+    after writing (:attr:`StubCache.closed_local`, FUSE door creates).  Idle means both:
+    ``closed_at`` (the last writable close either door reported; a dirty file no door has
+    reported since this daemon started counts from the daemon's start) is ``SECONDS`` old, and
+    the file's mtime is ``SECONDS`` old (every write moves it, so writes reset the clock even
+    where no door forwards them: the kernel door ignores ``FAN_MODIFY`` of dirty files).  A
+    file the FUSE door holds open for writing (``busy``) is never a candidate; the kernel door
+    cannot know about open fds, only closes, so there the mtime is what holds it back.
+
+    Crash answers are those of the archive transition (docs/design.md, "State machine"):
+    a SIGKILL *before* an upload leaves the file dirty, and the next daemon's writeback (from
+    its start) uploads it; *during* it, the upload marker is on the file, so the next archive
+    (this task or the command) HEADs the key and completes the record without sending again,
+    or sends once if nothing landed; *after* the record, the file is clean and nothing is
+    sent.  A program writing *during* an upload: the snapshot check or the door's write hook
+    leaves the file dirty based on the new version, its mtime moves, and the next idle period
+    uploads it again.
+
+    Never raises out of :meth:`run`: a failed upload is retried after a backoff (2 s doubling
+    to 5 min); a conflict is logged once and left alone (``hsmfs state`` shows it).
+    """
+
+    def __init__(self, archiver: Archiver, idle_s: float,
+                 busy: Any = None) -> None:
+        self.archiver = archiver
+        self.cache = archiver.cache
+        self.idle_s = idle_s
+        #: rel -> whether a door holds it open for writing (the FUSE door); None: no one knows.
+        self.busy = busy
+        self.stats = WritebackStats()
+        self._started = 0.0
+        self._retry: dict[str, tuple[float, float]] = {}  # rel -> (not before, backoff)
+        #: rel -> when it was found in conflict: left alone until a door reports a new close
+        #: (the user resolved it and wrote again), so the conflict is logged once.
+        self._conflicted: dict[str, float] = {}
+        self._running: set[str] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        self._started = time.monotonic()
+        limiter = trio.CapacityLimiter(WRITEBACK_AT_ONCE)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                await trio.sleep(WRITEBACK_TICK_S)
+                try:
+                    due = await trio.to_thread.run_sync(self._unwritten, self._idle())
+                except Exception:
+                    log.exception("writeback: cannot list idle files")
+                    continue
+                for rel in due:
+                    if rel not in self._running and len(self._running) < WRITEBACK_AT_ONCE:
+                        self._running.add(rel)
+                        nursery.start_soon(self._one, rel, limiter)
+
+    def _candidates(self) -> dict[str, float]:
+        """rel -> the monotonic time its idle clock started."""
+        out: dict[str, float] = {}
+        for stub in list(self.cache.stubs()):
+            if stub.sync == DIRTY and not stub.superseded:
+                out[stub.path] = stub.closed_at if stub.closed_at is not None else self._started
+        for rel, at in list(self.cache.closed_local.items()):
+            if self.cache.stub_at(rel) is None or rel not in out:
+                out[rel] = at
+        return out
+
+    def _idle(self) -> list[str]:
+        """On the loop (the registry and the FUSE door's handles are the loop's): the
+        candidates whose close is old enough, not held open for writing, not waiting out a
+        backoff or a conflict."""
+        now = time.monotonic()
+        cands = self._candidates()
+        self.stats.pending = len(cands)
+        out = []
+        for rel, at in sorted(cands.items()):
+            if now - at < self.idle_s or at <= self._conflicted.get(rel, -1.0):
+                continue
+            if rel in self._retry and now < self._retry[rel][0]:
+                continue
+            if self.busy is not None and self.busy(rel):
+                continue  # still open for writing through the FUSE door
+            out.append(rel)
+        return out
+
+    def _unwritten(self, rels: list[str]) -> list[str]:
+        """In a thread (stat): those not written for the idle period, by their mtime."""
+        wall = time.time()
+        due = []
+        for rel in rels:
+            try:
+                st = os.stat(rel, dir_fd=self.cache.root_fd, follow_symlinks=False)
+            except OSError:
+                # Gone or renamed since its close: a new path is seen at its next close.
+                self.cache.closed_local.pop(rel, None)
+                continue
+            if not stat.S_ISREG(st.st_mode) or wall - st.st_mtime < self.idle_s:
+                continue  # written recently: the clock runs from the last write
+            due.append(rel)
+        return due
+
+    async def _one(self, rel: str, limiter: trio.CapacityLimiter) -> None:
+        try:
+            async with limiter:
+                try:
+                    row = await self.archiver.archive_file(rel)
+                except Exception as exc:  # never out of the task
+                    row = _failed(rel, exc)
+            result = row["result"]
+            if result in (UPLOADED, UNCHANGED):
+                self._retry.pop(rel, None)
+                self._conflicted.pop(rel, None)
+                stub = self.cache.stub_at(rel)
+                if stub is None or stub.sync != DIRTY:
+                    self.cache.closed_local.pop(rel, None)
+                if result == UPLOADED:
+                    self.stats.uploads += 1
+                    log.info("writeback: uploaded %s: %s", rel, row["detail"])
+            elif result == CONFLICTED:
+                self.stats.conflicts += 1
+                self._conflicted[rel] = time.monotonic()
+                self.cache.closed_local.pop(rel, None)
+                log.warning("writeback: %s is in conflict, left alone: %s", rel, row["detail"])
+            else:
+                self.stats.failures += 1
+                backoff = min(self._retry.get(rel, (0.0, WRITEBACK_BACKOFF_S / 2))[1] * 2,
+                              WRITEBACK_BACKOFF_CAP_S)
+                self._retry[rel] = (time.monotonic() + backoff, backoff)
+                log.warning("writeback: %s %s (%s); trying again in %.0f s", rel, result,
+                            row["detail"], backoff)
+        except Exception:
+            log.exception("writeback: unexpected failure archiving %s", rel)
+        finally:
+            self._running.discard(rel)
+
+    def snapshot(self) -> dict[str, int]:
+        return dataclasses.asdict(self.stats)

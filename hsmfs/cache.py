@@ -44,6 +44,7 @@ import logging
 import os
 import posixpath
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -149,6 +150,9 @@ class StubCache:
         self._fd_lock = threading.Lock()
         # inode -> one lock for truncate, mark_dirty and archive's record step
         self._truncating: dict[int, trio.Lock] = {}
+        #: rel -> time.monotonic() of the last writable close of a file with no record (created
+        #: locally): writeback's clock for files that have no Stub to carry ``closed_at``.
+        self.closed_local: dict[str, float] = {}
         self.tree.prepare()
 
     # -- life cycle --------------------------------------------------------------------------
@@ -174,6 +178,17 @@ class StubCache:
 
     def stub_for_ino(self, ino: int) -> Stub | None:
         return self.registry.by_ino.get(ino)
+
+    def note_closed(self, stub_or_path: Stub | str) -> None:
+        """A door saw a writable handle of this file close (FUSE ``release``, the kernel
+        door's ``FAN_CLOSE_WRITE``): writeback's "closed and idle" clock starts again.  A path
+        (relative to the root) names a file with no record.  Memory only: after a restart
+        writeback counts from its own start (a dirty record is durable anyway)."""
+        now = time.monotonic()
+        if isinstance(stub_or_path, Stub):
+            stub_or_path.closed_at = now
+        else:
+            self.closed_local[stub_or_path] = now
 
     def stubs(self) -> Iterable[Stub]:
         return self.registry.by_path.values()

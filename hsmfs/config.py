@@ -68,6 +68,10 @@ class CacheConfig:
     #: fetching (an open of a big file must not cost the whole object).  Only the kernel door
     #: asks (FAN_OPEN_PERM); FUSE reads never see a hole.
     open_fill_max: int = 8 * MiB
+    #: ``-o writeback=SECONDS``: archive a dirty or new file once every writer has closed it
+    #: and it has not been written for this long (:mod:`hsmfs.archive`, ``writeback``).
+    #: 0: off (the default: changes reach S3 only when ``hsmfs archive`` says so).
+    writeback_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,8 @@ def build_options(
                 cache_kw["open_fill_max"] = (
                     -1 if value == "all" else 0 if value in {"off", "0"} else parse_size(value)
                 )
+            case "writeback":
+                cache_kw["writeback_s"] = 0.0 if value in {"off", ""} else _seconds(value)
             case "cover":
                 kernel_kw["cover"] = _flag(value)
             case "watchdog":

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import trio
 
 from . import control
-from .archive import Archiver
+from .archive import Archiver, Writeback
 from .backend_s3 import ObjectInfo, S3Backend
 from .cache import Intent, StubCache, describe
 from .config import Options
@@ -112,6 +112,9 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         from .ops import Operations  # pyfuse3 only where a FUSE door is asked for
 
         ops = Operations(cache, opts.fuse)
+    writeback = Writeback(archiver, opts.cache.writeback_s,
+                          ops.writing if ops is not None else None) \
+        if opts.cache.writeback_s > 0 else None
 
     async def handle(request: dict[str, Any]) -> dict[str, Any]:
         match request.get("cmd"):
@@ -127,6 +130,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                     out["fuse"] = ops.stats()
                 if kernel is not None:
                     out["kernel"] = kernel.stats()
+                if writeback is not None:
+                    out["writeback"] = writeback.snapshot()
                 return out
             case "state":
                 # stat, xattrs and SEEK_DATA scans: disk work, off the loop.
@@ -152,6 +157,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         await nursery.start(control.serve, opts.cache.cache_dir, handle)
         if kernel is not None:
             await nursery.start(kernel.serve, cache)
+        if writeback is not None:
+            await nursery.start(writeback.run)
         stop = trio.Event()
         nursery.start_soon(_watch_signals, stop, ops is not None)
         if ops is not None:

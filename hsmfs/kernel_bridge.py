@@ -337,7 +337,13 @@ class KernelBridge:
         """Stop FAN_MODIFY for this file: it is dirty (or holds no record: a local file that
         archive uploads as new anyway), and a write-heavy program must not send a notice per
         write.  Safe to lose (evictable with a filesystem mark): a notice comes again."""
-        fanotify_mark_fd(self.fan_fd, self._ignore_flags(), FAN_MODIFY | FAN_CLOSE_WRITE, fd)
+        # With writeback on, FAN_CLOSE_WRITE keeps flowing for dirty files: it is the only
+        # close this door sees (one notice per close of a writable fd, not per write), and
+        # writeback's "closed and idle" clock starts at it (hsmfs.archive.Writeback).
+        mask = FAN_MODIFY
+        if self.cache is None or not self.cache.cfg.writeback_s:
+            mask |= FAN_CLOSE_WRITE
+        fanotify_mark_fd(self.fan_fd, self._ignore_flags(), mask, fd)
 
     def watch_writes(self, fd: int) -> None:
         """The archive hook: FAN_MODIFY again for this file.  Call it *before* reading the
@@ -487,17 +493,25 @@ class KernelBridge:
             if stub is None:
                 # Created locally: no record, nothing S3 owes; archive takes it as new whatever
                 # is written, so its further writes need no notice.
+                if event.mask & FAN_CLOSE_WRITE and self.cache.cfg.writeback_s:
+                    rel = self._rel_of(fd)
+                    if rel is not None:
+                        self.cache.note_closed(rel)
                 self.ignore_writes(fd)
                 return
             if not event.mask & FAN_MODIFY:
                 # A close after writing, or not: lookup compared length and mtime with the
-                # version's and recorded a change; nothing else to do.
+                # version's and recorded a change; writeback's idle clock starts here.
                 if stub.sync not in (CLEAN, STALE):
+                    if event.mask & FAN_CLOSE_WRITE:
+                        self.cache.note_closed(stub)
                     self.ignore_writes(fd)
                 return
             if stub.sync in (CLEAN, STALE):
                 await self.cache.mark_dirty(stub, fd=fd)
                 self.stats_.marked_dirty += 1
+            if event.mask & FAN_CLOSE_WRITE:  # merged with the close: the idle clock starts
+                self.cache.note_closed(stub)
             self.ignore_writes(fd)
         except Exception as exc:
             level = logging.WARNING if isinstance(exc, (HsmError, OSError)) else logging.ERROR
@@ -506,6 +520,19 @@ class KernelBridge:
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def _rel_of(self, fd: int) -> str | None:
+        """The path under the cache dir of a notice's fd (writeback finds a file with no
+        record by path), or None where the program reached it through another mount (a
+        bind mount elsewhere: the file is then written back only by ``hsmfs archive``).
+        Only a filesystem mark reports new files at all: per-stub inode marks never see a
+        file created in the backing tree."""
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return None
+        base = self.cache_dir.rstrip("/") + "/"
+        return path[len(base):] if path.startswith(base) else None
 
     async def _handle(self, ident: int, event: Any, fd: int) -> None:
         """Answer one event exactly once, whatever happens; then close its fd."""

@@ -601,6 +601,20 @@ class Operations(pyfuse3.Operations):
                 del self._created[h.inode]
         # A thread: closing a written file may start writeback (ext4 auto_da_alloc).
         await _io(os.close, h.fd)
+        # Writeback's "closed and idle" clock (hsmfs.archive.Writeback) starts at the close of
+        # the last writer; while another write handle is open, ``writing`` holds it back.
+        if not wfds:
+            stub = h.stub or self.cache.stub_for_ino(h.inode)
+            if stub is not None and not stub.superseded:
+                self.cache.note_closed(stub)
+            elif h.inode in self._paths:
+                self.cache.note_closed(self._rel(self._path(h.inode)))
+
+    def writing(self, rel: str) -> bool:
+        """Whether a write handle of this mount holds the file at ``rel`` open (writeback
+        never uploads such a file: its writer is not done)."""
+        return any(self._rel(self._path(ino)) == rel for ino in list(self._wfds)
+                   if ino in self._paths)
 
     def _release_fd(self, inode: int) -> None:
         entry = self._fds.get(inode)

@@ -64,6 +64,9 @@ class Stub:
     superseded: bool = False
     pins: int = 0  # doors serving bytes of this file right now (see Pin)
     pattern: AccessPattern = field(default_factory=AccessPattern)
+    #: time.monotonic() of the last close of a writable handle (either door): writeback's
+    #: "closed and idle" clock.  None: no close seen since this daemon started.
+    closed_at: float | None = None
 
     @property
     def size(self) -> int:
