@@ -160,6 +160,90 @@ def test_markdown_json_and_plots(tmp_path: Path) -> None:
         assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def _lifecycle() -> list[report.Row]:
+    files = report.sample_row("native", "create", ("cold", "dropped"), 0,
+                              Sample(2000 * 34_000, 2.0, [0.5] * 2000))
+    fuse_files = report.sample_row("fuse", "create", ("cold", "dropped"), 0,
+                                   Sample(2000 * 34_000, 8.0, [2.0] * 2000))
+    return [
+        _row("native", "write", "cold", "dropped", 1000, 1.0),
+        _row("kernel", "write", "cold", "dropped", 950, 1.0),
+        _row("fuse", "write", "cold", "dropped", 400, 2.5),
+        _row("s3", "archive", "cold", None, 200, 1000.0),
+        report.sample_row("kernel", "archive", ("cold", "dropped"), 0,
+                          Sample(200_000_000, 1.05, [1050.0], fixed_ms=310.0)),
+        _row("fuse", "archive", "cold", "dropped", 150, 1300.0),
+        files, fuse_files,
+    ]
+
+
+def test_lifecycle_rows_ratios_and_archive_goal() -> None:
+    rows = report.aggregate(_lifecycle())
+    fuse_write = report.find_row(rows, "fuse", "write", "cold", "dropped")
+    assert fuse_write and fuse_write["x_native"] == pytest.approx(0.4)
+    fuse_create = report.find_row(rows, "fuse", "create", "cold", "dropped")
+    assert fuse_create and fuse_create["files_per_s"] == pytest.approx(250.0)
+    assert fuse_create["x_native"] == pytest.approx(0.25)  # same files: MB/s ratio = files/s
+    goals = {(g.door, g.workload): g for g in report.evaluate_goals(rows)
+             if g.goal.startswith("archive")}
+    assert set(goals) == {("kernel", "archive"), ("fuse", "archive")}
+    assert goals[("kernel", "archive")].status == "met"  # 190.5 / 200 MB/s
+    assert goals[("kernel", "archive")].value == pytest.approx(200 / 1.05 / 200)
+    assert goals[("fuse", "archive")].status == "missed"  # 0.75x
+    md = report.markdown(rows, report.evaluate_goals(rows), {"profile": "tiny"})
+    assert "## Writes and archive" in md
+    assert "| kernel | archive | 190.5 | - | 1.05 | - | - | - | 310 | - | 0.95x | 1 ok |" in md
+    assert "| fuse | create | 8.5 | 250 |" in md
+    assert "| archive >= 0.9x boto3 upload_file | fuse | archive | cold | 0.750 |" in md
+
+
+def test_lifecycle_plan() -> None:
+    from hsmfs.bench import doors
+    from hsmfs.bench.main import applies
+    from hsmfs.bench.workloads import WORKLOADS
+
+    w, a, c = WORKLOADS["write"], WORKLOADS["archive"], WORKLOADS["create"]
+    o = WORKLOADS["overwrite"]
+    assert applies(doors.FuseDoor, o, doors.COLD) and not applies(doors.S3Door, o, doors.S3_COLD)
+    # Once per repetition, on a fresh door, on the doors each workload names.
+    assert applies(doors.NativeDoor, w, doors.COLD)
+    assert not applies(doors.NativeDoor, w, doors.WARM_HOT)
+    assert not applies(doors.KernelDoor, c, doors.WARM_DROPPED)
+    assert applies(doors.FuseDoor, c, doors.COLD)
+    assert applies(doors.S3Door, a, doors.S3_COLD) and not applies(doors.S3Door, w, doors.S3_COLD)
+    assert not applies(doors.NativeDoor, a, doors.COLD)
+    assert not any(applies(doors.PyFuse3Door, x, m) for x in (w, a, c)
+                   for m in doors.PyFuse3Door.modes)
+    assert applies(doors.KernelDoor, WORKLOADS["seq"], doors.WARM_HOT)  # readers unchanged
+
+
+def test_lifecycle_params_and_writers(tmp_path: Path) -> None:
+    from hsmfs.bench.main import workload_params
+    from hsmfs.bench.workloads import WORKLOADS, create_files, seq_write, write_file
+
+    ds = dataset.build(tmp_path / "d", dataset.PROFILES["tiny"])
+    p = workload_params(WORKLOADS["archive"], ds, 1, "fuse-0")
+    assert p["path"] == "lifecycle/archive-fuse-0.bin" and p["size"] == ds.sizes.big_bytes
+    s = seq_write(tmp_path, {**p, "size": 3 * (1 << 20) + 5})
+    assert s.bytes == 3 * (1 << 20) + 5 and len(s.lat_ms) == 5  # 4 writes and the fsync
+    again = tmp_path / "again"
+    write_file(again, {**p, "size": 3 * (1 << 20) + 5})
+    # The archive's dirty file and raw S3's copy hold the same bytes.
+    assert (again / p["path"]).read_bytes() == (tmp_path / p["path"]).read_bytes()
+    # overwrite: in place, no O_CREAT/O_TRUNC: the file keeps its inode and its length.
+    big = tmp_path / "d" / dataset.BIG
+    o = workload_params(WORKLOADS["overwrite"], ds, 1, "native-0")
+    ino = big.stat().st_ino
+    s = seq_write(tmp_path / "d", o)
+    assert s.bytes == ds.sizes.big_bytes and s.ttfb_ms is not None
+    assert big.stat().st_ino == ino and big.stat().st_size == ds.sizes.big_bytes
+    c = workload_params(WORKLOADS["create"], ds, 1, "native-0")
+    s = create_files(tmp_path, c)
+    made = sorted((tmp_path / c["dir"]).rglob("*.bin"))
+    assert len(made) == len(s.lat_ms) == ds.sizes.tree_files
+    assert sorted(f.stat().st_size for f in made) == sorted(e.size for e in ds.group("tree"))
+
+
 def test_percentile() -> None:
     assert report.percentile([], 50) is None
     assert report.percentile([3.0, 1.0, 2.0], 50) == 2.0
@@ -273,6 +357,35 @@ def test_bench_smoke_against_moto(moto: Any, tmp_path: Path) -> None:
     for name in ("throughput.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert not (out / "scratch").exists()  # the bench cleans up after itself
+
+
+@pytest.mark.timeout(180)
+def test_bench_lifecycle_smoke_against_moto(moto: Any, tmp_path: Path) -> None:
+    """write/create on native and raw S3's upload_file: the rows exist; no timing checks."""
+    json_path = tmp_path / "results.json"
+    argv = [
+        "--quick", "--tiny", "--doors", "native,s3,fuse", "--workloads", "write,archive,create",
+        "--endpoint", moto.endpoint, "--bucket", f"bench-{uuid.uuid4().hex[:8]}",
+        "--out", str(tmp_path / "out"), "--json", str(json_path), "--no-drop-caches",
+        "--no-prefault", "--hsmfs-cmd", str(tmp_path / "no-such-hsmfs"),
+    ]
+    assert bench_main(argv) == 0
+    doc = json.loads(json_path.read_text())
+    rows = {(r["door"], r["workload"]): r for r in doc["results"]}
+    # Lifecycle workloads run once, cold, on the doors they name: no warm rows, no s3 write.
+    assert set(rows) == {("native", "write"), ("native", "create"), ("s3", "archive"),
+                         ("fuse", "write"), ("fuse", "archive"), ("fuse", "create")}
+    assert all(r["cache"] == "cold" for r in doc["results"])
+    tiny = dataset.PROFILES["tiny"]
+    assert rows[("native", "write")]["bytes"] == tiny.big_bytes
+    assert rows[("native", "create")]["ops"] == tiny.tree_files
+    assert rows[("native", "create")]["files_per_s"] > 0
+    assert rows[("s3", "archive")]["bytes"] == tiny.big_bytes and not rows[("s3", "archive")][
+        "error"]
+    assert "command not found" in rows[("fuse", "archive")]["skipped"]
+    goal = [g for g in doc["goals"] if g["goal"].startswith("archive")]
+    assert [g["status"] for g in goal] == ["n/a"]  # the FUSE door could not run
+    assert "## Writes and archive" in json_path.with_suffix(".md").read_text()
 
 
 # -- the bare pyfuse3 floor ---------------------------------------------------------------------

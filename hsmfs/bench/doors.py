@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 from . import ceph
 from .dataset import BIG, BINARY, SRC, TREE, Dataset
 from .workloads import (
+    LIFECYCLE,
     PAGE,
     SEQ_BLOCK,
     Params,
@@ -235,6 +236,16 @@ class Door:
         assert self.root is not None
         return run_child(w.name, self.root, params, timeout, prefault)
 
+    def prepare(self, w: Workload, params: Params) -> None:
+        """What a lifecycle workload needs before it is measured (not measured, and before the
+        counters are read): the archive workload's dirty file, written through the door."""
+        if w.name == "archive":
+            assert self.root is not None
+            run_child("_writefile", self.root, params, self.cfg.timeout)
+
+    def cleanup(self, w: Workload, params: Params) -> None:
+        """Undo what a lifecycle workload left that would outlive this start of the door."""
+
 
 class NativeDoor(Door):
     """The data set on local disk, fully resident, no hsmfs: the reference for warm speed."""
@@ -247,6 +258,25 @@ class NativeDoor(Door):
 
     def stop(self) -> None:
         self.root = None
+
+    def prepare(self, w: Workload, params: Params) -> None:
+        # The native tree is the data set itself: overwrite a copy of the big object, on disk
+        # (fsync'd) and so as resident as a native file is; `params` now names the copy.
+        if w.name == "overwrite" and self.root is not None:
+            copy = self.root / params["native_copy"]
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.root / params["path"], copy)
+            fd = os.open(copy, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            params["path"] = params["native_copy"]
+
+    def cleanup(self, w: Workload, params: Params) -> None:
+        # The native tree is the data set itself, shared by every run: take the writes out.
+        if w.writes and self.root is not None:
+            shutil.rmtree(self.root / LIFECYCLE, ignore_errors=True)
 
 
 class _HsmfsDoor(Door):
@@ -320,6 +350,47 @@ class _HsmfsDoor(Door):
         except BaseException:
             self.stop()
             raise
+
+    def measure(self, w: Workload, params: Params, timeout: float, prefault: int) -> Sample:
+        if w.name != "archive":
+            return super().measure(w, params, timeout, prefault)
+        return self._archive(params, timeout)
+
+    def _archive(self, params: Params, timeout: float) -> Sample:
+        """`hsmfs archive PATH` of the dirty file `prepare` wrote, timed as a user sees it
+        (command start to exit: CLI start-up, the daemon's snapshot hash, the upload, the HEAD).
+        Then the same command once more on the now clean file: its time is the fixed cost of
+        the command (start-up, request, walk), reported as fixed_ms."""
+        assert self.root is not None
+        path = str(self.root / params["path"])
+        try:
+            t0 = time.perf_counter()
+            proc = self._hsmfs("archive", path, timeout=timeout)
+            seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            again = self._hsmfs("archive", path, timeout=timeout)
+            fixed = time.perf_counter() - t1
+        except DoorUnavailable as exc:
+            raise WorkloadError(str(exc)) from exc
+        if proc.returncode != 0 or not proc.stdout.startswith("uploaded"):
+            why = _error_line(proc.stderr or proc.stdout)
+            raise WorkloadError(f"`hsmfs archive` exited {proc.returncode}: {why}")
+        if again.returncode != 0 or not again.stdout.startswith("unchanged"):
+            raise WorkloadError(f"second `hsmfs archive` did not find the file clean: "
+                                f"{_error_line(again.stderr or again.stdout)}")
+        self._check_uploaded(f"{self.cfg.target.prefix}/{params['path']}", params["size"])
+        return Sample(params["size"], seconds, [seconds * 1000], fixed_ms=fixed * 1000)
+
+    def _check_uploaded(self, key: str, size: int) -> None:
+        head = self.cfg.target.client().head_object(Bucket=self.cfg.target.bucket, Key=key)
+        if head["ContentLength"] != size:
+            raise WorkloadError(f"S3 holds {head['ContentLength']} bytes at {key}, not {size}")
+
+    def cleanup(self, w: Workload, params: Params) -> None:
+        # Local writes go with the door's fresh tree at stop(); an archived object would show
+        # up in every later door's tree, so it goes now.
+        if w.name == "archive":
+            _delete_key(self.cfg.target, f"{self.cfg.target.prefix}/{params['path']}")
 
     def _check_tree(self) -> None:
         assert self.root is not None
@@ -435,6 +506,46 @@ class S3Door(Door):
     def _key(self, rel: str) -> str:
         return f"{self.cfg.target.prefix}/{rel}"
 
+    # -- the archive reference: boto3 upload_file of the same bytes --
+
+    def _upload_base(self) -> Path:
+        return self.cfg.scratch / f"s3-upload-{os.getpid()}"
+
+    def _upload_key(self, params: Params) -> str:
+        # Beside the data set's prefix, never inside it: no door's tree ever lists it.
+        return f"{self.cfg.target.prefix}-upload/{params['path']}"
+
+    def prepare(self, w: Workload, params: Params) -> None:
+        if w.name == "archive":
+            run_child("_writefile", self._upload_base(), params, self.cfg.timeout)
+
+    def cleanup(self, w: Workload, params: Params) -> None:
+        if w.name == "archive":
+            shutil.rmtree(self._upload_base(), ignore_errors=True)
+            _delete_key(self.cfg.target, self._upload_key(params))
+
+    def _archive(self, p: Params) -> Sample:
+        """boto3 `upload_file` with hsmfs's upload shape (backend_s3): one PUT up to the
+        multipart threshold, above it 16 MiB parts, 4 at a time."""
+        from boto3.s3.transfer import TransferConfig
+
+        from ..backend_s3 import MULTIPART_THRESHOLD, PART_SIZE, PART_THREADS
+
+        # s3transfer goes multipart at size >= threshold, hsmfs above it: + 1 matches them.
+        cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD + 1,
+                             multipart_chunksize=PART_SIZE, max_concurrency=PART_THREADS)
+        src, key = self._upload_base() / p["path"], self._upload_key(p)
+        t0 = time.perf_counter()
+        self._client.upload_file(str(src), self.cfg.target.bucket, key, Config=cfg)
+        seconds = time.perf_counter() - t0
+        size = self._client.head_object(Bucket=self.cfg.target.bucket, Key=key)["ContentLength"]
+        if size != p["size"]:
+            raise WorkloadError(f"S3 holds {size} bytes at {key}, not {p['size']}")
+        parts = 1 if size <= MULTIPART_THRESHOLD else -(-size // PART_SIZE) + 2
+        with self._lock:
+            self._requests += parts
+        return Sample(size, seconds, [seconds * 1000])
+
     def _get(self, rel: str, start: int | None = None, length: int | None = None,
              first_block: Callable[[], None] | None = None) -> int:
         kw: dict[str, Any] = {"Bucket": self.cfg.target.bucket, "Key": self._key(rel)}
@@ -458,7 +569,7 @@ class S3Door(Door):
         plan = {
             "seq": self._seq, "rand4k": self._rand, "rand64k": self._rand, "mmap": self._mmap,
             "tree": self._whole_group, "grep": self._whole_group, "compile": self._whole_group,
-            "exec": self._exec,
+            "exec": self._exec, "archive": self._archive,
         }.get(w.name)
         if plan is None:
             raise WorkloadError(f"no raw-S3 equivalent for {w.name}")
@@ -609,6 +720,12 @@ def _unmount(mnt: Path, timeout: float, log: Log) -> None:
         if not os.path.ismount(mnt):
             return
     log(f"fuse: could not unmount {mnt}")
+
+
+def _delete_key(target: S3Target, key: str) -> None:
+    # Cleanup only: a leftover object never fails the run.
+    with contextlib.suppress(Exception):
+        target.client().delete_object(Bucket=target.bucket, Key=key)
 
 
 def _error_line(text: str, limit: int = 200) -> str:

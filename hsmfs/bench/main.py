@@ -31,7 +31,7 @@ from typing import Any
 from . import ceph, dataset, doors, report
 from .dataset import BIG, BINARY, SRC, TREE, Dataset, Sizes
 from .latency_proxy import ProxyConfig, ProxyProcess, parse_bandwidth_mbps, parse_latency_ms
-from .workloads import WORKLOADS, Params, Workload, WorkloadError, child_env
+from .workloads import LIFECYCLE, WORKLOADS, Params, Workload, WorkloadError, child_env
 
 MiB = 1 << 20
 DEFAULT_CHUNK = 8 * MiB  # mountpoint-s3's part size: "largest value that achieves max throughput"
@@ -40,6 +40,8 @@ DOOR_TIMEOUT_S = 300.0
 WORKLOAD_TIMEOUT_S = 900.0
 PREFAULT = {"full": 2048 * MiB, "quick": 512 * MiB, "tiny": 0}  # see workloads.prefault
 GROUP_PATH = {"big": BIG, "tree": TREE, "bin": BINARY, "src": SRC}
+# Lifecycle workloads write new files into the tree: the big file's size (256 MiB in full,
+# 64 MiB in quick) and the small-file tree's count and sizes (2,000 files of 4-64 KiB).
 
 
 class BenchError(RuntimeError):
@@ -131,10 +133,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def workload_params(w: Workload, ds: Dataset, seed: int) -> Params:
-    """What each workload reads; the raw-S3 reference replays the same reads."""
+def workload_params(w: Workload, ds: Dataset, seed: int, tag: str = "run") -> Params:
+    """What each workload reads (the raw-S3 reference replays the same reads) or writes.
+
+    `tag` names a lifecycle workload's new files (door and repetition): an archived object
+    never meets a leftover of another run at its key."""
     s = ds.sizes
     big = {"path": BIG, "file_size": s.big_bytes, "seed": seed}
+    new_big = {"path": f"{LIFECYCLE}/{w.name}-{tag}.bin", "size": s.big_bytes, "seed": seed}
     return {
         "seq": {"path": BIG},
         "rand4k": {**big, "size": 4096, "ops": s.rand_ops},
@@ -144,7 +150,23 @@ def workload_params(w: Workload, ds: Dataset, seed: int) -> Params:
         "exec": {"path": BINARY, "runs": s.exec_runs, "bytes": ds.total_bytes("bin")},
         "grep": {"dir": SRC, "bytes": ds.total_bytes("src")},
         "compile": {"dir": SRC, "bytes": ds.total_bytes("src")},
+        "write": new_big,
+        "archive": new_big,
+        # In place over the data set's own big object: on a fresh door's tree (a cold stub),
+        # and on native over a copy (prepare) so the shared data set stays as built.
+        "overwrite": {"path": BIG, "size": s.big_bytes, "seed": seed, "overwrite": True,
+                      "native_copy": f"{LIFECYCLE}/overwrite-{tag}.bin"},
+        "create": {"dir": f"{LIFECYCLE}/create-{tag}", "dirs": s.tree_dirs, "seed": seed,
+                   "sizes": [e.size for e in ds.group("tree")]},
     }[w.name]
+
+
+def applies(door: doors.Door | type[doors.Door], w: Workload, mode: doors.CacheMode) -> bool:
+    """Whether `door` runs `w` in `mode`. Lifecycle workloads run on the doors they name, once
+    per repetition: in the door's first cache state (cold: a fresh door, nothing resident)."""
+    if w.doors is not None and door.name not in w.doors:
+        return False
+    return not w.writes or mode == door.modes[0]
 
 
 @dataclass
@@ -166,8 +188,9 @@ class Runner:
     _dead: dict[str, str] = field(default_factory=dict)  # door -> why it cannot run
 
     def run(self) -> list[report.Row]:
-        self._total = self.repeat * len(self.workloads) * sum(
-            len(doors.DOORS[d].modes) for d in self.door_names)
+        self._total = self.repeat * sum(
+            applies(doors.DOORS[d], w, m) for d in self.door_names for w in self.workloads
+            for m in doors.DOORS[d].modes)
         instances = [doors.DOORS[name](self.cfg) for name in self.door_names]
         # Repetitions on the outside: slow drift on a shared machine then spreads over every
         # door instead of biasing the door that happened to run last.
@@ -196,10 +219,24 @@ class Runner:
     # -- measuring --
 
     def _measure(self, door: doors.Door, w: Workload, mode: doors.CacheMode, rep: int) -> None:
-        params = workload_params(w, self.cfg.dataset, self.cfg.dataset.seed)
-        before, pbefore = door.counters(), self._proxy_counters()
+        params = workload_params(w, self.cfg.dataset, self.cfg.dataset.seed, f"{door.name}-{rep}")
         if mode[1] == "dropped" and self.drop_reason is None:
             doors.drop_page_cache()
+        try:
+            door.prepare(w, params)  # e.g. the dirty file to archive: not measured
+        except WorkloadError as exc:
+            self._emit(report.sample_row(door.name, w.name, mode, rep, None,
+                                         error=f"prepare: {exc}"))
+            door.cleanup(w, params)
+            return
+        try:
+            self._measure_prepared(door, w, mode, rep, params)
+        finally:
+            door.cleanup(w, params)
+
+    def _measure_prepared(self, door: doors.Door, w: Workload, mode: doors.CacheMode, rep: int,
+                          params: Params) -> None:
+        before, pbefore = door.counters(), self._proxy_counters()
         resident = None
         # Warm runs only: the check opens each file, and on the kernel door an open of a cold
         # stub may itself fetch the whole file (fill at FAN_OPEN_PERM), spoiling a cold run.
@@ -228,9 +265,11 @@ class Runner:
     def _cold(self, door: doors.Door, rep: int) -> None:
         for mode in (m for m in door.modes if m[0] == "cold"):
             for w in self.workloads:
+                if not applies(door, w, mode):
+                    continue
                 if door.name in self._dead:
                     self._skip(door.name, w, mode, rep, self._dead[door.name])
-                elif door.name == "native" and self.drop_reason:
+                elif door.name == "native" and self.drop_reason and not w.writes:
                     self._skip(door.name, w, mode, rep, self.drop_reason)
                 else:
                     self._cold_one(door, w, mode, rep)
@@ -249,14 +288,15 @@ class Runner:
 
     def _warm(self, door: doors.Door, rep: int) -> None:
         modes = [m for m in door.modes if m[0] == "warm"]
-        if not modes:
-            return
+        if not any(applies(door, w, m) for w in self.workloads for m in modes):
+            return  # no warm-up for nothing (e.g. a run of lifecycle workloads only)
         if door.name not in self._dead:
             self._warm_session(door, modes, rep)
             return
         for w in self.workloads:
             for mode in modes:
-                self._skip(door.name, w, mode, rep, self._dead[door.name])
+                if applies(door, w, mode):
+                    self._skip(door.name, w, mode, rep, self._dead[door.name])
 
     def _warm_session(self, door: doors.Door, modes: list[doors.CacheMode], rep: int) -> None:
         try:
@@ -270,12 +310,14 @@ class Runner:
             self._mark_dead(door, exc)
             for w in self.workloads:
                 for mode in modes:
-                    self._skip(door.name, w, mode, rep, str(exc))
+                    if applies(door, w, mode):
+                        self._skip(door.name, w, mode, rep, str(exc))
             return
         try:
             for w in self.workloads:
                 for mode in modes:
-                    self._warm_one(door, w, mode, rep)
+                    if applies(door, w, mode):
+                        self._warm_one(door, w, mode, rep)
         finally:
             door.stop()
 

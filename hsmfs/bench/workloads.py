@@ -53,6 +53,7 @@ class Sample:
     seconds: float
     lat_ms: list[float] = field(default_factory=list)
     ttfb_ms: float | None = None
+    fixed_ms: float | None = None  # archive: the command's fixed cost (a no-op archive)
 
     @property
     def mbps(self) -> float:
@@ -66,6 +67,11 @@ class Workload:
     group: str  # the dataset group it reads: what to warm and check for residency
     run: Callable[[Path, Params], Sample]
     latency_only: bool = False  # throughput is meaningless (exec): compare latencies
+    # Lifecycle workloads (write, archive, create) change the tree: they run once per
+    # repetition on a fresh door (its first cache state) and only on the doors named here.
+    writes: bool = False
+    doors: tuple[str, ...] | None = None  # None: every door
+    per_file: bool = False  # report files/s (create)
 
 
 def random_offsets(seed: int, file_size: int, size: int, ops: int) -> list[int]:
@@ -221,6 +227,89 @@ def compile_tree(root: Path, p: Params) -> Sample:
     return Sample(p["bytes"], seconds, [_ms(seconds)])
 
 
+# ---- lifecycle: writes into the tree ----------------------------------------------------------
+
+LIFECYCLE = "lifecycle"  # where lifecycle workloads write, relative to a door's root
+
+
+def _block(seed: int, size: int = SEQ_BLOCK) -> bytearray:
+    """A seeded random block; callers stamp a counter into its first 8 bytes, so no two
+    written blocks are equal and every door and raw S3 get the same bytes."""
+    return bytearray(random.Random(f"hsmfs-bench-write:{seed}").randbytes(size))
+
+
+def _write_fd(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def seq_write(root: Path, p: Params) -> Sample:
+    """Write a new file of `size` bytes front to back in 1 MiB writes, then fsync (open..close
+    timed). A latency per write; the last one is the fsync. ttfb: open to the first write done
+    (for `overwrite` through a door, the time to make the file local)."""
+    path = root / p["path"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = _block(p["seed"])
+    lats: list[float] = []
+    total, ttfb = 0, None
+    flags = os.O_WRONLY if p.get("overwrite") else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    t0 = time.perf_counter()
+    fd = os.open(path, flags, 0o644)
+    try:
+        while total < p["size"]:
+            n = min(SEQ_BLOCK, p["size"] - total)
+            buf[:8] = (total // SEQ_BLOCK).to_bytes(8, "little")
+            t = time.perf_counter()
+            _write_fd(fd, memoryview(buf)[:n])
+            now = time.perf_counter()
+            lats.append(_ms(now - t))
+            ttfb = _ms(now - t0) if ttfb is None else ttfb
+            total += n
+        t = time.perf_counter()
+        os.fsync(fd)
+        lats.append(_ms(time.perf_counter() - t))
+    finally:
+        os.close(fd)
+    return Sample(total, time.perf_counter() - t0, lats, ttfb)
+
+
+def write_file(root: Path, p: Params) -> Sample:
+    """Not a workload: write the file `seq_write` writes (the archive workload's dirty file,
+    and raw S3's local copy of the same bytes); not measured."""
+    return seq_write(root, p)
+
+
+def create_files(root: Path, p: Params) -> Sample:
+    """Create and write `len(sizes)` new small files in `dirs` directories, like `tar -x`:
+    mkdir, then per file open(O_CREAT|O_EXCL), write, close; no fsync. Latency per file."""
+    top = root / p["dir"]
+    sizes: list[int] = p["sizes"]
+    buf = _block(p.get("seed", 1), max(sizes, default=0))
+    view = memoryview(buf)
+    lats: list[float] = []
+    total = 0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    t0 = time.perf_counter()
+    for d in range(p["dirs"]):
+        (top / f"d{d:02d}").mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        path = top / f"d{i % p['dirs']:02d}" / f"f{i:04d}.bin"
+        buf[:8] = i.to_bytes(8, "little")
+        t = time.perf_counter()
+        fd = os.open(path, flags, 0o644)
+        try:
+            _write_fd(fd, view[:size])
+        finally:
+            os.close(fd)
+        lats.append(_ms(time.perf_counter() - t))
+        total += size
+    return Sample(total, time.perf_counter() - t0, lats)
+
+
+def no_child(root: Path, p: Params) -> Sample:
+    raise WorkloadError("this workload is measured by the door itself (doors.py), not a child")
+
+
 def read_all(root: Path, p: Params) -> Sample:
     """Not a workload: read the given files/dirs fully once (warm-up, page-cache re-warm).
 
@@ -249,9 +338,19 @@ WORKLOADS: dict[str, Workload] = {
                  latency_only=True),
         Workload("grep", "grep -r over the source tree", "src", grep_tree),
         Workload("compile", "python3 -m compileall over the source tree", "src", compile_tree),
+        Workload("write", "sequential write of a new big file, 1 MiB writes, then fsync", "big",
+                 seq_write, writes=True, doors=("native", "kernel", "fuse")),
+        Workload("overwrite", "overwrite the existing big object in place, 1 MiB writes, then "
+                 "fsync (through a door: the whole file is made local first)", "big",
+                 seq_write, writes=True, doors=("native", "kernel", "fuse")),
+        Workload("archive", "`hsmfs archive` of a dirty big file (raw S3: boto3 upload_file)",
+                 "big", no_child, writes=True, doors=("kernel", "fuse", "s3")),
+        Workload("create", "create and write the small-file tree's files anew", "tree",
+                 create_files, writes=True, doors=("native", "kernel", "fuse"), per_file=True),
     )
 }
-_HELPERS: dict[str, Callable[[Path, Params], Sample]] = {"_readall": read_all}
+_HELPERS: dict[str, Callable[[Path, Params], Sample]] = {
+    "_readall": read_all, "_writefile": write_file}
 
 
 def prefault(nbytes: int) -> None:
