@@ -285,6 +285,7 @@ class KernelBridge:
         # the layout and the private door are those of the tree beneath the cover.
         self.filesystem_mark = is_mount_beneath(cache_dir)
         self.root_fd = open_beneath(cache_dir)
+        self._holder_pid = os.getppid()  # H spawned this worker
 
     def attach(self, cache: StubCache) -> None:
         """Learn the core, then guard the tree.  Called before the core makes or adopts any
@@ -387,6 +388,29 @@ class KernelBridge:
                 await self.link.stopping()
             raise
 
+    def _successor(self) -> int | None:
+        """The pid of another live daemon serving this tree (its pid file, read through the
+        private door), or None.  This worker's own holder was its parent at start."""
+        try:
+            fd = os.open(".hsmfs/daemon.pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        except OSError:
+            return None
+        try:
+            pid = int(os.read(fd, 32).decode().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        if pid <= 0 or pid == self._holder_pid:
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
+
     def _last_guard(self) -> None:
         """H died and this worker holds the last fd of the group: until this process exits,
         every access blocks (measured, docs/unguarded.md §D); when it exits, every pending and
@@ -399,7 +423,13 @@ class KernelBridge:
 
         started = time.perf_counter()
         covered = False
-        if self.cfg.cover:
+        successor = self._successor()
+        if successor is not None:
+            # This worker noticed late: a new daemon already serves the tree (it lifts a cover
+            # once it guards every stub).  Covering now would hide a guarded tree from its users.
+            log.error("holder gone; daemon %d already serves %s: not covering it", successor,
+                      self.cache_dir)
+        elif self.cfg.cover:
             try:
                 covered = cover(self.cache_dir)
             except OSError as exc:
