@@ -57,6 +57,8 @@ def archive(*args: str) -> tuple[int, dict[str, str]]:
     for line in out.stdout.splitlines():
         parts = line.split()
         lines[parts[1]] = line
+    if out.returncode and not lines:
+        lines["<stderr>"] = out.stderr  # a failure with no row: say why in the assertion
     return out.returncode, lines
 
 
