@@ -38,6 +38,7 @@ async def serve(cache_dir: str, handler: Handler, *,
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     os.chmod(path, 0o600)
+    ours = os.stat(path).st_ino
     sock.listen(16)
     task_status.started()
     try:
@@ -47,8 +48,11 @@ async def serve(cache_dir: str, handler: Handler, *,
                 nursery.start_soon(_answer, conn, handler)
     finally:
         sock.close()
+        # Only our own socket: a worker that outlived its holder stops after a new daemon
+        # bound this path, and removing that one would leave the new daemon unreachable.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            if os.stat(path).st_ino == ours:
+                os.unlink(path)
 
 
 async def _answer(conn: trio.socket.SocketType, handler: Handler) -> None:
