@@ -65,6 +65,7 @@ from .stubfile import (
     write_sync,
     write_view,
 )
+from .tombstones import Tombstone
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,9 @@ class Archiver:
         if prev is not None and prev is not stub and prev.version.key == key \
                 and prev.sync != CONFLICT:
             return prev.version.etag
-        return None
+        # A new file where a stub was removed before this daemon started (its tombstone).
+        removed = self._tombstones().get(key)
+        return removed.etag if removed is not None else None
 
     async def _upload(self, rel: str, key: str, fd: int, stub: Stub | None,
                       base: str | None) -> dict[str, Any]:
@@ -316,6 +319,9 @@ class Archiver:
                 # Any other failure leaves the marker: the upload may have landed after all,
                 # and the next archive's HEAD decides (_recover).
                 changed = await self._record(rel, fd, stub, version, marker)
+                if base is not None and stub is None:
+                    # It replaced a removed stub's version: nothing left for --delete.
+                    await trio.to_thread.run_sync(self._forget_removed, key)
                 return _row(rel, UPLOADED, version.etag + (
                     " (changed during the upload: still dirty, based on it)" if changed else ""),
                     size=snap.size)
@@ -545,7 +551,24 @@ class Archiver:
                     or stub.sync == CONFLICT or v.key in known:
                 continue
             known[v.key] = (ObjectVersion(v.key, v.etag, v.size, v.mtime, v.version_id), rel)
+        # Stubs removed before this daemon started: only their tombstones know them.
+        for t in self._tombstones().values():
+            rel, _ = key_to_relpath(t.key, self.prefix)
+            if rel is not None and _under(rel, rels) and t.key not in known:
+                known[t.key] = (ObjectVersion(t.key, t.etag, t.size, t.mtime, t.version_id),
+                                rel)
         return sorted(known.values(), key=lambda item: item[1])
+
+    def _forget_removed(self, key: str) -> None:
+        if key in self._tombstones():
+            self.cache.tombstones.drop(key)
+
+    def _tombstones(self) -> dict[str, Tombstone]:
+        try:
+            return self.cache.tombstones.load()
+        except OSError as exc:
+            log.warning("cannot read the removal log: %s", exc)
+            return {}
 
     def _removed(self, known: list[tuple[ObjectVersion, str]]
                  ) -> list[tuple[ObjectVersion, str]]:
@@ -580,6 +603,7 @@ class Archiver:
         stale = self.cache.registry.by_path.get(rel)
         if stale is not None and stale.version.key == version.key:
             self.cache.registry.unlink_path(stale)
+        await trio.to_thread.run_sync(self.cache.tombstones.drop, version.key)
         return _row(rel, DELETED if removed else UNCHANGED,
                     version.etag if removed else "already gone from S3")
 

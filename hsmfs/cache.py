@@ -82,6 +82,7 @@ from .stubfile import (
     write_sync,
     write_view,
 )
+from .tombstones import Tombstone, Tombstones
 
 __all__ = ["CLEAN", "CONFLICT", "DIRTY", "PARTIAL", "RESIDENT", "STAGING_DIR", "STALE", "STUB",
            "CacheListener", "Fetcher", "Intent", "Pin", "PopulateReport", "Stub", "StubCache",
@@ -154,6 +155,7 @@ class StubCache:
         #: locally): writeback's clock for files that have no Stub to carry ``closed_at``.
         self.closed_local: dict[str, float] = {}
         self.tree.prepare()
+        self.tombstones = Tombstones(self.root_fd)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -278,9 +280,12 @@ class StubCache:
         n = dict(created=0, kept=0, replaced=0, removed=0, stale=0, conflicts=0)
         for d in sorted(layout.dirs, key=lambda p: p.count("/")):
             self.tree.mkdir(d)
+        away = self._removed_locally(found, by_key, prefix)
         for rel, key in sorted(layout.files.items()):
             info = by_key[key]
             f = found.pop(rel, None)
+            if f is None and key in away:
+                continue  # renamed or removed here: archive --delete makes S3 follow
             try:
                 outcome = self._place_object(rel, key, info, f)
             except (OSError, Changed) as exc:
@@ -308,6 +313,44 @@ class StubCache:
                  report.replaced, report.removed, report.stale, report.conflicts,
                  len(layout.rejected))
         return report
+
+    def _removed_locally(self, found: dict[str, Found], by_key: dict[str, ObjectInfoLike],
+                         prefix: str) -> set[str]:
+        """Keys whose path holds no file because a program moved or removed the stub here:
+        a listing must not make them again (that would undo the user's ``mv`` or ``rm``).
+
+        * renamed: a file elsewhere in the tree carries a record of that key and version;
+        * removed: a tombstone of that key and version (:mod:`hsmfs.tombstones`).
+
+        A tombstone of an older version than S3's is dropped (another host wrote the object
+        since: its bytes are made again here, and never deleted from S3), and so is one whose
+        object is gone.  Blocking (the removal log)."""
+        away = set()
+        for f in found.values():
+            if f.record is None:
+                continue
+            v = f.record.version
+            info = by_key.get(v.key)
+            if info is not None and info.version.etag == v.etag \
+                    and key_to_relpath(v.key, prefix)[0] != f.rel:
+                away.add(v.key)
+
+        def keep(t: Tombstone) -> bool:
+            info = by_key.get(t.key)
+            if info is None:
+                return False  # gone from S3: nothing left to delete
+            if info.version.etag != t.etag:
+                log.warning("%r was removed here as version %s, but S3 now holds %s (written "
+                            "elsewhere): it is made again, and not deleted from S3", t.path,
+                            t.etag, info.version.etag)
+                return False
+            return True
+
+        try:
+            away |= set(self.tombstones.compact(keep))
+        except OSError as exc:
+            log.warning("cannot read the removal log: %s; removed stubs may come back", exc)
+        return away
 
     def _place_object(self, rel: str, key: str, info: ObjectInfoLike,
                       f: Found | None) -> str | None:
@@ -725,6 +768,11 @@ class StubCache:
         stub = self.registry.by_path.get(path)
         if stub is not None and stub.ino == ino:
             self._supersede(stub)
+            # Remembered across restarts, or the next start's listing makes it again
+            # (hsmfs.tombstones; one appended line, no fsync: losing it undoes the removal,
+            # never a byte).
+            v = stub.version
+            self.tombstones.add(v.key, v.etag, v.version_id, v.size, v.mtime, path)
 
     # -- transition: local write --------------------------------------------------------------
 

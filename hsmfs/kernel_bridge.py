@@ -73,6 +73,7 @@ from .fanotify import (
     fanotify_mark_fd,
     ignore_mount,
 )
+from .names import NameWatcher
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,7 @@ class KernelBridge:
         self.filesystem_mark = is_mount_beneath(cache_dir)
         self.root_fd = open_beneath(cache_dir)
         self._holder_pid = os.getppid()  # H spawned this worker
+        self.names: NameWatcher | None = None
 
     def attach(self, cache: StubCache) -> None:
         """Learn the core, then guard the tree.  Called before the core makes or adopts any
@@ -361,6 +363,15 @@ class KernelBridge:
         from .holder_link import NOTICE_ID, HolderGone
 
         assert self.cache is cache, "attach() the core before it makes stubs"
+        # Names before the tree opens: a program's create, rename or removal from here on is
+        # seen (hsmfs.names; a hint, never a guard, so failing to start it is only logged).
+        try:
+            self.names = await trio.to_thread.run_sync(
+                lambda: NameWatcher(cache, self.cache_dir, self.root_fd, self.filesystem_mark))
+        except OSError as exc:
+            log.warning("no names group (%s): creates, renames and removals made directly in "
+                        "%s are seen only by archive's scan and the next start", exc,
+                        self.cache_dir)
         # Every stub is guarded now: a cover the last stop left may go.  An access between here
         # and ready blocks in H (it dispatches to ready workers only) instead of reading zeros.
         if await trio.to_thread.run_sync(uncover, self.cache_dir):
@@ -370,6 +381,8 @@ class KernelBridge:
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
+                if self.names is not None:
+                    nursery.start_soon(self.names.run)
                 while True:
                     try:
                         ident, event, fd = await self.link.receive()
@@ -632,6 +645,8 @@ class KernelBridge:
     def stats(self) -> dict[str, object]:
         out = self.stats_.as_dict()
         out["mark"] = "filesystem" if self.filesystem_mark else "inode"
+        if self.names is not None:
+            out.update(self.names.stats())
         return out
 
 
