@@ -63,7 +63,9 @@ def serve_door(kind: str, source: str, workdir: Path, endpoint: str, *opts: str,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
-        while b"ready:" not in log_path.read_bytes():
+        # ": ready: " is the daemon's own line ("INFO hsmfs.__main__: ready: ..."); a bare
+        # "ready:" also matches the holder's "no worker was ever ready: giving up".
+        while b": ready: " not in log_path.read_bytes():
             if proc.poll() is not None:
                 raise RuntimeError(f"hsmfs {kind} exited with {proc.returncode}:\n"
                                    + log_path.read_text(errors="replace"))
