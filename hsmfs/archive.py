@@ -15,15 +15,19 @@ The steps, one function each (their docstrings say what is persisted, in which o
 a SIGKILL before or after leaves):
 
 1. :func:`Archiver._recover` — a file carrying an upload marker from an interrupted archive:
-   HEAD says whether that upload landed; if so its record is completed, nothing is sent again;
-2. :func:`Archiver._snapshot` — every owed byte made local, then size, mtime and the bytes'
-   ETag (hashed before anything is sent);
-3. :func:`Archiver._mark` — the marker (``trusted.hsmfs.upload``) persisted;
-4. :func:`Archiver._send` — the conditional PUT or multipart upload, then HEAD;
-5. :func:`Archiver._record` — the new version recorded: ``clean`` if the file did not change
-   during the upload, else still ``dirty`` but based on the new version;
+   HEAD says (by the marker's token in ``x-amz-meta-hsmfs-upload``) whether that upload
+   landed; if so it is not sent again, and the file is recorded clean only if its bytes,
+   hashed once there, are S3's;
+2. :func:`Archiver._begin` — every owed byte made local; the upload begun (a multipart upload
+   created, empty); the marker (``trusted.hsmfs.upload``) persisted; size, mtime and ctime
+   taken: the start point, before any byte is read;
+3. :func:`Archiver._send` — every byte read once, hashed as read (Content-MD5, the ETag), sent;
+   the start point checked before the object can become visible; the conditional PUT or
+   CompleteMultipartUpload;
+4. :func:`Archiver._record` — the new version recorded: ``clean`` if size, mtime and ctime are
+   still the start point's, else still ``dirty`` but based on the new version;
    or :func:`Archiver._conflict` — a failed condition: ``conflict``, bytes kept;
-6. :func:`Archiver._delete` (``--delete`` only) — a stub whose file is gone locally is deleted
+5. :func:`Archiver._delete` (``--delete`` only) — a stub whose file is gone locally is deleted
    in S3 (``If-Match``, HEAD-checked).
 """
 
@@ -35,6 +39,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import stat
 import time
 from collections.abc import Iterable
@@ -43,7 +48,7 @@ from typing import Any
 
 import trio
 
-from .backend_s3 import ObjectVersion, S3Backend, SourceChanged, UploadPlan
+from .backend_s3 import ObjectInfo, ObjectVersion, S3Backend, SourceChanged, Upload, etag_of
 from .cache import StubCache
 from .errors import HsmError, ObjectChanged, ObjectMissing, to_errno
 from .keys import STATE_DIR, key_to_relpath
@@ -91,18 +96,26 @@ FAILED_RESULTS = frozenset({CONFLICTED, REFUSED, FAILED})
 
 @dataclass(frozen=True)
 class Marker:
-    """An upload about to be sent: where, what it will be called, and the file it was read
-    from.  ``etag`` is what S3 will call exactly these bytes; ``base`` the version the file
-    was based on (None: a new key)."""
+    """An upload that may be in S3 without the file's record saying so: where, based on what
+    (``base``: the ETag S3 must hold; None: a new key), and the file as it was when its bytes
+    began to be read (``size``, ``mtime_ns``).
+
+    Nothing about the bytes is known when the marker is written (each part is hashed once,
+    as it is sent), so the marker does not name the ETag.  S3 recognises the upload by
+    ``token``, a random id sent with it as ``x-amz-meta-hsmfs-upload``; ``part_size`` (0: one
+    PUT) lets a crash recovery hash the file the way S3 names it."""
 
     key: str
-    etag: str
     base: str | None
     size: int
     mtime_ns: int
-    #: A multipart upload's id once it exists: a crash leaves it unfinished, and the next
-    #: archive aborts it (its parts are stored and billed until then).
+    token: str | None = None
+    part_size: int | None = None
+    #: A multipart upload's id (created before the marker): a crash leaves it unfinished,
+    #: and the next archive aborts it (its parts are stored and billed until then).
     upload_id: str | None = None
+    #: Markers of the previous format named the ETag (hashed before sending), not a token.
+    etag: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -121,15 +134,21 @@ class Marker:
             log.warning("ignoring a malformed upload marker %r", raw[:200])
             return None
 
+    def is_ours(self, head: ObjectInfo | None) -> bool:
+        """Whether ``head`` (what S3 holds at the key now) is this marker's upload."""
+        if head is None:
+            return False
+        if self.token is not None:
+            return head.upload == self.token
+        return self.etag is not None and head.version.etag == self.etag
 
-@dataclass(frozen=True)
-class Snapshot:
-    """The file as it was read for an upload: its bytes' plan and what says it changed."""
 
-    plan: UploadPlan
-    size: int
-    mtime_ns: int
-    mode: int
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    """What moves with every change of a file's bytes: size, mtime, and ctime (which also
+    moves when a program sets the mtime back, as ``touch -d`` or ``rsync -t`` do).  This
+    kernel's multigrain timestamps give a write right after an ``fstat`` a fresh time, so a
+    coarse clock tick hides none."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class Archiver:
@@ -137,8 +156,9 @@ class Archiver:
 
     Invariants: at most one archive of a file at a time (``_locks``, by inode and
     generation); a marker is on a file exactly while an upload of it may be in S3 without
-    its record saying so; a file is written ``clean`` only if its size and mtime are those
-    its uploaded bytes were read at.
+    its record saying so; a file is written ``clean`` only if its size, mtime and ctime have
+    not moved since before its uploaded bytes were read (or, after a crash, its bytes hash
+    to the ETag S3 holds).
     """
 
     def __init__(self, cache: StubCache, backend: S3Backend, prefix: str) -> None:
@@ -259,6 +279,7 @@ class Archiver:
             done = await self._recover(rel, fd, stub, marker)
             if done is not None:
                 return done
+            stub = await self.cache.lookup(fd)  # the recovery may have recorded a version
         base = self._base(rel, key, stub)
         if stub is not None and stub.version.key == key:
             if stub.sync == CONFLICT:
@@ -304,13 +325,14 @@ class Archiver:
         pin = await self._local(stub, fd)
         try:
             for _attempt in range(SNAPSHOT_TRIES):
-                snap = await self._snapshot(fd)
-                if snap is None:
-                    continue  # changed while it was read
-                marker = Marker(key, snap.plan.etag, base, snap.size, snap.mtime_ns)
-                await self._mark(fd, marker)
+                t_begin = time.monotonic()
+                begun = await self._begin(key, fd, base)
+                if begun is None:
+                    continue  # changed before a byte was read
+                upload, marker, start = begun
+                t_sent = time.monotonic()
                 try:
-                    version = await self._send(rel, key, fd, snap, base)
+                    version = await self._send(rel, fd, upload, start)
                 except SourceChanged:
                     await trio.to_thread.run_sync(_drop_marker, fd)
                     continue  # nothing landed: read it again
@@ -318,13 +340,18 @@ class Archiver:
                     return await self._conflict(rel, key, fd, stub, base, exc)
                 # Any other failure leaves the marker: the upload may have landed after all,
                 # and the next archive's HEAD decides (_recover).
-                changed = await self._record(rel, fd, stub, version, marker)
+                _crash_point("sent")
+                t_record = time.monotonic()
+                changed = await self._record(rel, fd, stub, version, marker.mtime_ns, start)
+                log.info("%r: %d bytes, begin and mark %.3f s, send %.3f s, record %.3f s",
+                         rel, upload.size, t_sent - t_begin, t_record - t_sent,
+                         time.monotonic() - t_record)
                 if base is not None and stub is None:
                     # It replaced a removed stub's version: nothing left for --delete.
                     await trio.to_thread.run_sync(self._forget_removed, key)
                 return _row(rel, UPLOADED, version.etag + (
                     " (changed during the upload: still dirty, based on it)" if changed else ""),
-                    size=snap.size)
+                    size=upload.size)
             return _row(rel, FAILED, f"changed while it was read, {SNAPSHOT_TRIES} times; "
                         "still dirty: archive it again once it is quiet")
         finally:
@@ -340,83 +367,100 @@ class Archiver:
 
     # -- the steps ---------------------------------------------------------------------------
 
-    async def _snapshot(self, fd: int) -> Snapshot | None:
-        """Step *snapshot*: size, mtime and mode, then the bytes hashed the way S3 will name
-        them (:meth:`S3Backend.plan_upload`), then size and mtime again.  Persists nothing:
-        a SIGKILL here leaves the file as it was (dirty, or new).  None if the file changed
-        while it was read.  (This kernel's multigrain timestamps give a write right after our
-        ``fstat`` a fresh mtime, so a coarse clock tick does not hide one.)"""
+    async def _begin(self, key: str, fd: int, base: str | None
+                     ) -> tuple[Upload, Marker, os.stat_result] | None:
+        """Steps *begin* and *mark*: size, mtime and mode taken; the upload begun (a
+        multipart upload created: no byte in it, nothing visible); the marker
+        (:data:`X_UPLOAD`: key, base, size, mtime, the upload's token, part size and id)
+        written and fsync'd; then the file's size, mtime and ctime, the point every later
+        check compares with.  Returns None, having undone both, if the file changed before
+        that point.  No byte of the file has been read or sent yet.
+
+        SIGKILL before the marker is durable: nothing of the file is in S3 (at most an empty
+        multipart upload, which the bucket's AbortIncompleteMultipartUpload rule removes), and
+        the file is as it was (dirty, or new).  After: the next archive finds the marker and
+        asks S3 (:meth:`_recover`).  The fsync also writes back the file's dirty pages, which
+        write-protects any shared mapping of them: a later write through ``mmap`` faults and
+        moves the mtime, so the checks below see it too."""
         st = await trio.to_thread.run_sync(os.fstat, fd)
-        plan = await trio.to_thread.run_sync(self._plan, fd, st.st_size)
-        after = await trio.to_thread.run_sync(os.fstat, fd)
-        if plan is None or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-            return None
-        return Snapshot(plan, st.st_size, st.st_mtime_ns, st.st_mode)
+        upload = await trio.to_thread.run_sync(lambda: self.backend.begin_upload(
+            key, st.st_size, base=base, mtime=st.st_mtime_ns / 1e9, mode=st.st_mode))
+        marker = Marker(key, base, st.st_size, st.st_mtime_ns, upload.token, upload.part_size,
+                        upload.upload_id)
 
-    def _plan(self, fd: int, size: int) -> UploadPlan | None:
-        try:
-            return self.backend.plan_upload(fd, size)
-        except SourceChanged:
-            return None
-
-    async def _mark(self, fd: int, marker: Marker) -> None:
-        """Step *mark*: the marker (:data:`X_UPLOAD`) written and fsync'd before a byte is
-        sent.  SIGKILL before: nothing in S3, nothing recorded.  After: the marker names the
-        ETag the upload will have, so the next archive can tell by HEAD whether it landed
-        (:meth:`_recover`) instead of sending it again, or, worse, meeting its own upload as
-        a 412 and calling it a conflict."""
-        def persist() -> None:
+        def persist() -> os.stat_result:
             os.setxattr(fd, X_UPLOAD, marker.encode())
             os.fsync(fd)
+            return os.fstat(fd)
 
-        await trio.to_thread.run_sync(persist)
+        try:
+            start = await trio.to_thread.run_sync(persist)
+        except BaseException:
+            await self._abort(key, upload.upload_id)
+            raise
+        _crash_point("marked")
+        if (start.st_size, start.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            await self._abort(key, upload.upload_id)
+            await trio.to_thread.run_sync(_drop_marker, fd)
+            return None
+        return upload, marker, start
 
-    async def _send(self, rel: str, key: str, fd: int, snap: Snapshot,
-                    base: str | None) -> ObjectVersion:
-        """Step *send*: the conditional upload, then HEAD for the stored version's ETag,
-        size, LastModified and version id (Ceph's CompleteMultipartUpload answers an empty
-        ETag).  Persists locally only a multipart upload's id, in the marker.  SIGKILL
-        during a single PUT: S3 has the whole
-        object or nothing.  During a multipart upload: no object is visible until the
-        complete; the upload's id is added to the marker before any part is sent, and the
-        next archive aborts the unfinished upload (:meth:`_recover`).  After the upload
-        landed: the marker says so (:meth:`_recover`)."""
-        track = snap.size >= PROGRESS_MIN
+    async def _abort(self, key: str, upload_id: str | None) -> None:
+        if upload_id is None:
+            return
+        try:
+            await trio.to_thread.run_sync(self.backend.abort_upload, key, upload_id)
+        except HsmError as exc:  # the lifecycle rule will; the file is what matters
+            log.info("%r: cannot abort the unfinished upload: %s", key, exc)
+
+    async def _send(self, rel: str, fd: int, upload: Upload,
+                    start: os.stat_result) -> ObjectVersion:
+        """Step *send*: every byte read once, hashed as read (Content-MD5, and the ETag the
+        stored object must have), sent; then, before the object can become visible (the
+        single PUT, or CompleteMultipartUpload), the file's size, mtime and ctime compared
+        with ``start``: if they moved, nothing is stored (:class:`SourceChanged`), so S3 never
+        holds a torn mix of two versions.  Persists nothing locally.  SIGKILL during a single
+        PUT: S3 has the whole object or nothing.  During a multipart upload: no object is
+        visible until the complete, and the marker names the upload to abort.  After the
+        upload landed: the marker and the token in S3 say so (:meth:`_recover`)."""
+        track = upload.size >= PROGRESS_MIN
         if track:
-            self.progress[rel] = [0, snap.size]
+            self.progress[rel] = [0, upload.size]
 
         def progress(n: int) -> None:
             if track:
                 self.progress[rel][0] += n  # one int under the GIL: a lost update is a late bar
 
-        def started(upload_id: str) -> None:
-            # Worker thread, before any part is sent: the marker learns the upload's id.
-            marker = Marker(key, snap.plan.etag, base, snap.size, snap.mtime_ns, upload_id)
-            os.setxattr(fd, X_UPLOAD, marker.encode())
-            os.fsync(fd)
+        def check() -> None:
+            _crash_point("read")
+            if _ident(os.fstat(fd)) != _ident(start):
+                raise SourceChanged("the file changed while it was read")
 
         try:
             return await trio.to_thread.run_sync(
-                lambda: self.backend.put(key, fd, snap.plan, base=base,
-                                         mtime=snap.mtime_ns / 1e9, mode=snap.mode,
-                                         progress=progress, started=started))
+                lambda: self.backend.send(upload, fd, check=check, progress=progress))
         finally:
             self.progress.pop(rel, None)
 
     async def _record(self, rel: str, fd: int, stub: Stub | None, version: ObjectVersion,
-                      marker: Marker) -> bool:
-        """Step *record*: the file becomes a copy of ``version``; True if it changed during
-        the upload (then it stays ``dirty``, now based on ``version``).
+                      mtime_ns: int, start: os.stat_result | None) -> bool:
+        """Step *record*: the file becomes a copy of ``version``; True if it changed since its
+        bytes were read (then it stays ``dirty``, now based on ``version``).
 
-        The recorded mtime is the file's (as sent in ``x-amz-meta-mtime``), the clean point
-        the core compares a clean copy with.  Persisted in this order, then fsync:
+        ``start`` is the file's size, mtime and ctime taken before its bytes that S3 now holds
+        were read (None: S3 does not hold the file's bytes; the file is dirty on ``version``).
+        The file is recorded clean only if they have not moved since: no write, truncate or
+        time change came between that read and this record.
+
+        The recorded mtime is ``mtime_ns``, the file's as sent in ``x-amz-meta-mtime``: the
+        clean point the core compares a clean copy with.  Persisted in this order, then fsync:
         ``sync=dirty`` and ``owed=0`` (a record still valid and still dirty whatever comes
         next); the identity (key, ETag, size, mtime, version id); ``owed`` (the size if
         unchanged: S3 holds exactly these bytes; 0 if changed: no hole of a changed file is
         S3's to fill); ``sync`` (clean or dirty), the stale ``remote`` removed, the view; the
-        marker removed last.  A SIGKILL anywhere
-        before the marker is removed leaves a dirty file with its marker, which the next
-        archive completes without sending anything (:meth:`_recover`); after it, the record.
+        marker removed last.  A SIGKILL anywhere before the marker is removed leaves a dirty
+        file with its marker, which the next archive completes without sending anything
+        (:meth:`_recover`); after it, the record.
 
         Under the core's per-file truncate lock, so a truncate either lands before (and is
         seen here as a change) or after (and lowers the new ``owed``).  Memory follows the
@@ -431,13 +475,13 @@ class Archiver:
                 if stub is not None:
                     await self.cache.engine.wait_idle(stub)  # no flight of the old version
                 st = await trio.to_thread.run_sync(os.fstat, fd)
-                changed = (st.st_size, st.st_mtime_ns) != (marker.size, marker.mtime_ns)
+                changed = start is None or _ident(st) != _ident(start)
                 owed = 0 if changed else version.size
                 sync = DIRTY if changed else CLEAN
                 # The version's mtime is the file's own as uploaded (x-amz-meta-mtime, here
                 # to the nanosecond), not S3's LastModified: a clean copy keeps its version's
                 # mtime (the core's clean point, StubCache.lookup), and this file has it.
-                version = dataclasses.replace(version, mtime=marker.mtime_ns / 1e9)
+                version = dataclasses.replace(version, mtime=mtime_ns / 1e9)
                 await trio.to_thread.run_sync(_write_record, fd, version, owed, sync)
                 self._remember(rel, fd, st, stub, version, owed, sync)
         finally:
@@ -508,33 +552,55 @@ class Archiver:
     async def _recover(self, rel: str, fd: int, stub: Stub | None,
                        marker: Marker) -> dict[str, Any] | None:
         """Step *recover*: the file carries a marker, so an archive was interrupted after it
-        was about to send.  HEAD the key: if S3 holds the marker's ETag, that upload landed
-        (or S3 holds exactly these bytes anyway): the record is completed from HEAD and the
-        marker's size and mtime (:meth:`_record`), nothing is sent again.  Otherwise the
-        upload never landed: the marker is removed and the file archived as usual (returns
-        None).  Persists what :meth:`_record` does, or the marker's removal; a SIGKILL here
-        leaves the marker for the next archive to decide the same way.
+        began an upload.  HEAD the key:
+
+        * S3 does not hold the marker's upload (no object, or one without the marker's
+          token): it never landed.  An unfinished multipart upload is aborted, the marker
+          removed, and the file archived as usual (returns None).
+        * S3 holds it: it landed, and is not sent again.  Whether the file still has exactly
+          those bytes is decided by the file itself: its size and mtime are still the
+          marker's, and its bytes, hashed now the way S3 names them (the marker's part size),
+          give the ETag S3 reports, with its size, mtime and ctime unmoved across that hash.
+          Then the record is completed clean (:meth:`_record`).  Otherwise the file changed
+          since (or S3's ETag is not an MD5 of the bytes, SSE-KMS): it is recorded dirty on
+          the landed version, and archived as usual from there (returns None), so the next
+          upload is based on it, not a conflict with it.
+
+        Persists what :meth:`_record` does, or the marker's removal; a SIGKILL here leaves
+        the marker for the next archive to decide the same way.  Markers of the previous
+        format name the ETag instead of a token; S3 holding that ETag means the same.
 
         A new daemon lists S3 before anyone archives: it sees the landed upload as another
         ETag under a dirty file and records ``conflict`` with that ETag as ``remote``.  Such a
         conflict is our own upload, and is resolved here like any other landed one."""
-        if stub is not None and stub.sync == CONFLICT and stub.remote != marker.etag:
-            await trio.to_thread.run_sync(_drop_marker, fd)  # a real conflict: keep it
-            return None
         head = await trio.to_thread.run_sync(self.backend.head_key, marker.key)
-        if head is None or head.version.etag != marker.etag:
-            if marker.upload_id is not None:
-                try:
-                    await trio.to_thread.run_sync(self.backend.abort_upload, marker.key,
-                                                  marker.upload_id)
-                except HsmError as exc:  # the lifecycle rule will; the file is what matters
-                    log.info("%r: cannot abort the interrupted upload: %s", rel, exc)
+        if not marker.is_ours(head):
+            await self._abort(marker.key, marker.upload_id)
             await trio.to_thread.run_sync(_drop_marker, fd)
             return None
-        changed = await self._record(rel, fd, stub, head.version, marker)
+        assert head is not None
+        part_size = marker.part_size if marker.part_size is not None \
+            else self.backend.part_size_for(marker.size)
+
+        def verify() -> os.stat_result | None:
+            """The file's size, mtime and ctime if its bytes are exactly S3's, else None."""
+            before = os.fstat(fd)
+            if (before.st_size, before.st_mtime_ns) != (marker.size, marker.mtime_ns) \
+                    or before.st_size != head.version.size:
+                return None
+            try:
+                etag = etag_of(fd, before.st_size, part_size)
+            except SourceChanged:
+                return None
+            same = etag == head.version.etag and _ident(os.fstat(fd)) == _ident(before)
+            return before if same else None
+
+        start = await trio.to_thread.run_sync(verify)
+        changed = await self._record(rel, fd, stub, head.version, marker.mtime_ns, start)
+        if changed:
+            return None  # dirty on the landed version: the caller uploads from there
         return _row(rel, UPLOADED, head.version.etag + " (by an interrupted archive; "
-                    "nothing sent again)" + (": changed since, still dirty" if changed else ""),
-                    size=marker.size)
+                    "nothing sent again)", size=marker.size)
 
     # -- --delete ----------------------------------------------------------------------------
 
@@ -628,6 +694,16 @@ def _write_record(fd: int, version: ObjectVersion, owed: int, sync: str) -> None
     _drop_marker(fd)
 
 
+def _crash_point(step: str) -> None:
+    """Tests only: ``HSMFS_TEST_CRASH_AT=<step>`` SIGKILLs this process at ``step`` of an
+    upload (``marked``: the marker is durable, nothing read; ``read``: every byte read and
+    sent, nothing visible; ``sent``: the upload landed, nothing recorded), the way a crash
+    would, so the recovery of each can be tested for real."""
+    if os.environ.get("HSMFS_TEST_CRASH_AT") == step:
+        log.warning("HSMFS_TEST_CRASH_AT=%s: SIGKILL", step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _drop_marker(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.removexattr(fd, X_UPLOAD)
@@ -707,7 +783,7 @@ class Writeback:
     its start) uploads it; *during* it, the upload marker is on the file, so the next archive
     (this task or the command) HEADs the key and completes the record without sending again,
     or sends once if nothing landed; *after* the record, the file is clean and nothing is
-    sent.  A program writing *during* an upload: the snapshot check or the door's write hook
+    sent.  A program writing *during* an upload: the start-point check or the door's write hook
     leaves the file dirty based on the new version, its mtime moves, and the next idle period
     uploads it again.
 

@@ -8,7 +8,7 @@ live here and only here (exponential backoff with full jitter), and every botoco
 failure leaves this module as one of the domain errors in :mod:`hsmfs.errors`, so nothing
 above knows about HTTP.
 
-Uploads (:meth:`S3Backend.plan_upload`, :meth:`S3Backend.put`) are conditional: ``If-Match`` of
+Uploads (:meth:`S3Backend.begin_upload`, :meth:`S3Backend.send`) are conditional: ``If-Match`` of
 the ETag the file is based on, or ``If-None-Match: *`` for a new key; a failed condition is
 :class:`~hsmfs.errors.ObjectChanged` (412), a based-on object that is gone
 :class:`~hsmfs.errors.ObjectMissing`.  What servers honour, measured here on moto 5.2.1 and
@@ -27,9 +27,9 @@ Complete MPU ``If-None-Match: *``   412        ignored      HEAD first (404 expe
                                                             sends it too
 Complete MPU ``If-Match``           ignored    ignored      HEAD first (ETag must be the
                                                             base), then sends it too
-Complete MPU answer's ETag          set        empty        HEAD after; planned ETag if empty
+Complete MPU answer's ETag          set        empty        if empty, HEAD after; else none
 DELETE ``If-Match``                 412        **ignored**  HEAD first, then sends it
-``Content-MD5`` on PUT / part       ignored    BadDigest    sent; parts re-hashed as sent
+``Content-MD5`` on PUT / part       ignored    BadDigest    sent; each part hashed once
 ==================================  =========  ===========  =================================
 
 Where the server ignores a condition, the window between our HEAD and the server applying the
@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 import urllib.parse
@@ -96,6 +98,8 @@ class ObjectInfo:
     version: ObjectVersion
     #: ``st_mode`` from s3fs's ``x-amz-meta-mode`` (decimal), when HEAD was asked for and present.
     mode: int | None = None
+    #: The ``x-amz-meta-hsmfs-upload`` token of the upload that stored it (head_key only).
+    upload: str | None = None
 
 
 MiB = 1 << 20
@@ -113,34 +117,47 @@ MAX_PARTS = 10_000
 #: single-stream PUTs on loopback Ceph are CPU-bound around one core), while the part buffers
 #: stay at PART_THREADS x PART_SIZE of memory.
 PART_THREADS = 4
+#: The metadata key (``x-amz-meta-hsmfs-upload``) carrying an upload's :attr:`Upload.token`.
+TOKEN_META = "hsmfs-upload"
+#: Reads of :func:`etag_of` (the crash-recovery hash): bounded, no part-sized buffer.
+HASH_READ = 4 * MiB
 
 
 class SourceChanged(Exception):
-    """The file's bytes changed between :meth:`S3Backend.plan_upload` and the moment they were
-    sent: nothing was stored (an unfinished multipart upload is aborted).  Not an
-    :class:`~hsmfs.errors.HsmError`: it never reaches a door; the archive snapshots again."""
+    """The file changed while its bytes were read for an upload (it got shorter, or the
+    caller's ``check`` saw its size, mtime or ctime move): nothing was stored (an unfinished
+    multipart upload is aborted).  Not an :class:`~hsmfs.errors.HsmError`: it never reaches a
+    door; the archive reads the file again."""
 
 
 @dataclass(frozen=True)
-class UploadPlan:
-    """A snapshot of a file's bytes, hashed, and the ETag S3 will give it.
+class Upload:
+    """One upload of a file's first ``size`` bytes to ``key``, begun by
+    :meth:`S3Backend.begin_upload` and sent by :meth:`S3Backend.send`.
 
-    The ETag is S3's for unencrypted (or SSE-S3) objects: the MD5 of the body for one PUT, the
-    MD5 of the parts' MD5s followed by ``-N`` for a multipart upload (AWS, Ceph RGW and moto all
-    compute it so).  It is known *before* anything is sent, so the archive can record it as
-    the upload it is about to make and recognise that upload in S3 after a crash.
+    Nothing about the bytes is known before they are sent: each part is read once, hashed
+    as it is read (its MD5 goes out as ``Content-MD5``, and the parts' MD5s make the ETag S3
+    must report), and sent.  What identifies the upload in S3 before its bytes are read is
+    ``token``, a random id sent as ``x-amz-meta-hsmfs-upload`` (:data:`TOKEN_META`): a HEAD
+    that shows it shows this upload (the archive's crash recovery relies on it).
     """
 
+    key: str
     size: int
-    etag: str  # quoted, as S3 returns ETags
     part_size: int  # 0: a single PUT
-    part_md5: tuple[bytes, ...]
-    #: A single PUT's bytes: sent exactly as hashed, so what lands is what ``etag`` names.
-    body: bytes | None = None
+    base: str | None  # If-Match of this ETag; None: If-None-Match: *
+    token: str
+    mtime: float
+    mode: int
+    #: A multipart upload's id (created by begin_upload: no byte is in it yet).
+    upload_id: str | None = None
 
     @property
     def parts(self) -> int:
-        return len(self.part_md5) if self.part_size else 0
+        return -(-self.size // self.part_size) if self.part_size else 0
+
+    def meta(self) -> dict[str, str]:
+        return {"mtime": str(int(self.mtime)), "mode": str(self.mode), TOKEN_META: self.token}
 
 
 # HTTP statuses worth another attempt: server errors and throttling.
@@ -162,23 +179,34 @@ class S3Backend:
     def __init__(self, cfg: S3Config) -> None:
         self.cfg = cfg
         session = boto3.session.Session(profile_name=cfg.profile)
-        self._client = session.client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            region_name=cfg.region or session.region_name or "us-east-1",
-            config=Config(
-                s3={"addressing_style": "path"},
-                # Trailer checksums are rejected by Ceph RGW 16 (S3_SERVERS.md).
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                # We retry ourselves, with the classification below.
-                retries={"total_max_attempts": 1, "mode": "standard"},
-                connect_timeout=cfg.connect_timeout_s,
-                read_timeout=cfg.read_timeout_s,
-                max_pool_connections=cfg.max_connections,
-                tcp_keepalive=True,
-            ),
-        )
+        def client(**s3: Any) -> Any:
+            return session.client(
+                "s3",
+                endpoint_url=cfg.endpoint_url,
+                region_name=cfg.region or session.region_name or "us-east-1",
+                config=Config(
+                    s3={"addressing_style": "path", **s3},
+                    # Trailer checksums are rejected by Ceph RGW 16 (S3_SERVERS.md).
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                    # We retry ourselves, with the classification below.
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    connect_timeout=cfg.connect_timeout_s,
+                    read_timeout=cfg.read_timeout_s,
+                    max_pool_connections=cfg.max_connections,
+                    tcp_keepalive=True,
+                ),
+            )
+
+        self._client = client()
+        #: PutObject and UploadPart bodies: sent with Content-MD5 (a signed header, so it
+        #: cannot be swapped; AWS and RGW refuse a body that does not match it: BadDigest)
+        #: and UNSIGNED-PAYLOAD.  Over plain http botocore otherwise signs the SHA-256 of
+        #: every body too, a second full hash of every byte on top of the MD5 the ETag needs
+        #: (archive_probe.py, loopback Ceph, 256 MiB: 0.85x of upload_file signed, 1.02x
+        #: unsigned).  Over https botocore already sends such bodies unsigned.  A second
+        #: client of the same session (~8 ms), so no other request changes.
+        self._upload_client = client(payload_signing_enabled=False)
         self._lean = _LeanGet.for_client(self._client, session, cfg) if cfg.lean_get else None
         self._lock = threading.Lock()
         self.requests = 0
@@ -307,84 +335,109 @@ class S3Backend:
                               lambda: self._client.head_object(Bucket=self.cfg.bucket, Key=key))
         except ObjectMissing:
             return None
-        return ObjectInfo(version=_version_of(key, resp), mode=_mode_of(key, resp))
+        return ObjectInfo(version=_version_of(key, resp), mode=_mode_of(key, resp),
+                          upload=resp.get("Metadata", {}).get(TOKEN_META))
 
-    def plan_upload(self, fd: int, size: int) -> UploadPlan:
-        """Read ``size`` bytes of ``fd`` once and hash them the way S3 will (see
-        :class:`UploadPlan`).  ``fd`` must raise no fanotify event (the private door): this is
-        hsmfs reading its own file.  A file shorter than ``size`` now changed under us:
-        :class:`SourceChanged`."""
+    def part_size_for(self, size: int) -> int:
+        """The part size an upload of ``size`` bytes uses; 0: one PUT."""
         if size <= self.multipart_threshold:
-            body = _pread_exactly(fd, 0, size)
-            digest = hashlib.md5(body, usedforsecurity=False).digest()
-            return UploadPlan(size, f'"{digest.hex()}"', 0, (digest,), body)
-        part_size = max(self.part_size, MIN_PART_SIZE, -(-size // MAX_PARTS))
-        digests = []
-        for start in range(0, size, part_size):
-            h = hashlib.md5(usedforsecurity=False)
-            stop = min(start + part_size, size)
-            for at in range(start, stop, 4 * MiB):  # bounded reads: no part-sized buffer here
-                h.update(_pread_exactly(fd, at, min(4 * MiB, stop - at)))
-            digests.append(h.digest())
-        whole = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
-        return UploadPlan(size, f'"{whole}-{len(digests)}"', part_size, tuple(digests))
+            return 0
+        return max(self.part_size, MIN_PART_SIZE, -(-size // MAX_PARTS))
 
-    def put(self, key: str, fd: int, plan: UploadPlan, *, base: str | None, mtime: float,
-            mode: int, progress: Callable[[int], None] | None = None,
-            started: Callable[[str], None] | None = None) -> ObjectVersion:
-        """Store the planned bytes of ``fd`` at ``key`` if S3 still holds ``base`` there (an
-        ETag), or holds nothing there (``base`` None); return the version stored, as HEAD
-        reports it (ETag, size, LastModified, version id).
+    def begin_upload(self, key: str, size: int, *, base: str | None, mtime: float, mode: int,
+                     token: str | None = None) -> Upload:
+        """Start an upload of ``size`` bytes to ``key`` if S3 still holds ``base`` there (an
+        ETag), or nothing (``base`` None).  A multipart upload is created here (no byte of
+        the file is in it, and nothing is visible until :meth:`send` completes it), so the
+        caller can record its id before any byte goes out; a single PUT sends nothing yet.
+        ``token`` (default: a fresh random id) goes out as ``x-amz-meta-hsmfs-upload``."""
+        upload = Upload(key, size, self.part_size_for(size), base, token or _new_token(),
+                        mtime, mode)
+        if not upload.part_size:
+            return upload
+        created = self._call(f"create upload {key!r}",
+                             lambda: self._client.create_multipart_upload(
+                                 Bucket=self.cfg.bucket, Key=key, Metadata=upload.meta()))
+        return dataclasses.replace(upload, upload_id=created["UploadId"])
+
+    def send(self, upload: Upload, fd: int, *, check: Callable[[], None] | None = None,
+             progress: Callable[[int], None] | None = None) -> ObjectVersion:
+        """Read the file's bytes once, hash them as read, send them, and return the version
+        stored (its ETag is the one computed from the bytes sent: S3's for unencrypted
+        objects, the MD5 of the body, or the MD5 of the parts' MD5s and ``-N``).
+
+        ``fd`` must raise no fanotify event (the private door).  ``check()``, called after
+        every byte was read and before the object can become visible (before the single PUT,
+        or before CompleteMultipartUpload), raises :class:`SourceChanged` if the file changed
+        meanwhile: then nothing is stored, so S3 never holds a torn mix of two versions.
 
         Raises :class:`~hsmfs.errors.ObjectChanged` when S3 holds another version (412, or our
         HEAD found one), :class:`~hsmfs.errors.ObjectMissing` when ``base`` is gone,
-        :class:`SourceChanged` when the file's bytes no longer hash as planned, or the
-        classified failure after every retry.  A retried request whose first attempt landed
-        is recognised (S3 then holds ``plan.etag``) and counted as success, never as a conflict.
-        ``progress(n)`` is called (from worker threads) as bytes go out; ``started(upload_id)``
-        once a multipart upload exists, before any part is sent, so the caller can record it
-        and abort it after a crash (:meth:`abort_upload`).
-        """
-        meta = {"mtime": str(int(mtime)), "mode": str(mode)}
+        :class:`SourceChanged`, or the classified failure after every retry.  A retried request
+        whose first attempt landed is recognised (S3 then holds this upload's token, or these
+        very bytes) and counted as success, never as a conflict.  ``progress(n)`` is called
+        (from worker threads) as bytes go out.  Any failure aborts a multipart upload."""
+        key, base = upload.key, upload.base
         cond: dict[str, str] = {"IfMatch": base} if base else {"IfNoneMatch": "*"}
+        sent: list[str] = []  # the ETag of the bytes sent, once known
+
         try:
-            if not plan.part_size:
-                etag, vid = self._put_single(key, plan, meta, cond)
+            if not upload.part_size:
+                etag, vid = self._put_single(upload, fd, cond, check, sent)
             else:
-                etag, vid = self._put_multipart(key, fd, plan, meta, cond, base, progress,
-                                                started)
+                etag, vid = self._put_multipart(upload, fd, cond, check, progress, sent)
         except (ObjectChanged, ObjectMissing) as exc:
             # A retry after a lost answer meets our own earlier attempt: S3 holds our bytes.
             landed = self.head_key(key)
             if landed is None and base is not None and isinstance(exc, ObjectChanged):
                 # Ceph answers If-Match on a missing key with 412, moto and AWS with 404.
                 raise ObjectMissing(f"put {key!r}: gone from S3 (was {base})") from exc
-            if landed is None or landed.version.etag != plan.etag:
+            if landed is None or not (landed.upload == upload.token
+                                      or (sent and landed.version.etag == sent[0])):
                 raise
-            log.info("put %r: an earlier attempt landed (%s)", key, plan.etag)
+            log.info("put %r: an earlier attempt landed (%s)", key, landed.version.etag)
             return landed.version
-        if plan.body is not None and progress is not None:
-            progress(plan.size)
+        if not upload.part_size and progress is not None:
+            progress(upload.size)
         with self._lock:
-            self.uploaded += plan.size
+            self.uploaded += upload.size
+        if etag:
+            # The server named the ETag of what it stored, and it is the one computed from
+            # the bytes sent: no HEAD needed (the version's mtime is the caller's to set).
+            return ObjectVersion(key, etag, upload.size, time.time(), vid)
+        # Ceph answers CompleteMultipartUpload with an empty ETag: HEAD, and expect ours.
         head = self.head_key(key)
-        if head is not None and head.version.etag == etag:
+        if head is not None and (head.upload == upload.token or head.version.etag == sent[0]):
             return head.version
         # Someone wrote the key between our request and the HEAD (milliseconds): our version
         # is still the one we stored; the next listing shows the file as stale, as it is.
-        log.warning("put %r: stored %s, but S3 already holds %s", key, etag,
+        log.warning("put %r: stored %s, but S3 already holds %s", key, sent[0],
                     head.version.etag if head else "nothing")
-        return ObjectVersion(key, etag, plan.size, time.time(), vid)
+        return ObjectVersion(key, sent[0], upload.size, time.time(), vid)
 
-    def _put_single(self, key: str, plan: UploadPlan, meta: dict[str, str],
-                    cond: dict[str, str]) -> tuple[str, str | None]:
-        kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Key": key, "Body": plan.body,
-                              "ContentMD5": _b64(plan.part_md5[0]), "Metadata": meta,
+    def put(self, key: str, fd: int, size: int, *, base: str | None, mtime: float, mode: int,
+            progress: Callable[[int], None] | None = None) -> ObjectVersion:
+        """:meth:`begin_upload` then :meth:`send`, with no one to tell in between."""
+        return self.send(self.begin_upload(key, size, base=base, mtime=mtime, mode=mode), fd,
+                         progress=progress)
+
+    def _put_single(self, upload: Upload, fd: int, cond: dict[str, str],
+                    check: Callable[[], None] | None,
+                    sent: list[str]) -> tuple[str, str | None]:
+        key = upload.key
+        body = _pread_exactly(fd, 0, upload.size)
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        etag = f'"{digest.hex()}"'
+        sent.append(etag)
+        if check is not None:
+            check()
+        kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Key": key, "Body": body,
+                              "ContentMD5": _b64(digest), "Metadata": upload.meta(),
                               **self._condition(cond)}
 
         def put() -> dict[str, Any]:
             return self._call(f"put {key!r}", lambda: _digest_checked(
-                lambda: self._client.put_object(**kw)))
+                lambda: self._upload_client.put_object(**kw)))
 
         try:
             resp = put()
@@ -402,48 +455,54 @@ class S3Backend:
             self._unquoted_if_match = True
             kw.update(self._condition(cond))
             resp = put()
-        # The response's ETag is our write's own; HEAD's may already be someone else's.
-        return resp.get("ETag") or plan.etag, _vid(resp)
+        return _answered_etag(key, resp, etag), _vid(resp)
 
-    def _put_multipart(self, key: str, fd: int, plan: UploadPlan, meta: dict[str, str],
-                       cond: dict[str, str], base: str | None,
+    def _put_multipart(self, upload: Upload, fd: int, cond: dict[str, str],
+                       check: Callable[[], None] | None,
                        progress: Callable[[int], None] | None,
-                       started: Callable[[str], None] | None) -> tuple[str, str | None]:
-        bucket = self.cfg.bucket
-        created = self._call(f"create upload {key!r}",
-                             lambda: self._client.create_multipart_upload(
-                                 Bucket=bucket, Key=key, Metadata=meta))
-        upload_id = created["UploadId"]
-        n = plan.parts
+                       sent: list[str]) -> tuple[str, str | None]:
+        bucket, key, upload_id = self.cfg.bucket, upload.key, upload.upload_id
+        assert upload_id is not None, "begin_upload creates the multipart upload"
+        n, part_size = upload.parts, upload.part_size
         etags: list[str] = [""] * n
+        md5s: list[bytes] = [b""] * n
+        buffers = threading.local()
 
         def send(i: int) -> None:
-            start = i * plan.part_size
-            body = _pread_exactly(fd, start, min(plan.part_size, plan.size - start))
-            # Re-hashed as sent: bytes that changed since the plan would land under an ETag
-            # the archive did not record (moto ignores Content-MD5, AWS and RGW do not).
-            if hashlib.md5(body, usedforsecurity=False).digest() != plan.part_md5[i]:
-                raise SourceChanged(f"{key!r}: part {i + 1} changed since it was hashed")
+            start = i * part_size
+            length = min(part_size, upload.size - start)
+            # One buffer per thread, reused for its parts: a fresh 16 MiB bytes per part
+            # costs its allocation and page faults again (measured: archive_probe.py).
+            buf: bytearray | None = getattr(buffers, "buf", None)
+            if buf is None or len(buf) != length:
+                buf = buffers.buf = bytearray(length)
+            _pread_into(fd, start, memoryview(buf))
+            # The one hash of these bytes, of exactly the buffer sent: Content-MD5 makes the
+            # server refuse anything else (AWS, RGW), and the parts' MD5s make the ETag the
+            # object must have.  hashlib releases the GIL: parts hash in parallel.
+            digest = hashlib.md5(buf, usedforsecurity=False).digest()
+            md5s[i] = digest
             resp = self._call(f"put part {i + 1}/{n} of {key!r}", lambda: _digest_checked(
-                lambda: self._client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
-                                                 PartNumber=i + 1, Body=body,
-                                                 ContentMD5=_b64(plan.part_md5[i]))))
+                lambda: self._upload_client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=i + 1, Body=buf,
+                    ContentMD5=_b64(digest))))
             etags[i] = resp["ETag"]
             if progress is not None:
-                progress(len(body))
+                progress(length)
 
         try:
-            if started is not None:
-                started(upload_id)
             pool = ThreadPoolExecutor(min(self.part_threads, n), thread_name_prefix="part")
             try:
                 for future in [pool.submit(send, i) for i in range(n)]:
                     future.result()
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+            sent.append(f'"{hashlib.md5(b"".join(md5s), usedforsecurity=False).hexdigest()}-{n}"')
+            if check is not None:
+                check()  # every byte read: unchanged, or nothing becomes visible
             # moto and Ceph RGW < 20.2.1 ignore the condition on CompleteMultipartUpload: look
             # ourselves, right before completing (the window left is this HEAD's round trip).
-            self._check_condition(key, base)
+            self._check_condition(key, upload.base)
             parts = {"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]}
             resp = self._call(f"complete upload {key!r}",
                               lambda: self._client.complete_multipart_upload(
@@ -457,8 +516,8 @@ class S3Backend:
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
                 log.info("abort upload %r: %s", key, exc)
             raise
-        # Ceph answers CompleteMultipartUpload with an empty ETag: the planned one is S3's.
-        return resp.get("ETag") or plan.etag, _vid(resp)
+        # Ceph answers CompleteMultipartUpload with an empty ETag: send() HEADs then.
+        return _answered_etag(key, resp, sent[0]), _vid(resp)
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         """Abort a multipart upload a crash left unfinished (its parts are stored and billed
@@ -793,6 +852,54 @@ def _digest_checked(fn: Callable[[], T]) -> T:
         if exc.response.get("Error", {}).get("Code") in {"BadDigest", "InvalidDigest"}:
             raise SourceChanged(str(exc)) from exc
         raise
+
+
+def _new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def _answered_etag(key: str, resp: dict[str, Any], computed: str) -> str:
+    """The ETag the server answered for our write if it is the one computed from the bytes
+    sent; '' if it answered none (Ceph's CompleteMultipartUpload) or another (an ETag that
+    is not an MD5: SSE-KMS), so that the caller asks HEAD."""
+    answered = resp.get("ETag") or ""
+    if answered and answered != computed:
+        log.warning("put %r: the server calls it %s, the bytes sent hash to %s", key,
+                    answered, computed)
+        return ""
+    return answered
+
+
+def etag_of(fd: int, size: int, part_size: int) -> str:
+    """The ETag S3 gives ``size`` bytes of ``fd`` uploaded in ``part_size`` parts (0: one
+    PUT): the body's MD5, or the MD5 of the parts' MD5s and ``-N``.  One read of the file:
+    the archive's crash recovery, which must know whether S3 holds exactly these bytes.
+    :class:`SourceChanged` if the file is shorter than ``size`` now."""
+    if not part_size:
+        h = hashlib.md5(usedforsecurity=False)
+        for at in range(0, size, HASH_READ):
+            h.update(_pread_exactly(fd, at, min(HASH_READ, size - at)))
+        return f'"{h.hexdigest()}"'
+    digests = []
+    for start in range(0, size, part_size):
+        h = hashlib.md5(usedforsecurity=False)
+        stop = min(start + part_size, size)
+        for at in range(start, stop, HASH_READ):
+            h.update(_pread_exactly(fd, at, min(HASH_READ, stop - at)))
+        digests.append(h.digest())
+    whole = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f'"{whole}-{len(digests)}"'
+
+
+def _pread_into(fd: int, start: int, buf: memoryview) -> None:
+    """Fill ``buf`` from ``fd`` at ``start``, or :class:`SourceChanged` if the file is shorter
+    now (it changed under us)."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], start + got)
+        if not n:
+            raise SourceChanged(f"file shorter than {start + len(buf)} bytes now")
+        got += n
 
 
 def _pread_exactly(fd: int, start: int, length: int) -> bytes:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import seeded
 
-from hsmfs.backend_s3 import S3Backend, SourceChanged
+from hsmfs.backend_s3 import S3Backend, SourceChanged, etag_of
 from hsmfs.config import S3Config
 from hsmfs.errors import ObjectChanged, ObjectMissing
 
@@ -60,18 +60,17 @@ def test_single_put_if_match_then_412_on_a_stale_base(backend, bucket, tmp_path)
     data = seeded(1000, "v2")
     fd = a_file(tmp_path, data)
     try:
-        plan = backend.plan_upload(fd, len(data))
-        assert plan.etag == f'"{hashlib.md5(data).hexdigest()}"' and not plan.parts
-        v2 = backend.put("d/k", fd, plan, base=etag1, mtime=1_700_000_000.7, mode=0o100640)
-        assert v2.etag == plan.etag and v2.size == len(data) and v2.mtime > 0
+        v2 = backend.put("d/k", fd, len(data), base=etag1, mtime=1_700_000_000.7,
+                         mode=0o100640)
+        assert v2.etag == f'"{hashlib.md5(data).hexdigest()}"'
+        assert v2.size == len(data) and v2.mtime > 0
         assert stored(bucket, "d/k") == data
         # The same upload based on the version S3 no longer holds: refused, S3 unchanged.
         newer = seeded(1000, "v3")
         fd3 = a_file(tmp_path, newer, "g")
         try:
             with pytest.raises(ObjectChanged):
-                backend.put("d/k", fd3, backend.plan_upload(fd3, len(newer)), base=etag1,
-                            mtime=0, mode=0o100644)
+                backend.put("d/k", fd3, len(newer), base=etag1, mtime=0, mode=0o100644)
         finally:
             os.close(fd3)
         assert stored(bucket, "d/k") == data != old
@@ -83,18 +82,16 @@ def test_new_key_if_none_match_and_a_based_on_key_that_is_gone(backend, bucket, 
     data = b"a new file"
     fd = a_file(tmp_path, data)
     try:
-        plan = backend.plan_upload(fd, len(data))
-        v = backend.put("new", fd, plan, base=None, mtime=1, mode=0o100644)
-        assert stored(bucket, "new") == data and v.etag == plan.etag
+        v = backend.put("new", fd, len(data), base=None, mtime=1, mode=0o100644)
+        assert stored(bucket, "new") == data and v.etag == f'"{hashlib.md5(data).hexdigest()}"'
         # A second "new" file at the same key loses: first writer wins.
         with pytest.raises(ObjectChanged):
-            backend.put("new", fd, backend.plan_upload(fd, 3), base=None, mtime=1,
-                        mode=0o100644)
+            backend.put("new", fd, 3, base=None, mtime=1, mode=0o100644)
         assert stored(bucket, "new") == data
         # Based on a version of a key S3 no longer has: ObjectMissing, nothing created.
         with pytest.raises(ObjectMissing):
-            backend.put("gone", fd, plan, base='"0123456789abcdef0123456789abcdef"', mtime=1,
-                        mode=0o100644)
+            backend.put("gone", fd, len(data), base='"0123456789abcdef0123456789abcdef"',
+                        mtime=1, mode=0o100644)
         assert backend.head_key("gone") is None
     finally:
         os.close(fd)
@@ -108,10 +105,9 @@ def test_a_retry_that_meets_its_own_landed_upload_is_success(backend, bucket, tm
     data = seeded(5000, "retry")
     fd = a_file(tmp_path, data)
     try:
-        plan = backend.plan_upload(fd, len(data))
-        bucket.put("r", data)  # "the first attempt" landed
-        v = backend.put("r", fd, plan, base=base, mtime=1, mode=0o100644)
-        assert v.etag == plan.etag and stored(bucket, "r") == data
+        bucket.put("r", data)  # "the first attempt" landed (the same bytes, no token)
+        v = backend.put("r", fd, len(data), base=base, mtime=1, mode=0o100644)
+        assert v.etag == f'"{hashlib.md5(data).hexdigest()}"' and stored(bucket, "r") == data
     finally:
         os.close(fd)
 
@@ -119,14 +115,15 @@ def test_a_retry_that_meets_its_own_landed_upload_is_success(backend, bucket, tm
 def test_metadata_round_trip_s3fs_convention(backend, bucket, tmp_path):
     fd = a_file(tmp_path, b"meta")
     try:
-        backend.put("m", fd, backend.plan_upload(fd, 4), base=None, mtime=1_712_345_678.9,
-                    mode=0o100751)
+        upload = backend.begin_upload("m", 4, base=None, mtime=1_712_345_678.9, mode=0o100751)
+        backend.send(upload, fd)
     finally:
         os.close(fd)
     meta = bucket.client.head_object(Bucket=bucket.name, Key="m")["Metadata"]
-    assert meta == {"mtime": "1712345678", "mode": str(0o100751)}  # decimal, as s3fs writes
+    assert meta == {"mtime": "1712345678", "mode": str(0o100751),  # decimal, as s3fs writes
+                    "hsmfs-upload": upload.token}
     info = backend.head_key("m")
-    assert info is not None and info.mode == 0o100751
+    assert info is not None and info.mode == 0o100751 and info.upload == upload.token
 
 
 def test_multipart_etag_is_planned_and_bytes_round_trip(backend, bucket, tmp_path):
@@ -134,12 +131,15 @@ def test_multipart_etag_is_planned_and_bytes_round_trip(backend, bucket, tmp_pat
     fd = a_file(tmp_path, data)
     sent = []
     try:
-        plan = backend.plan_upload(fd, len(data))
-        assert plan.parts == 3 and plan.etag.endswith('-3"')
-        v = backend.put("big", fd, plan, base=None, mtime=5, mode=0o100600, progress=sent.append)
+        upload = backend.begin_upload("big", len(data), base=None, mtime=5, mode=0o100600)
+        assert upload.parts == 3 and upload.upload_id
+        assert [u["UploadId"] for u in unfinished_uploads(bucket)] == [upload.upload_id]
+        assert backend.head_key("big") is None  # begun: nothing visible yet
+        v = backend.send(upload, fd, progress=sent.append)
+        local = etag_of(fd, len(data), upload.part_size)
     finally:
         os.close(fd)
-    assert v.etag == plan.etag and v.size == len(data)
+    assert v.etag == local and local.endswith('-3"') and v.size == len(data)
     assert stored(bucket, "big") == data
     assert sum(sent) == len(data)
     assert bucket.client.head_object(Bucket=bucket.name, Key="big")["Metadata"]["mtime"] == "5"
@@ -156,38 +156,57 @@ def test_multipart_head_check_refuses_what_moto_would_not(backend, bucket, tmp_p
     fd = a_file(tmp_path, data)
     try:
         with pytest.raises(ObjectChanged):
-            backend.put("big", fd, backend.plan_upload(fd, len(data)), base=stale, mtime=1,
-                        mode=0o100644)
+            backend.put("big", fd, len(data), base=stale, mtime=1, mode=0o100644)
         # And a new-key multipart over a key that exists.
         with pytest.raises(ObjectChanged):
-            backend.put("big", fd, backend.plan_upload(fd, len(data)), base=None, mtime=1,
-                        mode=0o100644)
+            backend.put("big", fd, len(data), base=None, mtime=1, mode=0o100644)
     finally:
         os.close(fd)
     assert stored(bucket, "big") == b"v2 written by someone else"
     assert not unfinished_uploads(bucket)  # aborted, not left to be billed
 
 
-def test_bytes_changed_after_the_plan_store_nothing(backend, bucket, tmp_path):
+def test_a_change_seen_before_completing_stores_nothing(backend, bucket, tmp_path):
+    """``check`` runs after every byte was read and before anything can become visible: a
+    file that changed meanwhile (here: it says so) leaves S3 without the object, single PUT
+    or multipart, and without an unfinished upload.  A file shorter than the upload's size
+    is a change too."""
     data = seeded(7 * MiB, "changing")
     p = tmp_path / "f"
     p.write_bytes(data)
     fd = os.open(p, os.O_RDONLY)
+    calls = []
+
+    def changed() -> None:
+        calls.append(1)
+        raise SourceChanged("the test says so")
+
     try:
-        plan = backend.plan_upload(fd, len(data))
-        with open(p, "r+b") as f:
-            f.seek(6 * MiB)
-            f.write(b"changed after hashing")
-        with pytest.raises(SourceChanged):
-            backend.put("c", fd, plan, base=None, mtime=1, mode=0o100644)
+        for size in (len(data), 1000):  # multipart, then one PUT
+            upload = backend.begin_upload("c", size, base=None, mtime=1, mode=0o100644)
+            with pytest.raises(SourceChanged):
+                backend.send(upload, fd, check=changed)
         os.truncate(p, 100)
-        small = backend.plan_upload(fd, 100)
-        with pytest.raises(SourceChanged):  # shorter than planned
-            backend.plan_upload(fd, 1000)
+        for size in (len(data), 1000):
+            with pytest.raises(SourceChanged):  # shorter than the upload's size
+                backend.put("c", fd, size, base=None, mtime=1, mode=0o100644)
     finally:
         os.close(fd)
+    assert len(calls) == 2
     assert backend.head_key("c") is None and not unfinished_uploads(bucket)
-    assert small.size == 100
+
+
+def test_etag_of_matches_what_s3_computes(backend, bucket, tmp_path):
+    """The crash recovery's hash: the same ETag S3 reports, for one PUT and for parts."""
+    for size in (0, 1000, 12 * MiB + 5):
+        data = seeded(size, f"etag-{size}")
+        fd = a_file(tmp_path, data, f"e{size}")
+        try:
+            v = backend.put(f"e{size}", fd, size, base=None, mtime=1, mode=0o100644)
+            assert etag_of(fd, size, backend.part_size_for(size)) == v.etag \
+                == backend.head_key(f"e{size}").version.etag
+        finally:
+            os.close(fd)
 
 
 def test_delete_if_match(backend, bucket):

@@ -37,11 +37,30 @@ class WriterDuringUpload(S3Backend):
 
     path: Path
 
-    def put(self, *args, **kw):
-        version = super().put(*args, **kw)
+    def send(self, *args, **kw):
+        version = super().send(*args, **kw)
         with open(self.path, "ab") as f:
             f.write(b" and a line written during the upload")
         return version
+
+
+class WriterWhileRead(S3Backend):
+    """The real backend; a program writes ``path`` after every byte of the first upload was
+    read and sent, before it can become visible (the moment ``check`` guards)."""
+
+    path: Path
+    writes = 0
+
+    def send(self, upload, fd, *, check=None, progress=None):
+        def write_then_check() -> None:
+            if self.writes == 0:
+                self.writes += 1
+                with open(self.path, "r+b") as f:
+                    f.write(b"WRITTEN WHILE READ")  # same length: only the times tell
+            if check is not None:
+                check()
+
+        return super().send(upload, fd, check=write_then_check, progress=progress)
 
 
 @contextlib.asynccontextmanager
@@ -126,3 +145,30 @@ async def test_saves_by_rename_renames_and_long_keys(moto, bucket, tmp_path):
         assert (deep / "x.txt").read_bytes() == b"kept"
         assert cache.stub_at("doc.txt").sync == "clean"
         assert cache.stub_at("new/name.txt").version.key == "new/name.txt"
+
+
+async def test_a_write_while_the_bytes_are_read_stores_no_torn_object(moto, bucket, tmp_path):
+    """Bytes read while a program wrote the file may mix two versions: S3 must never hold
+    them.  The change is seen before the upload can become visible (single PUT and
+    multipart), nothing is stored, and the file is read again: S3 then holds exactly the
+    file's bytes, stored once (a versioned bucket counts), and the file is clean."""
+    bucket.client.put_bucket_versioning(Bucket=bucket.name,
+                                        VersioningConfiguration={"Status": "Enabled"})
+    root = tmp_path / "cache"
+    backend = WriterWhileRead(s3cfg(moto.endpoint, bucket.name))
+    backend.multipart_threshold, backend.part_size, backend.part_threads = 6 << 20, 5 << 20, 2
+    async with running(root, backend) as (cache, archiver):
+        for name, size in (("small.bin", 10_000), ("parts.bin", 11 << 20)):
+            path = root / name
+            path.write_bytes(seeded(size, name))
+            backend.path, backend.writes = path, 0
+            [row] = await archiver.run([name])
+            assert row["result"] == "uploaded" and "still dirty" not in row["detail"], row
+            assert backend.writes == 1
+            final = path.read_bytes()
+            assert final.startswith(b"WRITTEN WHILE READ")
+            assert s3_bytes(bucket, name) == final
+            listed = bucket.client.list_object_versions(Bucket=bucket.name, Prefix=name)
+            assert len(listed.get("Versions", [])) == 1, "a torn version was stored"
+            assert cache.stub_at(name).sync == "clean"
+        assert not bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads")

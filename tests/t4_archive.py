@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -231,4 +231,132 @@ def test_sigkill_mid_upload_leaves_no_partial_object_and_uploads_once(
         assert s3_bytes(bucket, "big.bin") == data
         assert state(path) == "resident"
     # The killed upload's id was in the marker: the archive aborted it (no parts billed).
+    assert not bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads")
+
+
+def crash_archive(bucket: Bucket, moto: MotoServer, workdir: Path, rel: str, step: str,
+                  change: Callable[[Path], bytes], monkeypatch: pytest.MonkeyPatch
+                  ) -> tuple[bytes, dict]:
+    """Serve ``workdir``, make the file ``change`` returns the bytes of, and run
+    ``hsmfs archive`` on it with the daemon SIGKILLing itself at ``step``
+    (``HSMFS_TEST_CRASH_AT``, archive.py); then kill what is left of the daemon.  Returns the
+    file's bytes and the marker the crash left on it."""
+    monkeypatch.setenv("HSMFS_TEST_CRASH_AT", step)
+    with serving(bucket, moto, workdir) as d:
+        path = d.root / rel
+        local = change(path)
+        code, lines = archive(str(path))
+        assert code != 0, f"the archive should have died at {step}: {lines}"
+        marker = json.loads(os.getxattr(path, "trusted.hsmfs.upload"))
+        assert f"HSMFS_TEST_CRASH_AT={step}" in d.log()
+        os.killpg(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(10)
+        time.sleep(0.2)
+    monkeypatch.delenv("HSMFS_TEST_CRASH_AT")
+    return local, marker
+
+
+def versioned(bucket: Bucket) -> None:
+    bucket.client.put_bucket_versioning(Bucket=bucket.name,
+                                        VersioningConfiguration={"Status": "Enabled"})
+
+
+def test_sigkill_after_the_upload_landed_then_the_next_archive_sends_nothing(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGKILL of the daemon after its upload landed and before the record: S3 holds
+    the upload, with the marker's token; the file is still dirty with its marker.  The next
+    daemon's archive recognises its own upload (HEAD: the token), hashes the file once to
+    prove S3 holds exactly its bytes, completes the record, and sends nothing (a versioned
+    bucket counts the PUTs)."""
+    versioned(bucket)
+    bucket.put("c.bin", seeded(100_000, "c"))
+    local, marker = crash_archive(bucket, moto, tmp_path, "c.bin", "sent",
+                                  lambda p: make_dirty(p, 54_321), monkeypatch)
+    assert versions(bucket, "c.bin") == 2 and s3_bytes(bucket, "c.bin") == local
+    head = bucket.client.head_object(Bucket=bucket.name, Key="c.bin")
+    assert head["Metadata"]["hsmfs-upload"] == marker["token"]
+    assert marker["size"] == len(local) and marker["base"] != head["ETag"]
+    with serving(bucket, moto, tmp_path) as d:
+        path = d.root / "c.bin"
+        code, lines = archive(str(path))
+        assert code == 0 and "nothing sent again" in lines[str(path)], lines
+        assert versions(bucket, "c.bin") == 2, "the upload was sent twice"
+        assert s3_bytes(bucket, "c.bin") == local == cat(path)
+        assert state(path) == "resident"
+        with pytest.raises(OSError):
+            os.getxattr(path, "trusted.hsmfs.upload")
+        code, lines = archive(str(path))
+        assert code == 0 and lines[str(path)].startswith("unchanged"), lines
+        assert versions(bucket, "c.bin") == 2
+
+
+@pytest.mark.parametrize("how", ["append", "same size and mtime"])
+def test_sigkill_after_the_upload_landed_then_a_write_uploads_again(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        how: str) -> None:
+    """As above, and then the file is written while no daemon runs: S3 holds the upload
+    (ours), but not the file's bytes.  The next archive must not record it clean: it records
+    it dirty on the landed version and uploads it (based on that version: no conflict).
+    ``same size and mtime``: other bytes of the same length, the mtime set back to the
+    marker's (``rsync -t`` style), so only the recovery's hash can tell."""
+    versioned(bucket)
+    bucket.put("w.bin", seeded(100_000, "w"))
+    local, marker = crash_archive(bucket, moto, tmp_path, "w.bin", "sent",
+                                  lambda p: make_dirty(p, 60_000), monkeypatch)
+    assert versions(bucket, "w.bin") == 2 and s3_bytes(bucket, "w.bin") == local
+    path = tmp_path / "cache" / "w.bin"  # the backing tree: no daemon guards it now
+    if how == "append":
+        with open(path, "ab") as f:
+            f.write(b"written after the crash")
+    else:
+        st = path.stat()
+        with open(path, "r+b") as f:
+            f.write(b"X" * 100)
+        os.utime(path, ns=(st.st_atime_ns, marker["mtime_ns"]))
+        assert path.stat().st_mtime_ns == marker["mtime_ns"]
+        assert path.stat().st_size == marker["size"]
+    want = path.read_bytes()
+    assert want != local
+    with serving(bucket, moto, tmp_path) as d:
+        path = d.root / "w.bin"
+        code, lines = archive(str(path))
+        assert code == 0 and lines[str(path)].startswith("uploaded"), lines
+        assert "nothing sent again" not in lines[str(path)], lines
+        assert versions(bucket, "w.bin") == 3
+        assert s3_bytes(bucket, "w.bin") == want == cat(path)
+        assert state(path) == "resident"
+        code, lines = archive(str(path))
+        assert code == 0 and lines[str(path)].startswith("unchanged"), lines
+
+
+@pytest.mark.parametrize("step,size", [("marked", 200_000), ("read", 72 << 20)],
+                         ids=["marked-single", "read-multipart"])
+def test_sigkill_before_the_upload_is_visible_uploads_once(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        step: str, size: int) -> None:
+    """A real SIGKILL once the marker is durable and nothing was read (``marked``), or once
+    every part was sent and the upload not completed (``read``, multipart): S3 shows no
+    object, the marker names the unfinished multipart upload, and the next archive aborts
+    it and stores the file exactly once."""
+    versioned(bucket)
+    data = os.urandom(size)
+
+    def create(path: Path) -> bytes:
+        path.write_bytes(data)
+        return data
+
+    _local, marker = crash_archive(bucket, moto, tmp_path, "n.bin", step, create,
+                                   monkeypatch)
+    assert versions(bucket, "n.bin") == 0, "a partial or unrecorded object is visible"
+    uploads = bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", [])
+    if size > 64 << 20:
+        assert marker["upload_id"] and [u["UploadId"] for u in uploads] == [marker["upload_id"]]
+    with serving(bucket, moto, tmp_path) as d:
+        path = d.root / "n.bin"
+        code, lines = archive(str(path))
+        assert code == 0 and lines[str(path)].startswith("uploaded"), lines
+        assert versions(bucket, "n.bin") == 1
+        assert s3_bytes(bucket, "n.bin") == data
+        assert state(path) == "resident"
     assert not bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads")
