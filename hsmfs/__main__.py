@@ -297,7 +297,8 @@ def _cmd_state(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['state']:<9} {r['resident_bytes']:>12}/{r['size']:<12} {r['path']}")
+            print(f"{r['state']:<9} {r['resident_bytes']:>12}/{r['size']:<12} {r['path']}"
+                  + ("  pinned" if r.get("pinned") else ""))
     return code
 
 
@@ -424,6 +425,83 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_release(args: argparse.Namespace) -> int:
+    """``hsmfs release|pin|unpin PATH...``: one line per file, through the daemon that serves
+    it; non-zero if any file was refused or failed."""
+    from . import control
+
+    by_cache: dict[str, list[tuple[str, str]]] = {}
+    code = 0
+    for p in args.paths:
+        where = _locate_any(p)
+        if where is None:
+            print(f"hsmfs: {p}: not in an hsmfs tree", file=sys.stderr)
+            code = 1
+            continue
+        cache, rel, _ = where
+        by_cache.setdefault(cache, []).append((rel, p))
+    for cache, items in by_cache.items():
+        shown = {rel: p for rel, p in items}
+        request = {"cmd": args.cmd, "paths": [rel for rel, _ in items],
+                   "dry_run": args.dry_run}
+        try:
+            reply = control.query(cache, request, timeout=None)
+        except OSError as exc:
+            print(f"hsmfs: {', '.join(shown.values())}: no daemon serves it: {exc}",
+                  file=sys.stderr)
+            code = 1
+            continue
+        if "error" in reply:
+            print(f"hsmfs: {args.cmd}: {reply['error']}", file=sys.stderr)
+            code = 1
+            continue
+        for row in reply["files"]:
+            path = _shown_path(row["path"], shown)
+            result = row["result"]
+            if result in ("released", "would release"):
+                amount = row["freed"] if result == "released" else row["resident_bytes"]
+                print(f"{result:<13} {amount:>12} bytes  {path}")
+            elif result in ("pinned", "unpinned"):
+                print(f"{result:<13} {row['state']:<9} {row['resident_bytes']:>12}/"
+                      f"{row['size']:<12} {path}")
+            else:
+                print(f"{result:<13} {path}" + (f"  {row['detail']}" if row.get("detail")
+                                                 else ""))
+            if result in ("refused", "failed"):
+                code = 1
+    return code
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    """``hsmfs sync [PATH]``: the daemon lists S3 (under PATH only, when PATH is below the
+    tree's root) and makes the tree follow; a summary line, then one line per change."""
+    from . import control
+
+    where = _locate_any(args.path)
+    if where is None:
+        print(f"hsmfs: {args.path}: not in an hsmfs tree", file=sys.stderr)
+        return 1
+    cache, rel, _ = where
+    rel = "" if rel in ("", ".") else rel
+    try:
+        reply = control.query(cache, {"cmd": "sync", "path": rel}, timeout=None)
+    except OSError as exc:
+        print(f"hsmfs: sync {args.path}: no daemon serves {cache} ({exc.strerror or exc}); "
+              "start one with hsmfs mount or hsmfs serve", file=sys.stderr)
+        return 1
+    if "error" in reply:
+        print(f"hsmfs: sync {args.path}: {reply['error']}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{n} {kind}" for kind, n in reply["counts"].items())
+    print(f"sync {args.path}: {reply['listed']} objects listed: {counts}"
+          + (" (waited for another sync to finish)" if reply.get("waited") else ""))
+    shown = {rel: args.path}
+    for c in reply["changes"]:
+        print(f"{c['kind']:<10} {_shown_path(c['path'], shown)}"
+              + (f"  {c['detail']}" if c.get("detail") else ""))
+    return 0
+
+
 def _shown_path(rel: str, shown: dict[str, str]) -> str:
     """A row's path as the user named it (or below a directory they named)."""
     for named_rel, named in sorted(shown.items(), key=lambda kv: -len(kv[0])):
@@ -526,6 +604,22 @@ def _parser() -> argparse.ArgumentParser:
                     help="also delete in S3 the objects whose files were removed locally")
     sv.add_argument("--dry-run", action="store_true", help="list what would be sent")
     sv.set_defaults(func=_cmd_archive)
+
+    sl = sub.add_parser("release", help="punch clean files back to stubs (space freed; "
+                        "size, times, identity kept)")
+    sl.add_argument("paths", nargs="+", metavar="PATH")
+    sl.add_argument("--dry-run", action="store_true", help="list what would be released")
+    sl.set_defaults(func=_cmd_release, cmd="release")
+    for name, what in (("pin", "keep files local: make them resident, never release them"),
+                       ("unpin", "allow release of pinned files again")):
+        sp = sub.add_parser(name, help=what)
+        sp.add_argument("paths", nargs="+", metavar="PATH")
+        sp.set_defaults(func=_cmd_release, cmd=name, dry_run=False)
+
+    sy = sub.add_parser("sync", help="make the tree follow S3 now (new, changed and deleted "
+                        "objects), under PATH only when given")
+    sy.add_argument("path", nargs="?", default=".", metavar="PATH")
+    sy.set_defaults(func=_cmd_sync)
 
     sb = sub.add_parser("stats", help="counters of a running daemon")
     sb.add_argument("path")

@@ -29,23 +29,28 @@ remote change        a listing shows another ETag, or a GET 412  :meth:`_remote_
                                                                  :meth:`fetch_failed`
 remote delete        a listing no longer names the object        :meth:`_remote_gone`
 supersede            the path no longer leads to the inode       :meth:`_supersede`
+release              ``hsmfs release``                           :meth:`release`
+pin / unpin          ``hsmfs pin`` / ``unpin``                   :meth:`set_pinned`
 ===================  ==========================================  ===========================
 
-Upload (archive) and release are the next transitions; they stand on :class:`~hsmfs.state.Pin`
-(no punch under a door that serves bytes) and on ``sync`` (only clean files are released).
+Upload (archive, :mod:`hsmfs.archive`) and release stand on :class:`~hsmfs.state.Pin` (no
+punch under a door that serves bytes) and on ``sync`` (only clean files are released).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
 import posixpath
+import signal
+import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,9 +81,13 @@ from .stubfile import (
     describe,
     generation,
     has_data,
+    legacy_identity,
+    punch,
+    read_pinned,
     read_record,
     scan_resident_bytes,
     write_owed,
+    write_pinned,
     write_sync,
     write_view,
 )
@@ -111,6 +120,41 @@ class CacheListener(Protocol):
     def on_resident(self, fd: int) -> None:
         """Every byte of the stub is now local."""
 
+    def on_released(self, fd: int) -> None:
+        """The stub is about to be punched back to holes (:meth:`StubCache.release`): guard it
+        again (the kernel door removes its ignore mask, so every access raises events).  Called
+        before the write lease is taken, so an opener from then on holds a guarded fd."""
+
+
+class ReleaseGuard(Protocol):
+    """A door that holds fds of backing files itself (the FUSE door) and so must agree to a
+    release: no handle of the inode open, and its idle cached fd closed (any fd of ours would
+    defeat the write lease, KERNEL_FACTS_3 §3)."""
+
+    def release_check(self, stub: Stub) -> str | None:
+        """Why the file may not be released now (an open handle), or None after dropping any
+        idle fd of the inode.  Called on the trio loop, with no await before the punch."""
+
+    async def released(self, stub: Stub) -> None:
+        """The file was punched: drop what the door's kernel caches of its bytes."""
+
+
+@dataclass(frozen=True)
+class Released:
+    """What :meth:`StubCache.release` did to one file."""
+
+    result: str  # "released" | "stub" (nothing local) | "refused" | "would release" (dry run)
+    detail: str = ""
+    resident_bytes: int = 0  # bytes below ``owed`` that were (or would be) punched
+    freed: int = 0  # space given back (st_blocks before - after) * 512
+    errno: int = 0  # for a refusal: EBUSY (in use, try again) or EPERM (never, as it stands)
+
+
+#: Test hooks (tests/t4_release.py): SIGKILL this process at a named step of a release; hold
+#: the lease this many seconds after the punch (an opener must wait, then read right bytes).
+CRASH_ENV = "HSMFS_TEST_CRASH_RELEASE"
+PAUSE_ENV = "HSMFS_TEST_RELEASE_PAUSE"
+
 
 @dataclass(frozen=True)
 class PopulateReport:
@@ -122,6 +166,77 @@ class PopulateReport:
     dirs: int
     stale: int = 0
     conflicts: int = 0
+
+
+#: What a refresh did to one path (``hsmfs sync`` prints one line per change).
+NEW, REFRESHED, REMOVED, KEPT = "new", "refreshed", "removed", "kept"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One path a refresh changed: ``kind`` is new / refreshed / stale / conflict / removed /
+    kept.  ``old_ino``/``new_ino``: the backing inode the path led to before and leads to now
+    (a door's caches of the old one must follow: :meth:`hsmfs.ops.Operations.namespace_changed`)."""
+
+    kind: str
+    path: str
+    old_ino: int | None = None
+    new_ino: int | None = None
+    detail: str = ""
+
+
+@dataclass
+class RefreshReport:
+    listed: int
+    changes: list[Change] = dataclasses.field(default_factory=list)
+    rejected: int = 0
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys((NEW, REFRESHED, STALE, CONFLICT, REMOVED, KEPT), 0)
+        for c in self.changes:
+            out[c.kind] = out.get(c.kind, 0) + 1
+        return out
+
+
+@dataclass
+class RefreshStats:
+    """``hsmfs stats``: how the namespace refreshes went (``hsmfs sync``, ``-o refresh``)."""
+
+    refreshes: int = 0
+    failures: int = 0
+    last_at: float | None = None  # time.time() of the last completed refresh
+    last_s: float = 0.0  # how long it took
+    last_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    last_error: str | None = None  # of the last failed attempt
+
+    def as_dict(self) -> dict[str, object]:
+        return {"refreshes": self.refreshes, "refresh_failures": self.failures,
+                "last_refresh": None if self.last_at is None else time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_at)),
+                "last_refresh_s": round(self.last_s, 3),
+                "last_refresh_changes": dict(self.last_counts),
+                "last_refresh_error": self.last_error}
+
+
+@dataclass
+class _Step:
+    """A refresh's decision about one path, taken on the loop (:meth:`StubCache._apply`)."""
+
+    what: str  # "new", "changed", "gone", "unstale", "adopt", "moved"
+    rel: str
+    info: ObjectInfoLike | None = None
+    stub: Stub | None = None  # the stub hsmfs serves there now
+    local: bool = False  # the file held data when the scan looked
+    found: Found | None = None
+    version: RemoteVersion | None = None  # the stub's version the decision was made on
+
+    def __post_init__(self) -> None:
+        if self.stub is not None and self.version is None:
+            self.version = self.stub.version
+
+
+def _below(rel: str, under: str) -> bool:
+    return not under or rel == under or rel.startswith(under + "/")
 
 
 def _remote(version: VersionLike) -> RemoteVersion:
@@ -151,9 +266,16 @@ class StubCache:
         self._fd_lock = threading.Lock()
         # inode -> one lock for truncate, mark_dirty and archive's record step
         self._truncating: dict[int, trio.Lock] = {}
+        #: inode -> set when its release is over: ensure waits for it (never serves holes).
+        self._releasing: dict[int, trio.Event] = {}
+        #: Doors that hold backing fds themselves (the FUSE door) and must agree to a release.
+        self.release_guards: list[ReleaseGuard] = []
+        self.releases = 0
+        self.released_bytes = 0
         #: rel -> time.monotonic() of the last writable close of a file with no record (created
         #: locally): writeback's clock for files that have no Stub to carry ``closed_at``.
         self.closed_local: dict[str, float] = {}
+        self.refresh_stats = RefreshStats()
         self.tree.prepare()
         self.tombstones = Tombstones(self.root_fd)
 
@@ -264,7 +386,10 @@ class StubCache:
         one is adopted with its resident bytes; a changed one is refreshed if nothing of it is
         local, made ``stale`` if clean bytes are, ``conflict`` if local changes are; a deleted
         one goes away unless it holds local changes (then ``conflict``).  Local files that are
-        not stubs are never touched."""
+        not stubs are never touched.
+
+        For a start only, before any door serves: a serving daemon uses :meth:`refresh`
+        (which says why this is not safe to call again)."""
         listed = None if objects is None else list(objects)
         return await trio.to_thread.run_sync(self._populate_sync, listed, prefix)
 
@@ -485,7 +610,8 @@ class StubCache:
             ranges = RangeMap(data_extents(fd, record.owed))
             stub = Stub(path=f.rel, version=record.version, ino=f.ino, gen=f.gen,
                         owed=record.owed, sync=record.sync, remote=record.remote,
-                        ranges=ranges, local=ranges.covers(0, record.owed))
+                        ranges=ranges, local=ranges.covers(0, record.owed),
+                        pinned=read_pinned(fd))
             self._write_view_if_changed(fd, stub)
             self.registry.add(stub)
             for listener in self.listeners:
@@ -584,6 +710,7 @@ class StubCache:
         stub = Stub(path=f"<{record.version.key} inode {ino}>", version=record.version,
                     ino=ino, gen=gen, owed=record.owed, sync=record.sync, remote=record.remote,
                     ranges=ranges, local=ranges.covers(0, record.owed), superseded=True,
+                    pinned=record.pinned,
                     fd=own if _writable(own) else None)
         if stub.fd is None:
             os.close(own)
@@ -619,6 +746,340 @@ class StubCache:
             if current != word:
                 write_view(fd, stub.state)
 
+    # -- transition: refresh (a listing while the doors serve) --------------------------------
+
+    async def refresh(self, objects: Iterable[ObjectInfoLike], prefix: str = "",
+                      under: str = "", *, held: dict[int, RemoteVersion] | None = None,
+                      busy: Callable[[Stub], bool] | None = None) -> RefreshReport:
+        """Make the tree, or only the subtree ``under`` (relative to the root), follow a
+        listing while the doors serve it, by the rules of :meth:`populate`: a new object gets a
+        stub (made and guarded in staging); a changed one is replaced if nothing of it is
+        local, made ``stale`` if clean bytes are, ``conflict`` if local changes are; a deleted
+        one goes if nothing of it is local, else is kept (``stale`` with remote ``-``, or
+        ``conflict``).  ``objects`` must be the whole listing under ``under``: a path it does
+        not name is a remote delete.
+
+        :meth:`populate` is for a start, before any door serves: it makes a new in-memory
+        :class:`Stub` for every file (a door's stub, pins, flights and access pattern would be
+        orphaned), reads a fill's moved mtime as a program's write, and changes the index from
+        a worker thread.  Here a worker thread only looks (scan, records, extents) and
+        decides; each change to a file hsmfs serves is made on the loop under the file's lock
+        (truncate, mark_dirty and archive's record step take it too), after its state is read
+        again in memory.  A replace or a removal is done only when no door serves bytes of the
+        file (no pin, no flight) and with no await between that check and the rename, so no
+        read, fill or write can start on the old inode in between; a program that holds the
+        old inode keeps it, served from its record as a superseded stub (right bytes while S3
+        has that version, EIO after, never zeros).  Persists per change exactly what the
+        transition of :meth:`populate` persists; a crash at any point leaves what the next
+        start (or refresh) decides again the same way.
+
+        ``held``: each stub's version when the listing began (:meth:`versions`); a stub whose
+        version changed since (an archive recorded its upload) is left for the next refresh,
+        as the listing may predate that upload.  ``busy(stub)``: an archive of it is under
+        way (its upload may be in the listing before its record is written): left too.
+        """
+        started = time.monotonic()
+
+        def skip(stub: Stub) -> bool:
+            return ((held is not None and held.get(stub.ino) != stub.version)
+                    or (busy is not None and busy(stub)))
+
+        objects = [o for o in objects if _below(
+            (key_to_relpath(o.version.key, prefix)[0] or "").rstrip("/"), under)]
+        steps, seen, rejected = await trio.to_thread.run_sync(
+            self._refresh_plan, objects, prefix, under, skip)
+        report = RefreshReport(len(objects), rejected=rejected)
+        # Renames first (the kernel door does not see them), so that a renamed stub is not
+        # taken for a removed one; then stubs whose file is gone are let go, before a new
+        # stub may take their path.
+        for step in steps:
+            if step.what == "moved":
+                self._follow_rename(step)
+        await self._forget_missing(under, seen)
+        for step in steps:
+            if step.what == "moved":
+                continue
+            if step.stub is not None and skip(step.stub):
+                continue
+            change = await self._apply(step)
+            if change is not None:
+                report.changes.append(change)
+        st = self.refresh_stats
+        st.refreshes += 1
+        st.last_at = time.time()
+        st.last_s = time.monotonic() - started
+        st.last_counts = report.counts()
+        st.last_error = None
+        # A period of a few seconds must not fill the log with refreshes that changed nothing.
+        log.log(logging.INFO if report.changes else logging.DEBUG,
+                "refreshed %s/%s: %d objects listed, %s", self.cfg.cache_dir, under,
+                report.listed, ", ".join(f"{n} {k}" for k, n in st.last_counts.items()))
+        return report
+
+    def versions(self) -> dict[int, RemoteVersion]:
+        """Each stub's version now (for :meth:`refresh`'s ``held``)."""
+        return {s.ino: s.version for s in list(self.registry.by_ino.values())}
+
+    def _refresh_plan(self, objects: list[ObjectInfoLike], prefix: str, under: str,
+                      skip: Callable[[Stub], bool]) -> tuple[list[_Step], set[str], int]:
+        """Worker thread: look, decide, change nothing but directories.  (steps, the paths
+        the scan found, refused keys)."""
+        by_key = {o.version.key: o for o in objects}
+        layout = place(by_key, prefix)
+        for key, reason in layout.rejected:
+            log.debug("skipping object %r: key %s", key, reason)
+        for d in sorted(layout.dirs, key=lambda p: p.count("/")):
+            self.tree.mkdir(d)  # the subtree's and its parents (the listing is below it)
+        found = {f.rel: f for f in self._scan(under)}
+        seen = set(found)
+        removed = self.tombstones.load()  # removed locally: archive --delete decides, not S3
+        steps: list[_Step] = []
+        for rel, key in sorted(layout.files.items()):
+            f = found.pop(rel, None)
+            tomb = removed.get(key)
+            try:
+                step = self._plan_listed(rel, key, by_key[key], f, tomb is not None
+                                         and tomb.etag == by_key[key].version.etag, skip)
+            except (OSError, Changed) as exc:
+                log.warning("%r changed while hsmfs looked at it (%s); left as it is", rel, exc)
+                continue
+            if step is not None:
+                steps.append(step)
+        for f in found.values():
+            if f.record is None:
+                continue
+            try:
+                step = self._plan_unlisted(f, prefix, skip)
+            except (OSError, Changed) as exc:
+                log.warning("%r changed while hsmfs looked at it (%s); left as it is", f.rel,
+                            exc)
+                continue
+            if step is not None:
+                steps.append(step)
+        return steps, seen, len(layout.rejected)
+
+    def _known(self, f: Found) -> Stub | None:
+        """The stub hsmfs serves for the file the scan found, if it knows that inode."""
+        stub = self.registry.by_ino.get(f.ino)
+        return stub if stub is not None and stub.gen == f.gen and not stub.superseded else None
+
+    def _plan_listed(self, rel: str, key: str, info: ObjectInfoLike, f: Found | None,
+                     removed: bool, skip: Callable[[Stub], bool]) -> _Step | None:
+        if f is None:
+            if removed or not self.tree.parents_are_dirs(rel):
+                return None  # removed locally, or a parent is not a directory (see populate)
+            return _Step("new", rel, info)
+        if f.record is None:
+            return None  # a local file holds the path: never touched
+        stub = self._known(f)
+        if stub is None:
+            return _Step("adopt", rel, found=f)
+        if stub.path != rel:
+            return _Step("moved", rel, stub=stub)  # decided at the next refresh, at its path
+        if stub.version.key != key or skip(stub):
+            return None  # a copy of another object renamed here, or being archived
+        if stub.version.etag == info.version.etag:
+            # S3 holds this very version (again): a side state about it no longer holds.
+            return _Step("unstale", rel, stub=stub) if stub.sync in (STALE, CONFLICT) else None
+        if stub.sync in (STALE, CONFLICT) and stub.remote == info.version.etag:
+            return None  # decided already
+        local = stub.sync in (CLEAN, STALE) and self._has_local_data(f)
+        return _Step("changed", rel, info, stub=stub, local=local, found=f)
+
+    def _plan_unlisted(self, f: Found, prefix: str,
+                       skip: Callable[[Stub], bool]) -> _Step | None:
+        stub = self._known(f)
+        if stub is None:
+            return _Step("adopt", f.rel, found=f)
+        if stub.path != f.rel:
+            return _Step("moved", f.rel, stub=stub)
+        if key_to_relpath(stub.version.key, prefix)[0] != f.rel or skip(stub):
+            return None  # renamed locally (kept, served from its record), or being archived
+        if stub.sync in (STALE, CONFLICT) and stub.remote == GONE:
+            return None  # decided already
+        local = stub.sync in (CLEAN, STALE) and self._has_local_data(f)
+        return _Step("gone", f.rel, stub=stub, local=local, found=f)
+
+    def _scan(self, under: str) -> list[Found] | Iterator[Found]:
+        """:meth:`Tree.scan` of the subtree ``under`` (a directory or one file)."""
+        if not under:
+            return self.tree.scan()
+        if not self.tree.parents_are_dirs(under):
+            return []
+        try:
+            fd = os.open(under, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=self.root_fd)
+        except OSError:
+            return []  # absent, or a symlink: nothing of hsmfs's
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                sub = Tree(fd, self.cfg.dir_mode, self.cfg.file_mode)
+                return [dataclasses.replace(f, rel=f"{under}/{f.rel}") for f in sub.scan()]
+            if not stat.S_ISREG(st.st_mode):
+                return []
+            record = read_record(fd)
+            return [Found(under, st.st_ino, generation(fd), st.st_size, record,
+                          record is None and legacy_identity(fd), st.st_mtime)]
+        finally:
+            os.close(fd)
+
+    def _follow_rename(self, step: _Step) -> None:
+        """A program renamed a stub where no door saw it (the kernel door sees no renames):
+        the index follows, as :meth:`moved` does for the FUSE door."""
+        stub = step.stub
+        assert stub is not None
+        if (not stub.superseded and self.registry.by_path.get(stub.path) is stub
+                and step.rel not in self.registry.by_path):
+            self.moved({stub.path: step.rel})
+
+    async def _forget_missing(self, under: str, seen: set[str]) -> None:
+        """Stubs whose path no longer leads to them (removed or replaced by a program where no
+        door saw it) are superseded: still served to whoever holds them, never by path."""
+        missing = [s for p, s in list(self.registry.by_path.items())
+                   if _below(p, under) and p not in seen]
+        if not missing:
+            return
+
+        def gone() -> list[Stub]:
+            out = []
+            for s in missing:
+                try:
+                    if os.stat(s.path, dir_fd=self.root_fd, follow_symlinks=False).st_ino == s.ino:
+                        continue
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # unsure: keep it
+                out.append(s)
+            return out
+
+        for s in await trio.to_thread.run_sync(gone):
+            if self.registry.by_path.get(s.path) is s:
+                self._supersede(s)
+
+    async def _apply(self, step: _Step) -> Change | None:
+        try:
+            if step.what == "new":
+                return await self._refresh_new(step)
+            if step.what == "adopt":
+                f = step.found
+                assert f is not None and f.record is not None
+                known = self.registry.by_ino.get(f.ino)
+                if known is None or known.gen != f.gen:
+                    # A file with a record hsmfs did not know (moved in from elsewhere): served
+                    # as it is now; the next refresh decides about its object.  A few syscalls.
+                    self._adopt(f, f.record)
+                return None
+            return await self._refresh_stub(step)
+        except (OSError, Changed, Superseded) as exc:
+            log.warning("%r changed while hsmfs looked at it (%s); left as it is", step.rel, exc)
+            if step.stub is None:
+                return None
+            return Change(KEPT, step.rel, step.stub.ino, step.stub.ino,
+                          "changed while hsmfs looked at it: decided at the next sync")
+
+    def _guard(self, resident: bool) -> Callable[[int], None]:
+        def guard(fd: int) -> None:
+            for listener in self.listeners:
+                listener.on_stub(fd, resident)
+        return guard
+
+    async def _refresh_new(self, step: _Step) -> Change:
+        """Transition *create* for a refresh: made, recorded and guarded in staging (worker
+        thread), then linked in (never over a file that appeared meanwhile: EEXIST)."""
+        info = step.info
+        assert info is not None
+        v = info.version
+        ino, gen = await trio.to_thread.run_sync(
+            lambda: self.tree.create_stub(step.rel, v, info.mode, self._guard(v.size == 0)))
+        old = self.registry.by_path.get(step.rel)
+        if old is not None:
+            self._supersede(old)
+        self.registry.add(Stub(path=step.rel, version=_remote(v), ino=ino, gen=gen,
+                               owed=v.size, ranges=RangeMap(), local=v.size == 0))
+        return Change(NEW, step.rel, new_ino=ino)
+
+    async def _refresh_stub(self, step: _Step) -> Change | None:
+        stub = step.stub
+        assert stub is not None
+        lock = self._truncating.setdefault(stub.ino, trio.Lock())
+        try:
+            async with lock:
+                if (stub.superseded or self.registry.by_path.get(step.rel) is not stub
+                        or stub.version is not step.version):
+                    return None  # renamed, removed, replaced or archived meanwhile
+                return await self._refresh_decide(step, stub)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._truncating.pop(stub.ino, None)
+
+    async def _refresh_decide(self, step: _Step, stub: Stub) -> Change | None:
+        """Under the file's lock, on what memory says now (a door may have written, filled
+        or truncated since the scan)."""
+        rel, ino = step.rel, stub.ino
+        if step.what == "unstale":
+            if stub.sync not in (STALE, CONFLICT):
+                return None
+            sync = DIRTY if stub.sync == CONFLICT else CLEAN
+            await self._refresh_record(stub, sync, None)
+            return Change(KEPT, rel, ino, ino, f"S3 holds this version again: {stub.state}")
+        gone = step.what == "gone"
+        remote = GONE if gone else step.info.version.etag  # type: ignore[union-attr]
+        said = "the object is gone from S3" if gone else f"S3 now holds {remote}"
+        if stub.sync in (DIRTY, CONFLICT):
+            await self._refresh_record(stub, CONFLICT, remote)
+            log.warning("%r: local changes to version %s, and %s: conflict (the local file "
+                        "is kept)", rel, stub.version.etag, said)
+            return Change(KEPT if gone else CONFLICT, rel, ino, ino,
+                          f"local changes kept: conflict ({said})")
+        # Memory is the truth of what is local below ``owed`` once the map is loaded (a fill
+        # or a release since the scan); else what the scan saw, and the replace below checks
+        # the extents again.  (Bytes above ``owed`` exist only in dirty files: handled above.)
+        ranges = stub.ranges
+        if (stub.local and stub.owed) or (ranges.total() > 0 if ranges is not None
+                                          else step.local):
+            await self._refresh_record(stub, STALE, remote)
+            log.info("%r: version %s is partly local and %s: stale", rel, stub.version.etag,
+                     said)
+            return Change(KEPT if gone else STALE, rel, ino, ino,
+                          f"local bytes of {stub.version.etag} kept: stale ({said})")
+        if stub.pins or self.engine.busy(stub):
+            return Change(KEPT, rel, ino, ino, "a door is serving it: decided at the next sync")
+        # No await from here to the end: no door can start to read, fill or write the old
+        # inode between the check above and the rename (a few metadata syscalls, on the loop).
+        if gone:
+            self.tree.unlink(rel, ino, stub.gen)  # Changed if it holds data now
+            self._supersede(stub, forget=True)
+            return Change(REMOVED, rel, old_ino=ino)
+        info = step.info
+        assert info is not None
+        v = info.version
+        new_ino, gen = self.tree.create_stub(rel, v, info.mode, self._guard(v.size == 0),
+                                             replace=(ino, stub.gen))
+        self._supersede(stub, forget=True)
+        self.registry.add(Stub(path=rel, version=_remote(v), ino=new_ino, gen=gen, owed=v.size,
+                               ranges=RangeMap(), local=v.size == 0))
+        return Change(REFRESHED, rel, ino, new_ino)
+
+    async def _refresh_record(self, stub: Stub, sync: str, remote: str | None) -> None:
+        """Persist a sync word (durably for dirty and conflict) on the very inode the stub is,
+        then memory."""
+        word = sync if sync != CLEAN else stub.residency
+
+        def persist() -> None:
+            fd = self.tree.open_checked(stub.path, stub.ino, stub.gen)
+            try:
+                write_sync(fd, sync, remote, durable=sync in (DIRTY, CONFLICT))
+                with contextlib.suppress(OSError):
+                    write_view(fd, word)
+            finally:
+                os.close(fd)
+
+        await trio.to_thread.run_sync(persist)
+        stub.sync = sync
+        stub.remote = remote
+
     # -- the one entry point of both doors ----------------------------------------------------
 
     async def ensure(self, stub: Stub, start: int, stop: int, intent: Intent = Intent.READ, *,
@@ -634,6 +1095,10 @@ class StubCache:
         bytes.  Small files are fetched whole on first touch.  Sequential reads fetch whole
         chunks and read ahead; random reads fetch only the pages they touch.
         """
+        while (releasing := self._releasing.get(stub.ino)) is not None:
+            # Punching now: wait, then fetch what it took.  No await between this check and
+            # the Pin, so a release either sees the pin or finishes before it is taken.
+            await releasing.wait()
         pin = Pin(stub, self._unpinned)
         try:
             await self._ensure(stub, start, stop, intent, fd)
@@ -880,6 +1345,197 @@ class StubCache:
         else:
             await trio.to_thread.run_sync(self._write_view, stub)
 
+    # -- transition: release (and the pins that keep a file from it) -------------------------
+
+    @contextlib.asynccontextmanager
+    async def _file_lock(self, ino: int) -> AsyncIterator[None]:
+        """The per-file lock of truncate, mark_dirty and archive's record step."""
+        lock = self._truncating.setdefault(ino, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._truncating.pop(ino, None)
+
+    def _release_refusal(self, stub: Stub) -> tuple[str, int] | None:
+        """Why ``stub`` may never be released as it stands (EPERM), or is in use (EBUSY)."""
+        if stub.superseded:
+            return "no path leads to this copy any more", errno.EPERM
+        if stub.sync == DIRTY:
+            return ("dirty: it holds local changes S3 does not have (hsmfs archive it "
+                    "first)"), errno.EPERM
+        if stub.sync == CONFLICT:
+            return ("conflict: it holds local changes and S3 holds another version; its "
+                    "bytes are the only copy"), errno.EPERM
+        if stub.sync == STALE:
+            now = "is gone" if stub.remote == GONE else f"holds {stub.remote}"
+            return (f"stale: S3 {now}, so version {stub.version.etag} could not be fetched "
+                    "back"), errno.EPERM
+        if stub.pinned:
+            return "pinned (hsmfs unpin allows release)", errno.EPERM
+        if stub.pins or self.engine.busy(stub) or stub.ino in self._releasing:
+            return "being read or fetched right now", errno.EBUSY
+        return None
+
+    async def release(self, stub: Stub, *, dry_run: bool = False) -> Released:
+        """Transition *release*: punch a clean file back to a stub, freeing its space; size,
+        mode, times and remote identity kept.
+
+        Only a clean copy with a remote identity (refused: dirty, conflict, stale, pinned; a
+        local file has no record and never reaches here), and never while a door serves its
+        bytes (a :class:`Pin`), a flight fills it, or any program has it open or mapped.  Under
+        the file's lock (shared with truncate, mark_dirty and archive's record step), so no
+        write or archive interleaves.  In order:
+
+        1. on the loop, with no await in between: the checks, every door agrees (the FUSE
+           door: no handle open, its idle fd closed), :meth:`ensure` made to wait, the
+           in-memory range map dropped and ``local`` cleared.  Residency is the extents, so
+           from here a crash can only leave *fewer* bytes counted than are there;
+        2. in one worker thread (nothing in it needs the loop, so an open of this file that
+           blocks on the lease anywhere, even on the loop, cannot hold the lease up): an
+           O_RDWR fd through the private door; the guard back (``on_released``: new opens
+           raise events again); ``F_SETLEASE F_WRLCK`` (EAGAIN: a program has it open, mapped
+           or running → refused, the guard's ignore mask put back); the clean point checked
+           under the lease (a length or mtime not its version's is a write nobody announced:
+           refused, and the file made dirty); the punch of ``[0, owed)``; the version's mtime
+           put back (the punch moved it); the view ``stub``; ``F_UNLCK``, close;
+        3. doors told (the FUSE door drops the kernel's page cache of the inode); waiters go.
+
+        Nothing is fsync'd: a punch lost to a power cut leaves the bytes resident, which is
+        right.  Crash before the punch: nothing changed on disk (the next start derives
+        ``resident`` and puts the ignore mask back).  During the punch: a partial file, its
+        holes fetched again on read.  Between the punch and the mtime: the next start finds a
+        clean file whose mtime is not its version's and records it ``dirty`` (the safe
+        direction: its holes are still owed and read right; an archive finds it equal).
+        After: a stub, the view corrected at start if it was not written.
+        """
+        async with self._file_lock(stub.ino):
+            refusal = self._release_refusal(stub)
+            if refusal is not None:
+                return Released("refused", refusal[0], errno=refusal[1])
+            ranges = await self._ranges(stub)
+            resident = stub.owed if stub.local else ranges.total()
+            if resident == 0:
+                return Released("stub", "nothing local")
+            if dry_run:
+                return Released("would release", resident_bytes=resident)
+            # Awaited above: look again, then no await until the thread runs.
+            refusal = self._release_refusal(stub)
+            for guard in self.release_guards:
+                if refusal is None:
+                    why = guard.release_check(stub)
+                    refusal = None if why is None else (why, errno.EBUSY)
+            if refusal is not None:
+                return Released("refused", refusal[0], errno=refusal[1])
+            done = self._releasing[stub.ino] = trio.Event()
+            saved = stub.local, stub.ranges
+            stub.local, stub.ranges = False, RangeMap()
+            self._close_fd(stub)  # our own fd would defeat the lease
+            try:
+                outcome = await trio.to_thread.run_sync(self._release_sync, stub)
+            except BaseException:
+                stub.ranges = None  # unknown: read again from the extents when next needed
+                raise
+            finally:
+                del self._releasing[stub.ino]
+                done.set()
+            if outcome.result != "released":
+                stub.local, stub.ranges = saved
+                if outcome.detail.startswith("changed"):
+                    await self._mark_dirty(stub, None)
+                return outcome
+            self.releases += 1
+            self.released_bytes += resident
+            for guard in self.release_guards:
+                await guard.released(stub)
+            log.info("%r released: %d bytes punched, %d freed", stub.path, resident,
+                     outcome.freed)
+            return dataclasses.replace(outcome, resident_bytes=resident)
+
+    def _release_sync(self, stub: Stub) -> Released:
+        """Step 2 of :meth:`release` (a worker thread)."""
+        try:
+            fd = self.tree.open_checked(stub.path, stub.ino, stub.gen)
+        except (OSError, Changed) as exc:
+            return Released("refused", f"cannot open it: {exc}", errno=errno.EBUSY)
+        try:
+            before = os.fstat(fd)
+            for listener in self.listeners:
+                hook = getattr(listener, "on_released", None)
+                if hook is not None:
+                    hook(fd)
+            # A lease break signals the holder (SIGIO, whose default action kills: measured,
+            # KERNEL_FACTS_3 §3).  SIGURG's default is to ignore it; nobody here needs told.
+            fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EBUSY):
+                    raise
+                self._reguard(fd)
+                return Released("refused", "open, mapped or running in a program",
+                                errno=errno.EBUSY)
+            try:
+                st = os.fstat(fd)
+                if (st.st_size != stub.version.size or stub.owed != st.st_size
+                        or abs(st.st_mtime - stub.version.mtime) >= MTIME_SLACK_S):
+                    self._reguard(fd)
+                    return Released("refused", f"changed locally ({st.st_size} bytes, mtime "
+                                    f"{st.st_mtime:.3f}; its version: {stub.version.size}, "
+                                    f"{stub.version.mtime:.3f}): now dirty",
+                                    errno=errno.EPERM)
+                self._crash_hook("leased")
+                # To the end of the last block: a punch ending inside a block zeroes its
+                # bytes but keeps the block, data the extents would count resident.  Past EOF
+                # nothing lives (KEEP_SIZE; owed is the length, checked above).
+                block = max(st.st_blksize, 4096)
+                punch(fd, 0, -(-stub.owed // block) * block)  # failure: perhaps half punched
+                os.utime(fd, (st.st_atime, stub.version.mtime))
+                self._crash_hook("punched")
+                with contextlib.suppress(OSError):
+                    write_view(fd, STUB)
+            finally:
+                with contextlib.suppress(OSError):  # the kernel may have broken it already
+                    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            after = os.fstat(fd)
+            return Released("released", freed=max(before.st_blocks - after.st_blocks, 0) * 512)
+        finally:
+            os.close(fd)
+
+    def _reguard(self, fd: int) -> None:
+        """A release that did not happen: the file is resident again, ignored again."""
+        for listener in self.listeners:
+            with contextlib.suppress(OSError):
+                listener.on_resident(fd)
+
+    @staticmethod
+    def _crash_hook(step: str) -> None:
+        if os.environ.get(CRASH_ENV) == step:
+            log.warning("%s=%s: SIGKILL", CRASH_ENV, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == "punched" and os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
+
+    async def set_pinned(self, stub: Stub, pinned: bool) -> None:
+        """``hsmfs pin``/``unpin``: keep a file from release (and eviction).  Durable
+        (``trusted.hsmfs.pinned``, fsync'd) before it counts, under the file's lock so a
+        release either finishes first or sees the pin.  Making a pinned file resident is the
+        caller's (the daemon restores it, the same path as ``hsmfs restore``)."""
+        async with self._file_lock(stub.ino):
+            if stub.superseded:
+                raise Superseded(f"{stub.path!r}: no path leads to this copy any more")
+
+            def persist() -> None:
+                fd = self.tree.open_checked(stub.path, stub.ino, stub.gen)
+                try:
+                    write_pinned(fd, pinned)
+                finally:
+                    os.close(fd)
+
+            await trio.to_thread.run_sync(persist)
+            stub.pinned = pinned
+
     # -- FillHost: what the fetch engine asks of the façade ------------------------------------
 
     async def _writable(self, stub: Stub, door_fd: int | None) -> None:
@@ -1004,7 +1660,8 @@ class StubCache:
 
     def _read_ahead(self, stub: Stub, stop: int) -> None:
         """Prefetch the window past ``stop`` in the background (:mod:`hsmfs.readahead`)."""
-        if self.engine.nursery is None or stub.local or not stub.fetchable or stub.superseded:
+        if (self.engine.nursery is None or stub.local or not stub.fetchable or stub.superseded
+                or stub.ino in self._releasing):
             return
         span = stub.pattern.next_batch(stop, stub.owed, self.cfg.max_request,
                                        self.cfg.readahead_max)
@@ -1024,7 +1681,7 @@ class StubCache:
 
     def _wants_fetch(self, stub: Stub) -> bool:
         return (not stub.local and stub.fetchable and not stub.superseded
-                and not self.engine.flying_at_start(stub))
+                and stub.ino not in self._releasing and not self.engine.flying_at_start(stub))
 
     async def _prefetch_files(self, stubs: list[Stub]) -> None:
         async with trio.open_nursery() as nursery:
@@ -1084,7 +1741,11 @@ class StubCache:
             "conflict_files": sum(1 for s in stubs if s.sync == CONFLICT),
             "superseded_files": sum(1 for s in self.registry.by_ino.values() if s.superseded),
             "inflight_chunks": self.engine.inflight_chunks(),
+            "pinned_files": sum(1 for s in stubs if s.pinned),
+            "releases": self.releases,
+            "released_bytes": self.released_bytes,
         }
+        out.update(self.refresh_stats.as_dict())
         backend_stats = getattr(self.fetcher, "stats", None)
         if callable(backend_stats):
             out.update(backend_stats())

@@ -72,6 +72,11 @@ class CacheConfig:
     #: and it has not been written for this long (:mod:`hsmfs.archive`, ``writeback``).
     #: 0: off (the default: changes reach S3 only when ``hsmfs archive`` says so).
     writeback_s: float = 0.0
+    #: ``-o refresh=SECONDS``: list S3 this often and make the tree follow it (new, changed
+    #: and deleted objects: ``hsmfs sync`` on a timer).  0: off (the default: the listing of
+    #: the start, and ``hsmfs sync`` when asked).  A listing costs one request per 1000
+    #: objects, so a period of minutes suits a large bucket.
+    refresh_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,8 @@ def build_options(
                 )
             case "writeback":
                 cache_kw["writeback_s"] = 0.0 if value in {"off", ""} else _seconds(value)
+            case "refresh":
+                cache_kw["refresh_s"] = 0.0 if value in {"off", ""} else _seconds(value)
             case "cover":
                 kernel_kw["cover"] = _flag(value)
             case "watchdog":

@@ -7,6 +7,7 @@ Must not: parse argv (``__main__`` does), or know how a door works inside.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import inspect
 import logging
@@ -22,9 +23,10 @@ import trio
 from . import control
 from .archive import Archiver, Writeback
 from .backend_s3 import ObjectInfo, S3Backend
-from .cache import Intent, StubCache, describe
+from .cache import Intent, RefreshReport, StubCache, describe
 from .config import Options
 from .errors import HsmError, to_errno
+from .keys import STATE_DIR, key_to_relpath
 from .mounts import unmount_after
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,15 @@ class KernelDoor(Protocol):
     def stats(self) -> dict[str, object]: ...
 
 
-async def list_objects(backend: S3Backend, opts: Options) -> list[ObjectInfo]:
-    """The listing, with each object's mode from HEAD when asked (concurrently, in threads)."""
-    versions = await trio.to_thread.run_sync(lambda: list(backend.list()))
+async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend | None = None,
+                       wanted: Callable[[Any], bool] | None = None) -> list[ObjectInfo]:
+    """The listing, with each object's mode from HEAD when asked (concurrently, in threads).
+
+    ``lister``: the backend to list with (a refresh of a subtree lists under a longer
+    prefix); ``wanted(version)``: whether that object needs a HEAD (a refresh asks only for
+    objects it does not hold at that version: a HEAD per object per period would cost more
+    than the listing)."""
+    versions = await trio.to_thread.run_sync(lambda: list((lister or backend).list()))
     if not opts.cache.head_for_mode:
         return [ObjectInfo(v) for v in versions]
     infos: dict[str, ObjectInfo] = {}
@@ -61,11 +69,75 @@ async def list_objects(backend: S3Backend, opts: Options) -> list[ObjectInfo]:
 
     async with trio.open_nursery() as nursery:
         for v in versions:
-            if v.key.endswith("/"):
-                infos[v.key] = ObjectInfo(v)  # directory marker: nothing to ask
+            if v.key.endswith("/") or (wanted is not None and not wanted(v)):
+                infos[v.key] = ObjectInfo(v)  # directory marker, or held: nothing to ask
             else:
                 nursery.start_soon(head_one, v)
     return [infos[v.key] for v in versions]
+
+
+class Refresher:
+    """``hsmfs sync [PATH]`` and ``-o refresh=SECONDS``: list S3 (under PATH only, for a
+    subtree), reconcile the tree (:meth:`StubCache.refresh`), and tell the FUSE door what
+    changed so it drops its cached entries at once.  One refresh at a time (a second waits
+    for the lock).  A listing that fails changes nothing: the reconcile needs all of it,
+    since a path the listing does not name is a remote delete."""
+
+    def __init__(self, cache: StubCache, backend: S3Backend, opts: Options, ops: Any,
+                 archiver: Archiver) -> None:
+        self.cache = cache
+        self.archiver = archiver
+        self.backend = backend
+        self.opts = opts
+        self.ops = ops
+        self.lock = trio.Lock()
+
+    def _wanted(self, version: Any) -> bool:
+        """HEAD (for the mode) only objects the tree does not hold at this version."""
+        rel = key_to_relpath(version.key, self.opts.s3.prefix)[0]
+        stub = self.cache.stub_at(rel) if rel else None
+        return stub is None or stub.version.etag != version.etag
+
+    def _archiving(self, stub: Any) -> bool:
+        """An archive of the file is under way: S3 may hold its upload before its record
+        says so, and the listing may show it (the archiver's per-file lock, by inode)."""
+        lock = self.archiver._locks.get((stub.ino, stub.gen))
+        return lock is not None and lock.locked()
+
+    async def sync(self, rel: str = "") -> RefreshReport:
+        async with self.lock:
+            held = self.cache.versions()  # before the listing: what it may predate
+            try:
+                lister = self.backend
+                if rel:
+                    # The backend lists under its own prefix; a subtree lists under a longer
+                    # one (a client of its own: one more connection pool for one listing).
+                    sub = dataclasses.replace(self.opts.s3, prefix=self.opts.s3.prefix + rel)
+                    lister = await trio.to_thread.run_sync(S3Backend, sub)
+                objects = await list_objects(self.backend, self.opts, lister=lister,
+                                             wanted=self._wanted)
+            except Exception as exc:
+                stats = self.cache.refresh_stats
+                stats.failures += 1
+                stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
+                raise
+            report = await self.cache.refresh(objects, self.opts.s3.prefix, rel, held=held,
+                                              busy=self._archiving)
+            if self.ops is not None and report.changes:
+                await self.ops.namespace_changed(report.changes)
+            return report
+
+    async def run(self, period: float) -> None:
+        """``-o refresh``: a sync of the whole tree every ``period`` seconds."""
+        while True:
+            await trio.sleep(period)
+            try:
+                await self.sync()
+            except HsmError as exc:
+                log.warning("refresh: cannot list s3://%s/%s (%s); nothing changed, next try "
+                            "in %g s", self.opts.s3.bucket, self.opts.s3.prefix, exc, period)
+            except Exception:
+                log.exception("refresh failed; next try in %g s", period)
 
 
 def _restarted_worker() -> bool:
@@ -115,6 +187,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     writeback = Writeback(archiver, opts.cache.writeback_s,
                           ops.writing if ops is not None else None) \
         if opts.cache.writeback_s > 0 else None
+    refresher = Refresher(cache, backend, opts, ops, archiver)
 
     async def handle(request: dict[str, Any]) -> dict[str, Any]:
         match request.get("cmd"):
@@ -146,6 +219,31 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                                           delete=bool(request.get("delete")),
                                           dry_run=bool(request.get("dry_run")))
                 return {"files": rows}
+            case "release":
+                paths = [str(p) for p in request.get("paths", [])]
+                dry_run = bool(request.get("dry_run"))
+                return {"files": [await _release(cache, rel, dry_run)
+                                  for p in paths for rel in _stub_paths(cache, p)]}
+            case "pin" | "unpin":
+                pinned = request["cmd"] == "pin"
+                return {"files": [await _pin(cache, rel, pinned)
+                                  for p in request.get("paths", [])
+                                  for rel in _stub_paths(cache, str(p))]}
+            case "sync":
+                path = os.path.normpath(str(request.get("path") or "."))
+                rel = "" if path == "." else path
+                if os.path.isabs(rel) or rel.split("/")[0] in ("..", STATE_DIR):
+                    return {"error": f"{rel!r} is not a path in the tree"}
+                waited = refresher.lock.locked()  # one sync at a time: this one waits its turn
+                try:
+                    report = await refresher.sync(rel)
+                except HsmError as exc:
+                    return {"error": f"cannot list s3://{opts.s3.bucket}/{opts.s3.prefix}{rel}"
+                                     f": {exc}; nothing changed"}
+                return {"listed": report.listed, "counts": report.counts(), "waited": waited,
+                        "rejected": report.rejected,
+                        "changes": [{"kind": c.kind, "path": c.path, "detail": c.detail}
+                                    for c in report.changes]}
             case "archive_progress":
                 # Polled by `hsmfs archive` on a terminal while its own request runs.
                 return {"progress": {k: list(v) for k, v in archiver.progress.items()}}
@@ -159,6 +257,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
             await nursery.start(kernel.serve, cache)
         if writeback is not None:
             await nursery.start(writeback.run)
+        if opts.cache.refresh_s > 0:
+            nursery.start_soon(refresher.run, opts.cache.refresh_s, name="refresh")
         stop = trio.Event()
         nursery.start_soon(_watch_signals, stop, ops is not None)
         if ops is not None:
@@ -256,6 +356,7 @@ def _state(cache: StubCache, path: str) -> dict[str, Any]:
            "key": stub.version.key, "etag": stub.version.etag}
     if stub.remote is not None:
         row["remote_etag"] = None if stub.remote == "-" else stub.remote
+    row["pinned"] = stub.pinned
     return row
 
 
@@ -270,3 +371,53 @@ async def _restore(cache: StubCache, path: str) -> dict[str, Any]:
     except Exception as exc:
         return {"path": path, "error": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
     return _state(cache, path)
+
+
+def _stub_paths(cache: StubCache, path: str) -> list[str]:
+    """``path`` (relative to the cache root), or every stub below it if it is a directory."""
+    rel = os.path.normpath(path) if path not in ("", ".") else ""
+    if cache.stub_at(rel) is not None or not os.path.isdir(
+            os.path.join(cache.cfg.cache_dir, rel)):
+        return [rel]
+    below = "" if rel == "" else rel + "/"
+    return sorted(s.path for s in cache.stubs() if s.path.startswith(below)) or [rel]
+
+
+async def _release(cache: StubCache, rel: str, dry_run: bool) -> dict[str, Any]:
+    """``hsmfs release``: one row per file (what it freed, or why not)."""
+    stub = cache.stub_at(rel)
+    if stub is None:
+        why = ("a directory with no stubs" if os.path.isdir(os.path.join(cache.cfg.cache_dir, rel))
+               else "not a stub of this cache (a local file: S3 has no copy to fetch back)")
+        return {"path": rel, "result": "refused", "detail": why, "errno": errno.EPERM}
+    try:
+        done = await cache.release(stub, dry_run=dry_run)
+    except Exception as exc:
+        return {"path": rel, "result": "failed",
+                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+    row: dict[str, Any] = {"path": rel, "result": done.result, "detail": done.detail,
+                           "resident_bytes": done.resident_bytes, "freed": done.freed}
+    if done.errno:
+        row["errno"] = done.errno
+        row["detail"] = f"{errno.errorcode[done.errno]}: {done.detail}"
+    return row
+
+
+async def _pin(cache: StubCache, rel: str, pinned: bool) -> dict[str, Any]:
+    """``hsmfs pin`` (durable, then the file made resident like ``hsmfs restore``: pin means
+    keep local) / ``hsmfs unpin``."""
+    stub = cache.stub_at(rel)
+    if stub is None:
+        return {"path": rel, "result": "refused",
+                "detail": "not a stub of this cache (a local file is never released anyway)"}
+    try:
+        await cache.set_pinned(stub, pinned)
+        if pinned and not stub.local and stub.fetchable:
+            pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
+            pin.release()
+    except Exception as exc:
+        return {"path": rel, "result": "failed",
+                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+    state, resident = cache.state_of(stub)
+    return {"path": rel, "result": "pinned" if pinned else "unpinned", "state": state,
+            "resident_bytes": resident, "size": stub.size}

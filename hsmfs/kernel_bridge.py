@@ -330,6 +330,15 @@ class KernelBridge:
         # Only the permission events: FAN_MODIFY of a clean resident file must still come.
         fanotify_mark_fd(self.fan_fd, self._ignore_flags(), self.mask & PERM_EVENTS, fd)
 
+    def on_released(self, fd: int) -> None:
+        # Before the release takes its lease: permission events come back for every fd, the
+        # ones already open included (the mark stayed: KERNEL_FACTS_2 §4), so no opener from
+        # here on can read a punched page without an event.  No ignore (evicted, or never
+        # set on a partial file): nothing to remove.
+        with contextlib.suppress(OSError):
+            fanotify_mark_fd(self.fan_fd, FAN_MARK_REMOVE | FAN_MARK_IGNORE,
+                             self.mask & PERM_EVENTS, fd)
+
     def _ignore_flags(self) -> int:
         flags = FAN_MARK_ADD | FAN_MARK_IGNORE_SURV
         if self.filesystem_mark:

@@ -34,10 +34,11 @@ import errno
 import functools
 import logging
 import os
+import posixpath
 import resource
 import stat
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,7 +46,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from .cache import Intent, Pin, Stub, StubCache
+from .cache import Change, Intent, Pin, Stub, StubCache
 from .config import FuseConfig
 from .errors import HsmError, Superseded, to_errno
 from .keys import STATE_DIR
@@ -138,6 +139,9 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, tuple[str, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
         self._next_fh = 1
         self.requests: dict[str, int] = {}
+        # A release must not punch under a handle of this mount (an mmap keeps one open), and
+        # an fd of ours would defeat its write lease: the core asks first (release_check).
+        cache.release_guards.append(self)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -476,6 +480,27 @@ class Operations(pyfuse3.Operations):
         if entry is not None and entry[1] == 0:
             del self._fds[inode]
             os.close(entry[0])
+
+    def release_check(self, stub: Stub) -> str | None:
+        """The core's :class:`~hsmfs.cache.ReleaseGuard`: refuse while a handle of the inode is
+        open (reads and mappings go through the kernel's page cache of this mount, which a
+        punch of the backing file would not reach), else close the idle cached fd."""
+        entry = self._fds.get(stub.ino)
+        handles = (entry[1] if entry is not None else 0) + len(self._wfds.get(stub.ino, ()))
+        if handles:
+            return f"open through the FUSE mount ({handles} handle{'s' * (handles > 1)})"
+        self._drop_idle_fd(stub.ino)
+        return None
+
+    async def released(self, stub: Stub) -> None:
+        """Punched: the kernel's page cache of the inode (keep_cache) must not serve its old
+        pages as if nothing happened, and st_blocks changed.  From the releasing task, in a
+        thread (it may wait for page locks), never from a request handler of the inode."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, stub.ino, False)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+                log.info("invalidating inode %d after its release: %s", stub.ino, exc)
 
     async def _ensure(self, h: _Handle, start: int, stop: int, intent: Intent) -> Pin:
         """``cache.ensure`` for a handle.  A stub whose path no longer leads to it (renamed
@@ -860,6 +885,46 @@ class Operations(pyfuse3.Operations):
                     break
         self._paths.update(changes)
 
+    async def namespace_changed(self, changes: Iterable[Change]) -> None:
+        """A refresh changed the backing tree behind the mount (``hsmfs sync``,
+        ``-o refresh``): drop what the kernel caches of it despite the long entry and attribute
+        timeouts, and make the inode map follow.  Called by the daemon once the refresh is
+        done, never from a request handler: an invalidation waits for requests on the same
+        entries, which a handler would be (a deadlock).  Returns once the kernel dropped them.
+
+        * A name added, replaced or removed: the kernel's entry goes, so the next lookup finds
+          what is there now.  A replaced or removed file's old inode no longer has that path
+          here (requests by it answer ENOENT, never the new file's attributes) and its idle
+          cached fd is closed.  Handles that hold the old inode keep it, served as a
+          superseded stub; its cached pages stay: they are that version's bytes.
+        * A file whose state changed in place (stale, conflict, kept): only its attributes
+          (the record's xattrs moved its ctime), never its pages: its bytes did not change.
+        """
+        inode_of = {path: ino for ino, path in self._paths.items()}
+        entries: list[tuple[int, bytes]] = []
+        inodes: set[int] = set()
+        for c in changes:
+            if c.old_ino is not None and c.old_ino == c.new_ino:
+                if c.old_ino in self._paths:
+                    inodes.add(c.old_ino)
+                continue
+            if c.old_ino is not None:
+                self._forget_path(c.old_ino, c.path)
+            parent, name = posixpath.split(c.path)
+            parent_ino = inode_of.get(parent)
+            if parent_ino is not None:  # else the kernel never looked it up: nothing cached
+                entries.append((parent_ino, os.fsencode(name)))
+                inodes.add(parent_ino)  # its mtime and link count moved
+
+        def invalidate() -> None:
+            for parent_ino, name in entries:
+                _invalidate(pyfuse3.invalidate_entry, parent_ino, name)
+            for ino in inodes:
+                _invalidate(pyfuse3.invalidate_inode, ino, True)
+
+        if entries or inodes:
+            await trio.to_thread.run_sync(invalidate)
+
     def stats(self) -> dict[str, object]:
         return {"fuse_requests": dict(self.requests), "open_files": len(self._handles)}
 
@@ -872,6 +937,15 @@ _DISK = trio.CapacityLimiter(16)
 async def _io(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a syscall that may block on the disk in a worker thread, off the trio loop."""
     return await trio.to_thread.run_sync(fn, *args, limiter=_DISK)
+
+
+def _invalidate(fn: Callable[..., Any], *args: Any) -> None:
+    """One kernel invalidation; ENOENT means the kernel holds nothing of it (fine)."""
+    try:
+        fn(*args)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.info("%s%r: %s", fn.__name__, args, exc)
 
 
 def _errno_for(exc: Exception, op: str, path: str) -> int:
@@ -893,6 +967,8 @@ def _identity_view(stub: Stub) -> dict[str, str]:
             "user.hsm.etag": stub.version.etag, "user.hsm.remote_size": str(stub.version.size)}
     if stub.version.version_id:
         view["user.hsm.version"] = stub.version.version_id
+    if stub.pinned:
+        view["user.hsm.pinned"] = "1"  # hsmfs pin (the record's trusted.* is hidden here)
     return view
 
 

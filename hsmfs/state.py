@@ -63,6 +63,9 @@ class Stub:
     #: still serves it for programs that hold it open, through their own fds.
     superseded: bool = False
     pins: int = 0  # doors serving bytes of this file right now (see Pin)
+    #: ``hsmfs pin``: kept local, never released (durable: ``trusted.hsmfs.pinned``).  Not a
+    #: Pin, which is a door's hold for the length of one read.
+    pinned: bool = False
     pattern: AccessPattern = field(default_factory=AccessPattern)
     #: time.monotonic() of the last close of a writable handle (either door): writeback's
     #: "closed and idle" clock.  None: no close seen since this daemon started.

@@ -28,6 +28,7 @@ Record (all values ASCII):
 ``trusted.hsmfs.sync``      ``clean`` | ``dirty`` | ``stale`` | ``conflict`` (absent: clean)
 ``trusted.hsmfs.remote``    for ``stale``/``conflict``: the ETag S3 holds now, or ``-`` if the
                             object is gone (for the message that names both versions)
+``trusted.hsmfs.pinned``    ``1``: ``hsmfs pin`` — kept local, never released (absent: not pinned)
 ==========================  ======================================================================
 
 What must not: import trio or boto3, decide a transition (that is :mod:`hsmfs.cache`).
@@ -35,6 +36,7 @@ What must not: import trio or boto3, decide a transition (that is :mod:`hsmfs.ca
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -54,6 +56,9 @@ X_MTIME = "trusted.hsmfs.mtime"
 X_OWED = "trusted.hsmfs.owed"
 X_SYNC = "trusted.hsmfs.sync"
 X_REMOTE = "trusted.hsmfs.remote"
+#: ``hsmfs pin``: a policy of the user's, not a state; trusted like the record, so a user who
+#: may write the file cannot pin (or unpin) it for root's eviction.
+X_PINNED = "trusted.hsmfs.pinned"
 #: The view: generic name HSM-aware tools read; never read back to decide anything.
 X_VIEW = "user.hsm.state"
 #: The format before this one kept its record in ``user.*`` (forgeable).  Files carrying only
@@ -100,6 +105,7 @@ class Record:
     owed: int  # holes below this are owed by S3 (<= version.size)
     sync: str
     remote: str | None  # what S3 holds now, for stale/conflict
+    pinned: bool = False  # hsmfs pin: never released
 
 
 def _get(fd: int, name: str) -> str | None:
@@ -132,7 +138,7 @@ def read_record(fd: int) -> Record | None:
     if size < 0 or not 0 <= owed <= size or sync not in SYNC_WORDS:
         return None
     version = RemoteVersion(key, etag, size, mtime, _get(fd, X_VERSION))
-    return Record(version, owed, sync, _get(fd, X_REMOTE))
+    return Record(version, owed, sync, _get(fd, X_REMOTE), _get(fd, X_PINNED) == "1")
 
 
 def write_identity(fd: int, version: VersionLike) -> None:
@@ -159,6 +165,23 @@ def write_sync(fd: int, sync: str, remote: str | None = None, *, durable: bool) 
 
 def write_owed(fd: int, owed: int) -> None:
     os.setxattr(fd, X_OWED, str(owed).encode())
+
+
+def read_pinned(fd: int) -> bool:
+    return _get(fd, X_PINNED) == "1"
+
+
+def write_pinned(fd: int, pinned: bool) -> None:
+    """Record (or drop) a pin, fsync'd: a pin the user was told about survives a crash."""
+    if pinned:
+        os.setxattr(fd, X_PINNED, b"1")
+    else:
+        try:
+            os.removexattr(fd, X_PINNED)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+    os.fsync(fd)
 
 
 def write_view(fd: int, word: str) -> None:
@@ -189,6 +212,23 @@ def data_extents(fd: int, end: int) -> Iterator[tuple[int, int]]:
         hole = os.lseek(fd, data, os.SEEK_HOLE)
         yield data, min(hole, end)
         pos = hole
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch(fd: int, start: int, stop: int) -> None:
+    """Turn ``[start, stop)`` back into a hole (``PUNCH_HOLE|KEEP_SIZE``: the length stays).
+    Through the private door it raises no event; it moves the file's mtime (the caller puts a
+    clean copy's back)."""
+    if stop <= start:
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, stop - start):
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
 
 def has_data(fd: int, end: int) -> bool:
@@ -253,6 +293,7 @@ def describe(path: str) -> dict[str, object]:
     resident = (min(st.st_size, remote) if word == RESIDENT else 0
                 if word == STUB else min(st.st_blocks * 512, st.st_size, remote))
     info.update(state=word, resident_bytes=resident, key=key, remote_size=remote,
+                pinned="1" in (get(X_PINNED), get("user.hsm.pinned")),  # FUSE: the view
                 etag=get(X_ETAG), mtime=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                       time.gmtime(st.st_mtime)))
     return info
