@@ -52,13 +52,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .config import CacheConfig
 from .errors import HsmError, ObjectChanged, Superseded
-from .fetch import Counters, FetchEngine, Fetcher
+from .fetch import Counters, FetchEngine, Fetcher, NoRoom
 from .keys import key_to_relpath, place
 from .ranges import RangeMap
 from .registry import STAGING_DIR, Changed, Found, Registry, Tree
@@ -92,6 +92,9 @@ from .stubfile import (
     write_view,
 )
 from .tombstones import Tombstone, Tombstones
+
+if TYPE_CHECKING:
+    from .evict import Evictor
 
 __all__ = ["CLEAN", "CONFLICT", "DIRTY", "PARTIAL", "RESIDENT", "STAGING_DIR", "STALE", "STUB",
            "CacheListener", "Fetcher", "Intent", "Pin", "PopulateReport", "Stub", "StubCache",
@@ -276,6 +279,8 @@ class StubCache:
         #: locally): writeback's clock for files that have no Stub to carry ``closed_at``.
         self.closed_local: dict[str, float] = {}
         self.refresh_stats = RefreshStats()
+        #: ``-o cache_size``: asked for room before every flight (None: unlimited).
+        self.evictor: Evictor | None = None
         self.tree.prepare()
         self.tombstones = Tombstones(self.root_fd)
 
@@ -1100,6 +1105,7 @@ class StubCache:
             # the Pin, so a release either sees the pin or finishes before it is taken.
             await releasing.wait()
         pin = Pin(stub, self._unpinned)
+        stub.used_at = time.monotonic()
         try:
             await self._ensure(stub, start, stop, intent, fd)
         except BaseException:
@@ -1171,6 +1177,7 @@ class StubCache:
     def note_hit(self, stub: Stub, start: int, stop: int) -> None:
         """A door served ``[start, stop)`` after :meth:`resident_file`: keep the same books as
         :meth:`ensure` keeps for a hit (counters, access pattern, read-ahead)."""
+        stub.used_at = time.monotonic()
         if stub.local:
             self.counters.hits += 1
             return
@@ -1595,6 +1602,32 @@ class StubCache:
             with contextlib.suppress(OSError):
                 write_view(self.writable_fd(stub), PARTIAL)
 
+    async def make_room(self, stub: Stub, nbytes: int, speculative: bool = False) -> int:
+        """Before a flight lands ``nbytes`` in ``stub``: the evictor frees room under
+        ``cache_size`` first (a no-op without one).  Returns what to hand to :meth:`landed`;
+        raises :class:`NoRoom` for a ``speculative`` flight that would go over the budget."""
+        if self.evictor is None or nbytes <= 0:
+            return 0
+        return await self.evictor.make_room(stub, nbytes, speculative=speculative)
+
+    def landed(self, nbytes: int, reserved: int, speculative: bool = False) -> None:
+        """After a flight (``nbytes`` written, 0 if it failed): give back its reservation."""
+        if self.evictor is not None and reserved:
+            self.evictor.landed(nbytes, reserved, speculative=speculative)
+
+    def touch(self, ino: int, gen: int | None = None) -> None:
+        """An open of the file with this inode (and generation, where known) through either
+        door: eviction's recency clock."""
+        stub = self.registry.by_ino.get(ino)
+        if stub is not None and (gen is None or stub.gen == gen):
+            stub.used_at = time.monotonic()
+
+    def file_lock_held(self, ino: int) -> bool:
+        """Truncate, mark_dirty or archive's record step holds the file right now: eviction
+        passes it by rather than wait on a lock whose holder may be waiting for room."""
+        lock = self._truncating.get(ino)
+        return lock is not None and lock.locked()
+
     async def after_fill(self, stub: Stub) -> None:
         assert stub.ranges is not None
         if not stub.local and stub.ranges.covers(0, stub.owed):
@@ -1700,7 +1733,7 @@ class StubCache:
                 return
             self.counters.sibling_prefetches += 1
             await self.engine.fetch(stub, 0, stub.owed, wait=True, prefetch=True)
-        except (HsmError, OSError):
+        except (HsmError, OSError, NoRoom):
             pass
         finally:
             self._sibling_slots.release()

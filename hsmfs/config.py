@@ -77,6 +77,11 @@ class CacheConfig:
     #: the start, and ``hsmfs sync`` when asked).  A listing costs one request per 1000
     #: objects, so a period of minutes suits a large bucket.
     refresh_s: float = 0.0
+    #: ``-o cache_size=SIZE``: keep resident bytes under this by releasing the least recently
+    #: used clean files (:mod:`hsmfs.evict`).  0: unlimited (the default).
+    cache_size: int = 0
+    #: ``-o min_free=PCT``: also keep this share of the cache's filesystem free (0: off).
+    min_free_pct: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,13 @@ def build_options(
                 cache_kw["writeback_s"] = 0.0 if value in {"off", ""} else _seconds(value)
             case "refresh":
                 cache_kw["refresh_s"] = 0.0 if value in {"off", ""} else _seconds(value)
+            case "cache_size":
+                cache_kw["cache_size"] = 0 if value in {"off", "0"} else parse_size(value)
+            case "min_free":
+                pct = float(value.rstrip("%"))
+                if not 0 <= pct < 100:
+                    raise ValueError(f"min_free={value}: a percentage from 0 to 99")
+                cache_kw["min_free_pct"] = pct
             case "cover":
                 kernel_kw["cover"] = _flag(value)
             case "watchdog":

@@ -188,6 +188,13 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                           ops.writing if ops is not None else None) \
         if opts.cache.writeback_s > 0 else None
     refresher = Refresher(cache, backend, opts, ops, archiver)
+    evictor = None
+    if opts.cache.cache_size > 0 or opts.cache.min_free_pct > 0:
+        from .evict import Evictor
+
+        # min_free alone: no byte budget, only the filesystem's free share.
+        evictor = cache.evictor = Evictor(cache, opts.cache.cache_size or 1 << 62,
+                                          opts.cache.min_free_pct)
 
     async def handle(request: dict[str, Any]) -> dict[str, Any]:
         match request.get("cmd"):
@@ -205,6 +212,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                     out["kernel"] = kernel.stats()
                 if writeback is not None:
                     out["writeback"] = writeback.snapshot()
+                if evictor is not None:
+                    out.update(evictor.snapshot())
                 return out
             case "state":
                 # stat, xattrs and SEEK_DATA scans: disk work, off the loop.
@@ -257,6 +266,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
             await nursery.start(kernel.serve, cache)
         if writeback is not None:
             await nursery.start(writeback.run)
+        if evictor is not None:
+            await nursery.start(evictor.run)
         if opts.cache.refresh_s > 0:
             nursery.start_soon(refresher.run, opts.cache.refresh_s, name="refresh")
         stop = trio.Event()

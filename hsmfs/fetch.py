@@ -49,6 +49,11 @@ from .stubfile import VersionLike
 log = logging.getLogger(__name__)
 
 
+class NoRoom(Exception):
+    """A read-ahead flight gave way: under ``-o cache_size`` there was no room for it without
+    going over the budget.  Not a failure: a reader waiting on it plans its own flight."""
+
+
 class Fetcher(Protocol):
     """The seam to S3: the backend, or an in-memory fake in unit tests.  Blocking; the engine
     calls it from worker threads.  Must fill the whole buffer with bytes of that version or
@@ -68,6 +73,15 @@ class FillHost(Protocol):
 
     def filled(self, stub: Stub, completes: bool) -> None:
         """Worker thread: bytes landed (every owed byte is now local if ``completes``)."""
+        ...
+
+    async def make_room(self, stub: Stub, nbytes: int, speculative: bool) -> int:
+        """Before ``nbytes`` land in ``stub``: room under the cache's budget (eviction).
+        A ``speculative`` (read-ahead) flight gets :class:`NoRoom` rather than go over it."""
+        ...
+
+    def landed(self, nbytes: int, reserved: int, speculative: bool) -> None:
+        """After the flight: ``nbytes`` written (0: it failed) of ``reserved``."""
         ...
 
     async def after_fill(self, stub: Stub) -> None:
@@ -101,6 +115,7 @@ class Counters:
     coalesced_waits: int = 0  # chunks a reader waited for instead of fetching again
     prefetched_bytes: int = 0
     sibling_prefetches: int = 0  # files fetched by directory read-ahead
+    readahead_no_room: int = 0  # read-ahead flights that gave way to -o cache_size
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -174,11 +189,16 @@ class FetchEngine:
                 await f.done.wait()
             if stub.ranges.covers(start, stop):
                 return
-            failed = [f.error for f in own + waits if f.error is not None]
+            failed = [f.error for f in own + waits
+                      if f.error is not None and not isinstance(f.error, NoRoom)]
             if failed:
                 raise failed[0]
+            if prefetch and any(isinstance(f.error, NoRoom) for f in own):
+                raise NoRoom(stub.path)  # a read-ahead that waits: it gives way too
             if not own and not waits:
                 break
+            # A read-ahead flight we waited on gave way to the budget: plan again (our own
+            # flight for those bytes; a reader's flight never gives way).
         # Never hand out the hole (e.g. the stub turned stale between plan and fetch).
         raise BackendUnavailable(f"{stub.path!r} [{start}, {stop}) not resident after fetch")
 
@@ -247,8 +267,18 @@ class FetchEngine:
             gaps = stub.ranges.missing(flight.start, flight.stop)
             completes = all(flight.start <= g.start and g.stop <= flight.stop
                             for g in stub.ranges.missing(0, stub.size))
-            await trio.to_thread.run_sync(self._fetch_and_fill, stub, flight, gaps, completes,
-                                          limiter=self._s3_limiter)
+            # Room first (-o cache_size), so the budget holds at every instant rather than
+            # a tick later.  This stub cannot be released meanwhile (its flight makes it
+            # busy), and nothing else fills its gaps, so they still hold afterwards.
+            gap_bytes = sum(g.stop - g.start for g in gaps)
+            reserved = await self.host.make_room(stub, gap_bytes, prefetch)
+            try:
+                await trio.to_thread.run_sync(self._fetch_and_fill, stub, flight, gaps,
+                                              completes, limiter=self._s3_limiter)
+            except BaseException:
+                self.host.landed(0, reserved, prefetch)
+                raise
+            self.host.landed(gap_bytes, reserved, prefetch)
             self.counters.s3_gets += 1
             stub.ranges.add(flight.start, flight.stop)
             n = flight.stop - flight.start
@@ -260,6 +290,9 @@ class FetchEngine:
         except trio.Cancelled:
             flight.error = BackendUnavailable("fetch cancelled")
             raise
+        except NoRoom as exc:  # read-ahead gave way to the budget: nothing failed
+            flight.error = exc
+            self.counters.readahead_no_room += 1
         except BaseException as exc:  # kept for the waiters, never re-raised
             flight.error = exc
             self._record_failure(stub, flight, exc, prefetch)

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FAN_OPEN = 0x0000_0020
 FAN_CREATE = 0x0000_0100
 FAN_DELETE = 0x0000_0200
 FAN_RENAME = 0x1000_0000
@@ -86,6 +87,9 @@ _INO32_GEN_TYPES = (1, 2)
 DIR_MASK = FAN_CREATE | FAN_DELETE | FAN_RENAME | FAN_ONDIR | FAN_EVENT_ON_CHILD | FAN_CLOSE_WRITE
 #: A filesystem mark: the pre-content group already sees every close, with an fd.
 FS_MASK = FAN_CREATE | FAN_DELETE | FAN_RENAME | FAN_ONDIR
+#: With eviction on (``-o cache_size``/``min_free``), opens too: a resident file raises no
+#: permission event, so an open seen here is the kernel door's only sign that it is in use.
+RECENCY_MASK = FAN_OPEN
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -158,11 +162,14 @@ class NameWatcher:
         self.events = 0
         self.overflows = 0
         self.marked_dirs = 0
+        self.opens = 0
+        extra = RECENCY_MASK if cache.cfg.cache_size > 0 or cache.cfg.min_free_pct > 0 else 0
+        self.dir_mask = DIR_MASK | extra
         self.fan_fd = fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME_TARGET,
                                     os.O_RDONLY | os.O_CLOEXEC)
         try:
             if filesystem_mark:
-                fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FS_MASK,
+                fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FS_MASK | extra,
                               cache_dir)
             else:
                 self._mark_tree(".", note_files=False)
@@ -189,7 +196,7 @@ class NameWatcher:
             for dirpath, dirnames, filenames, dirfd in os.fwalk(dir_fd=top):
                 if dirpath == "." and rel == ".":
                     dirnames[:] = [d for d in dirnames if d != ".hsmfs"]
-                fanotify_mark_fd(self.fan_fd, FAN_MARK_ADD, DIR_MASK, dirfd)
+                fanotify_mark_fd(self.fan_fd, FAN_MARK_ADD, self.dir_mask, dirfd)
                 self.marked_dirs += 1
                 if note_files and self.cache.cfg.writeback_s:
                     base = os.path.normpath(os.path.join(rel, dirpath))
@@ -232,6 +239,12 @@ class NameWatcher:
                 if rel is not None:
                     self._mark_tree(rel, note_files=False)
             return
+        if event.mask & FAN_OPEN:
+            self.opens += 1
+            if event.target is not None:
+                self.cache.touch(*event.target)
+            if not event.mask & (FAN_CREATE | FAN_DELETE | FAN_RENAME | FAN_CLOSE_WRITE):
+                return  # an open alone: no name to resolve (open_by_handle_at costs)
         self.events += 1
         if event.mask & FAN_RENAME:
             self._renamed(event)
@@ -314,5 +327,6 @@ class NameWatcher:
         return rel
 
     def stats(self) -> dict[str, int]:
-        return {"name_events": self.events, "name_overflows": self.overflows,
+        return {"name_events": self.events, "name_opens": self.opens,
+                "name_overflows": self.overflows,
                 "watched_dirs": self.marked_dirs}

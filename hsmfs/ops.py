@@ -412,6 +412,10 @@ class Operations(pyfuse3.Operations):
             # The core says which file this is (the unknown-inode rule, a truncate found by
             # size) and what an exec needs first.
             h.stub = await self.cache.lookup(fd)
+            if h.stub is not None:
+                # Eviction's recency: with keep_cache, reads of cached pages never reach
+                # us, so an open is what says the file is in use.
+                self.cache.touch(h.stub.ino, h.stub.gen)
             if h.stub is not None and flags & FMODE_EXEC:
                 pin = await self._ensure(h, 0, h.stub.size, Intent.EXEC)
                 pin.release()
@@ -493,14 +497,27 @@ class Operations(pyfuse3.Operations):
         return None
 
     async def released(self, stub: Stub) -> None:
-        """Punched: the kernel's page cache of the inode (keep_cache) must not serve its old
-        pages as if nothing happened, and st_blocks changed.  From the releasing task, in a
-        thread (it may wait for page locks), never from a request handler of the inode."""
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, stub.ino, False)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
-                log.info("invalidating inode %d after its release: %s", stub.ino, exc)
+        """Punched: drop the kernel's page cache of the inode (keep_cache) and its st_blocks.
+
+        In the background, never awaited: the invalidation waits for the lock of every page
+        of the inode, and a page the kernel is reading (its read-ahead, still in flight
+        after the program closed the file) stays locked until we answer that READ, which
+        may itself wait for the releasing task (under ``-o cache_size``, for the evictor
+        that is running this release: measured, a deadlock).  Nothing depends on the pages
+        being gone: they hold the very version the stub still names, so a read served from
+        them is right; a refresh that changes the version invalidates on its own."""
+        def invalidate() -> None:
+            try:
+                pyfuse3.invalidate_inode(stub.ino, False)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+                    log.info("invalidating inode %d after its release: %s", stub.ino, exc)
+
+        nursery = self.cache.engine.nursery
+        if nursery is None:
+            await trio.to_thread.run_sync(invalidate)
+        else:
+            nursery.start_soon(trio.to_thread.run_sync, invalidate)
 
     async def _ensure(self, h: _Handle, start: int, stop: int, intent: Intent) -> Pin:
         """``cache.ensure`` for a handle.  A stub whose path no longer leads to it (renamed

@@ -70,6 +70,9 @@ class Stub:
     #: time.monotonic() of the last close of a writable handle (either door): writeback's
     #: "closed and idle" clock.  None: no close seen since this daemon started.
     closed_at: float | None = None
+    #: time.monotonic() of the last open or read through either door (0: none since this
+    #: daemon started): eviction's least-recently-used clock (:mod:`hsmfs.evict`).
+    used_at: float = 0.0
 
     @property
     def size(self) -> int:
