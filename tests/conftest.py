@@ -271,11 +271,39 @@ def is_mounted(path: str | os.PathLike) -> bool:
     return mounted(os.path.realpath(path))
 
 
+def _fuse_connection(path: str | os.PathLike) -> str | None:
+    """The fusectl connection number of the FUSE mount at ``path`` (its device minor)."""
+    where = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == where and fields[sep + 1].startswith("fuse"):
+                return fields[2].split(":")[1]
+    return None
+
+
+def _abort_fuse(conn: str) -> None:
+    """Abort a FUSE connection: every request the daemon never answered fails (ENOTCONN), so a
+    daemon thread stuck in the kernel on one (a page lock an unanswered READ holds) can die.
+    Without it, SIGKILL leaves that thread in D state and the mount behind for good."""
+    base = "/sys/fs/fuse/connections"
+    if not os.path.isdir(os.path.join(base, conn)):
+        subprocess.run(["mount", "-t", "fusectl", "none", base], capture_output=True, timeout=10)
+    with contextlib.suppress(OSError), open(os.path.join(base, conn, "abort"), "w") as f:
+        f.write("1")
+
+
 def force_unmount(path: str | os.PathLike) -> None:
+    """Remove a FUSE mount whatever its daemon's state: unmount, and abort the connection so
+    nothing waits on a daemon that will never answer."""
     if is_mounted(path):
+        conn = _fuse_connection(path)
         subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=10)
         if is_mounted(path):
             subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+        if conn is not None:
+            _abort_fuse(conn)
 
 
 @contextlib.contextmanager

@@ -77,7 +77,9 @@ def serve_door(kind: str, source: str, workdir: Path, endpoint: str, *opts: str,
     finally:
         if kind == "fuse" and is_mounted(root):
             subprocess.run(["fusermount3", "-u", str(root)], capture_output=True, timeout=10)
-        stop_process(proc, timeout=15)
-        if kind == "fuse":
-            force_unmount(root)
-        log.close()
+        try:
+            stop_process(proc, timeout=15)
+        finally:  # even if it would not die: a stuck daemon's mount must not outlive the test
+            if kind == "fuse":
+                force_unmount(root)
+            log.close()
