@@ -426,8 +426,8 @@ def _cmd_archive(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    """``hsmfs release|pin|unpin PATH...``: one line per file, through the daemon that serves
-    it; non-zero if any file was refused or failed."""
+    """``hsmfs release|pin|unpin|resolve PATH...``: one line per file, through the daemon
+    that serves it; non-zero if any file was refused or failed."""
     from . import control
 
     by_cache: dict[str, list[tuple[str, str]]] = {}
@@ -444,6 +444,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
         shown = {rel: p for rel, p in items}
         request = {"cmd": args.cmd, "paths": [rel for rel, _ in items],
                    "dry_run": args.dry_run}
+        if args.cmd == "resolve":
+            request.update(mode="keep-local" if args.keep_local else "take-remote",
+                           discard=args.discard)
         try:
             reply = control.query(cache, request, timeout=None)
         except OSError as exc:
@@ -615,6 +618,19 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=what)
         sp.add_argument("paths", nargs="+", metavar="PATH")
         sp.set_defaults(func=_cmd_release, cmd=name, dry_run=False)
+
+    sr = sub.add_parser("resolve", help="end a conflict (or a stale copy): keep the local "
+                        "bytes as a change of what S3 holds now, or take S3's version")
+    which = sr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep-local", action="store_true",
+                       help="the next archive replaces S3's version with the local bytes")
+    which.add_argument("--take-remote", action="store_true",
+                       help="the path becomes a stub of S3's version; conflicting local bytes "
+                       "are kept in .hsmfs/kept/ unless --discard")
+    sr.add_argument("--discard", action="store_true",
+                    help="with --take-remote: drop the local bytes instead of keeping them")
+    sr.add_argument("paths", nargs="+", metavar="PATH")
+    sr.set_defaults(func=_cmd_release, cmd="resolve", dry_run=False)
 
     sy = sub.add_parser("sync", help="make the tree follow S3 now (new, changed and deleted "
                         "objects), under PATH only when given")

@@ -238,6 +238,14 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                 return {"files": [await _pin(cache, rel, pinned)
                                   for p in request.get("paths", [])
                                   for rel in _stub_paths(cache, str(p))]}
+            case "resolve":
+                keep = request.get("mode") == "keep-local"
+                discard = bool(request.get("discard"))
+                rows = []
+                for p in request.get("paths", []):
+                    for rel in _stub_paths(cache, str(p)):
+                        rows.append(await _resolve(cache, backend, ops, rel, keep, discard))
+                return {"files": rows}
             case "sync":
                 path = os.path.normpath(str(request.get("path") or "."))
                 rel = "" if path == "." else path
@@ -412,6 +420,28 @@ async def _release(cache: StubCache, rel: str, dry_run: bool) -> dict[str, Any]:
         row["errno"] = done.errno
         row["detail"] = f"{errno.errorcode[done.errno]}: {done.detail}"
     return row
+
+
+async def _resolve(cache: StubCache, backend: S3Backend, ops: Any, rel: str, keep_local: bool,
+                   discard: bool) -> dict[str, Any]:
+    """``hsmfs resolve``: one row per file (:mod:`hsmfs.resolve`)."""
+    from .cache import REFRESHED, REMOVED, Change
+    from .resolve import resolve
+
+    stub = cache.stub_at(rel)
+    if stub is None:
+        return {"path": rel, "result": "refused", "errno": errno.EPERM,
+                "detail": "EPERM: not a stub of this cache (a local file has nothing to resolve)"}
+    try:
+        head = await trio.to_thread.run_sync(backend.head_key, stub.version.key)
+        done = await resolve(cache, stub, head, keep_local=keep_local, discard=discard)
+    except Exception as exc:
+        return {"path": rel, "result": "failed",
+                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+    if done.inodes is not None and ops is not None:
+        old, new = done.inodes
+        await ops.namespace_changed([Change(REFRESHED if new else REMOVED, rel, old, new)])
+    return done.row(rel)
 
 
 async def _pin(cache: StubCache, rel: str, pinned: bool) -> dict[str, Any]:

@@ -227,7 +227,8 @@ class Tree:
 
     def create_stub(self, rel: str, version: VersionLike, mode: int | None,
                     guard: Callable[[int], None], *,
-                    replace: tuple[int, int] | None = None) -> tuple[int, int]:
+                    replace: tuple[int, int] | None = None,
+                    any_data: bool = False) -> tuple[int, int]:
         """Create a stub of ``version`` at ``rel``; return its (inode, generation).
 
         Made in staging and guarded there (``guard(fd)``: the kernel door's mark) before it
@@ -240,7 +241,9 @@ class Tree:
         old file lands in staging, where it is checked again: if it is not that file any more,
         or holds data now (an application wrote between the scan and here), the exchange is
         undone and :class:`Changed` raised.  Without ``replace`` an existing file is never
-        touched: link + unlink fails with EEXIST instead.
+        touched: link + unlink fails with EEXIST instead.  ``any_data``: the caller decided
+        the old file's bytes may go (``hsmfs resolve --take-remote``): only its identity is
+        checked.
         """
         tmp = f"{STAGING_DIR}/{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600,
@@ -256,7 +259,7 @@ class Tree:
             if replace is not None:
                 self._exchange(tmp, rel)
                 try:
-                    retired = self._retire(tmp, replace)
+                    retired = self._retire(tmp, replace, any_data)
                 except BaseException:
                     self._exchange(tmp, rel)  # unsure: the old file goes back where it was
                     raise
@@ -284,21 +287,22 @@ class Tree:
             err = ctypes.get_errno()
             raise OSError(err, f"renameat2(RENAME_EXCHANGE): {os.strerror(err)}", b)
 
-    def _retire(self, tmp: str, expected: tuple[int, int]) -> bool:
+    def _retire(self, tmp: str, expected: tuple[int, int], any_data: bool = False) -> bool:
         """The old file sits at ``tmp`` (staging): remove it if it is still the file the scan
-        saw and holds no data (True); else leave it there for the caller to put back."""
+        saw and holds no data (or ``any_data``) (True); else leave it there for the caller to
+        put back."""
         fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
         try:
             st = os.fstat(fd)
-            same = (st.st_ino, generation(fd)) == expected and not has_data(
-                fd, max(st.st_size, 1))
+            same = (st.st_ino, generation(fd)) == expected and (any_data or not has_data(
+                fd, max(st.st_size, 1)))
         finally:
             os.close(fd)
         if same:
             os.unlink(tmp, dir_fd=self.root_fd)
         return same
 
-    def unlink(self, rel: str, ino: int, gen: int) -> bool:
+    def unlink(self, rel: str, ino: int, gen: int, any_data: bool = False) -> bool:
         """Remove ``rel`` if it is still the file the scan saw, holding no data; True if it
         was removed.  Moved into staging first and checked there, so an application's new
         file or fresh bytes at that name are never the ones removed; put back otherwise
@@ -309,7 +313,7 @@ class Tree:
         except FileNotFoundError:
             return False
         try:
-            retired = self._retire(tmp, (ino, gen))
+            retired = self._retire(tmp, (ino, gen), any_data)
         except BaseException:
             self._put_back(tmp, rel)
             raise
