@@ -1,0 +1,135 @@
+"""Containers (issue 14, item 1): a program in its own mount, PID and user namespaces, with the
+cache bind-mounted at another path, uses the backing files directly through the kernel door.
+
+There is no container runtime here (a docker client without a daemon, no registry to pull an
+image from), so the tests make the namespaces the way runtimes do, with ``unshare(1)``: a new
+mount namespace where the cache is bind-mounted at ``/data``-like path, a new PID namespace,
+and (second test) a user namespace created by an unprivileged uid.  The kernel door's marks are
+on the inodes (or the filesystem), not on a path or a mount, so every bind mount of the tree in
+every namespace is guarded: the program is blocked until hsmfs filled the range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Bucket, MotoServer, seeded
+from support.doors import serve_door
+
+pytestmark = [pytest.mark.needs_precontent, pytest.mark.timeout(120)]
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A work dir every uid can traverse (pytest's tmp dirs are 0700), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="hsmfs-ctr.", dir="/var/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _in_namespaces(cache: Path, script: str, *, user: bool = False,
+                   read_only: bool = False) -> subprocess.CompletedProcess:
+    """Run ``script`` (sh) in new mount and PID namespaces where ``cache`` is bind-mounted at
+    ``$CTR``; with ``user``, as uid 65534 in a user namespace of its own (root inside)."""
+    ctr = f"/tmp/hsmfs-ctr-{os.getpid()}"
+    opts = "-o ro" if read_only else ""
+    inner = (f"mkdir -p {ctr} && mount --bind {opts} {cache} {ctr} && CTR={ctr} && "
+             f"export CTR && {script}")
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
+    if user:
+        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+               "unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork",
+               "--propagation", "private"]
+        inner = (f"mkdir -p /tmp/ctr-$$ && mount --bind {opts} {cache} /tmp/ctr-$$ && "
+                 f"CTR=/tmp/ctr-$$ && export CTR && {script}")
+    return subprocess.run([*cmd, "sh", "-c", inner], capture_output=True, timeout=60)
+
+
+def _userns_allowed() -> bool:
+    out = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                          "--clear-groups", "unshare", "--user", "--map-root-user", "true"],
+                         capture_output=True, timeout=10)
+    return out.returncode == 0
+
+
+def test_a_container_reads_a_stub_nobody_read_through_its_bind_mount(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
+    body = bucket.put("data/cold.bin", seeded(3 << 20, "ctr"))
+    with serve_door("kernel", f"s3://{bucket.name}", tmp_path, moto.endpoint,
+                    "open_fill=off") as d:
+        out = _in_namespaces(d.cache, 'echo "pid $$"; sha256sum "$CTR/data/cold.bin"')
+        assert out.returncode == 0, out.stderr.decode()
+        lines = out.stdout.decode().split("\n")
+        assert lines[0] == "pid 1"  # its own PID namespace: it is init there
+        assert lines[1].split()[0] == hashlib.sha256(body).hexdigest()
+
+
+def test_an_unprivileged_user_namespace_reads_the_right_bytes(
+        bucket: Bucket, moto: MotoServer, shared_dir: Path) -> None:
+    if not _userns_allowed():
+        pytest.skip("this kernel refuses user namespaces to unprivileged users")
+    body = bucket.put("cold.bin", seeded(2 << 20, "userns"))
+    with serve_door("kernel", f"s3://{bucket.name}", shared_dir, moto.endpoint,
+                    "open_fill=off") as d:
+        d.cache.chmod(0o755)
+        out = _in_namespaces(d.cache, 'id -u; dd if="$CTR/cold.bin" bs=64k skip=7 count=3 '
+                             '2>/dev/null | sha256sum', user=True)
+        assert out.returncode == 0, out.stderr.decode()
+        lines = out.stdout.decode().split("\n")
+        assert lines[0] == "0"  # root inside, uid 65534 outside
+        want = hashlib.sha256(body[7 * 65536:10 * 65536]).hexdigest()
+        assert lines[1].split()[0] == want
+
+
+def test_writes_from_inside_land_as_dirty_files(bucket: Bucket, moto: MotoServer,
+                                               tmp_path: Path) -> None:
+    body = bucket.put("log.txt", seeded(100_000, "ctr-write"))
+    with serve_door("kernel", f"s3://{bucket.name}", tmp_path, moto.endpoint) as d:
+        out = _in_namespaces(d.cache, 'printf "from the container\\n" >> "$CTR/log.txt"; '
+                             'printf "new\\n" > "$CTR/new.txt"')
+        assert out.returncode == 0, out.stderr.decode()
+        assert (d.cache / "log.txt").read_bytes() == body + b"from the container\n"
+        states = subprocess.run(["python3", "-m", "hsmfs", "state", str(d.cache / "log.txt")],
+                                capture_output=True, text=True, timeout=30)
+        assert "dirty" in states.stdout, states.stdout + states.stderr
+        archived = subprocess.run(["python3", "-m", "hsmfs", "archive", str(d.cache)],
+                                  capture_output=True, text=True, timeout=60)
+        assert archived.returncode == 0, archived.stdout + archived.stderr
+        got = bucket.client.get_object(Bucket=bucket.name, Key="log.txt")["Body"].read()
+        assert got == body + b"from the container\n"
+        got = bucket.client.get_object(Bucket=bucket.name, Key="new.txt")["Body"].read()
+        assert got == b"new\n"
+
+
+def test_a_read_only_bind_mount_serves_resident_files_and_refuses_the_rest(
+        bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
+    """Measured: the kernel opens each event's fd on the mount the access came through, with
+    the group's O_RDWR; on a read-only mount that open fails (EROFS) and the kernel itself
+    denies the access (EPERM): never a hole served.  Resident files raise no event and read
+    fine; writes get EROFS as on any read-only mount.  The README says so (containers)."""
+    warm = bucket.put("warm.bin", seeded(1 << 20, "ro-warm"))
+    bucket.put("cold.bin", seeded(1 << 20, "ro-cold"))
+    with serve_door("kernel", f"s3://{bucket.name}", tmp_path, moto.endpoint,
+                    "open_fill=off") as d:
+        assert (d.cache / "warm.bin").read_bytes() == warm  # resident now
+        out = _in_namespaces(d.cache, 'sha256sum "$CTR/warm.bin"; cat "$CTR/cold.bin" '
+                             '>/dev/null; echo "cold=$?"; echo x >> "$CTR/warm.bin"; '
+                             'echo "write=$?"', read_only=True)
+        text, err = out.stdout.decode(), out.stderr.decode()
+        assert text.split()[0] == hashlib.sha256(warm).hexdigest(), err
+        assert "cold=1" in text and "Operation not permitted" in err, text + err
+        assert "write=0" not in text and "Read-only file system" in err, text + err
+        assert (d.cache / "warm.bin").read_bytes() == warm
+        assert "came without an fd (EROFS" in d.log()
