@@ -59,6 +59,7 @@ import trio
 from .config import CacheConfig
 from .errors import HsmError, ObjectChanged, Superseded
 from .fetch import Counters, FetchEngine, Fetcher, NoRoom
+from .handles import handle_of, open_handle
 from .keys import key_to_relpath, place
 from .ranges import RangeMap
 from .registry import STAGING_DIR, Changed, Found, Registry, Tree
@@ -1556,12 +1557,36 @@ class StubCache:
                 return
             except Superseded:
                 self._supersede(stub)
-        if door_fd is None or not _writable(door_fd) or os.fstat(door_fd).st_ino != stub.ino:
+        if door_fd is None or os.fstat(door_fd).st_ino != stub.ino:
             raise Superseded(f"{stub.path!r}: no path leads to this copy of "
                              f"{stub.version.key!r} and no fd to fill it through")
+        if _writable(door_fd):
+            fd = os.dup(door_fd)
+        else:
+            # A read-only door fd (the kernel door's event fds): the same inode, O_RDWR, on
+            # the private door's mount, where writes raise no events (hsmfs.handles).
+            fd = await trio.to_thread.run_sync(self._reopen_by_handle, door_fd, stub)
         with self._fd_lock:
             if stub.fd is None:
-                stub.fd = os.dup(door_fd)
+                stub.fd = fd
+                return
+        os.close(fd)
+
+    def _reopen_by_handle(self, door_fd: int, stub: Stub) -> int:
+        try:
+            root = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+            try:
+                fd = open_handle(root, handle_of(door_fd), os.O_RDWR | os.O_NOFOLLOW)
+            finally:
+                os.close(root)
+        except OSError as exc:
+            raise Superseded(f"{stub.path!r}: no path leads to this copy of "
+                             f"{stub.version.key!r}, and its inode cannot be reopened to fill "
+                             f"it ({exc})") from exc
+        if (os.fstat(fd).st_ino, generation(fd)) != (stub.ino, stub.gen):
+            os.close(fd)
+            raise Superseded(f"{stub.path!r}: its inode is another file now")
+        return fd
 
     def writable_fd(self, stub: Stub) -> int:
         with self._fd_lock:  # worker threads of one stub may race to open it

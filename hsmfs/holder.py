@@ -155,11 +155,13 @@ HOLDER_INIT_FLAGS = (
     | FAN_REPORT_TID
     | FAN_REPORT_FD_ERROR
 )
-#: Event fds are O_RDWR so the worker may also fill through them (KF §7).  The price: a binary
-#: that was exec'd before its file was marked holds deny-write, the kernel cannot open an O_RDWR
-#: fd for it and *auto-denies* the event (fd = -ETXTBSY; the app gets EPERM).  A binary exec'd
-#: while marked holds no deny-write (KF §7), and hsmfs marks stubs before anyone can open them.
-HOLDER_EVENT_F_FLAGS = os.O_RDWR | os.O_LARGEFILE
+#: Event fds are read-only.  The kernel opens each on the mount the access came through: with
+#: O_RDWR, an access through a read-only bind mount (a container's ``-v DIR:/data:ro``) got no
+#: fd (EROFS) and the kernel denied it (EPERM), and so did a binary exec'd before its mark
+#: (deny-write: ETXTBSY, KF §7).  Fills go through the private door; a stub no path leads to
+#: any more is filled through its inode reopened by handle on the private mount
+#: (hsmfs.handles), never through the event fd.
+HOLDER_EVENT_F_FLAGS = os.O_RDONLY | os.O_LARGEFILE
 
 ENV_FAN_FD = "HSMFS_FAN_FD"
 ENV_HOLDER_FD = "HSMFS_HOLDER_FD"

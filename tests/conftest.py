@@ -193,10 +193,15 @@ def _no_cover_left(tmp_path: Path) -> Iterator[None]:
     """A kernel-door stop leaves a cover mounted over its cache dir (hsmfs.cover): remove every
     cover this test left under its own directory, whatever the test did."""
     yield
+    uncover_under(tmp_path)
+
+
+def uncover_under(directory: Path) -> None:
+    """Remove every hsmfs cover mounted at or below ``directory``."""
     from hsmfs.cover import uncover
     from hsmfs.mounts import mountinfo
 
-    root = str(tmp_path.resolve())
+    root = str(directory.resolve())
     for m in mountinfo():
         if m.source == "hsmfs-cover" and (m.mount_point + "/").startswith(root + "/"):
             with contextlib.suppress(OSError):
