@@ -25,7 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .config import Options, build_options, split_options
+from . import __version__
+from .config import Options, build_options, options_help, split_options
 from .errors import HsmError
 from .keys import STATE_DIR
 from .logsetup import (
@@ -566,22 +567,33 @@ def _cmd_demo(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hsmfs", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"hsmfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] through the FUSE door")
-    m.add_argument("source")
+    # The -o list in --help comes from config.OPTIONS, the one place options are defined.
+    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] through the FUSE door",
+                       description="Mount s3://BUCKET[/PREFIX] at MOUNTPOINT through the FUSE "
+                       "door; returns once the mount serves.", epilog=options_help("mount"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("source", metavar="s3://BUCKET[/PREFIX]")
     m.add_argument("mountpoint")
-    m.add_argument("-o", action="append", help="comma-separated options (see README)")
-    m.add_argument("-f", "--foreground", action="store_true")
-    m.add_argument("-d", "--debug", action="store_true")
+    m.add_argument("-o", action="append", metavar="OPT[,OPT...]",
+                   help="options, listed below")
+    m.add_argument("-f", "--foreground", action="store_true", help="do not detach")
+    m.add_argument("-d", "--debug", action="store_true", help="debug logging")
     m.set_defaults(func=_cmd_mount)
 
-    s = sub.add_parser("serve", help="run the kernel door on a backing tree DIR")
-    s.add_argument("source")
+    s = sub.add_parser("serve", help="run the kernel door on a backing tree DIR",
+                       description="Serve s3://BUCKET[/PREFIX] in DIR through the kernel door "
+                       "(fanotify pre-content events): programs read DIR itself; returns once "
+                       "every stub is guarded.", epilog=options_help("serve"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("source", metavar="s3://BUCKET[/PREFIX]")
     s.add_argument("dir")
-    s.add_argument("-o", action="append")
-    s.add_argument("-f", "--foreground", action="store_true")
-    s.add_argument("-d", "--debug", action="store_true")
+    s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
+                   help="options, listed below")
+    s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
+    s.add_argument("-d", "--debug", action="store_true", help="debug logging")
     s.set_defaults(func=_cmd_serve)
 
     st = sub.add_parser("stop", help="stop the daemon of a mountpoint or backing tree")
