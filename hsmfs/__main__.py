@@ -547,6 +547,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(stats, indent=2))
+    elif args.prometheus:
+        from .metrics import prometheus_text
+
+        sys.stdout.write(prometheus_text(stats))
     else:
         for k, v in stats.items():
             print(f"{k:>20}: {v}")
@@ -634,8 +638,11 @@ def _parser() -> argparse.ArgumentParser:
     sy.set_defaults(func=_cmd_sync)
 
     sb = sub.add_parser("stats", help="counters of a running daemon")
-    sb.add_argument("path")
-    sb.add_argument("--json", action="store_true")
+    sb.add_argument("path", metavar="MNT-or-DIR")
+    fmt = sb.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--prometheus", action="store_true",
+                     help="Prometheus text format (what -o metrics=HOST:PORT serves)")
     sb.set_defaults(func=_cmd_stats)
 
     sub.add_parser("bench", help="doors side by side (see hsmfs bench --help)", add_help=False)

@@ -126,6 +126,8 @@ class Options:
     foreground: bool = False
     debug: bool = False
     log_file: str | None = None
+    #: ``-o metrics=HOST:PORT``: serve Prometheus text there (:mod:`hsmfs.metrics`).
+    metrics: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -162,6 +164,20 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise ValueError(f"no bucket in {url!r}")
     prefix = prefix.strip("/")
     return bucket, (prefix + "/") if prefix else ""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6).  An empty host is 127.0.0.1: metrics reach
+    other hosts only when asked for, with 0.0.0.0."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _address(text: str) -> str:
+    parse_address(text)
+    return text
 
 
 def split_options(opts: list[str]) -> dict[str, str]:
@@ -330,6 +346,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _o("log", "FILE", "CACHE/.hsmfs/hsmfs.log", "where the daemon logs (stderr with -f)",
        layer="top", field="log_file", literal_default=False),
     _o("foreground", "", "off", "stay in the foreground (as -f)", layer="top", parse=_on),
+    _o("metrics", "HOST:PORT", "off", "serve Prometheus metrics at http://HOST:PORT/metrics "
+       "(the counters of hsmfs stats)", layer="top", parse=_address, literal_default=False),
 )
 
 OPTIONS_BY_NAME: dict[str, OptionSpec] = {o.name: o for o in OPTIONS}
@@ -395,6 +413,7 @@ def build_options(
         foreground=bool(top["foreground"]),
         debug=bool(top.get("debug", False)),
         log_file=top.get("log_file"),  # type: ignore[arg-type]
+        metrics=top.get("metrics"),  # type: ignore[arg-type]
     )
 
 

@@ -1,0 +1,49 @@
+"""The stats → Prometheus text mapping (hsmfs.metrics), parsed back with prometheus_client's
+own parser; the real daemon is scraped in t4_metrics.py."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hsmfs.config import parse_address
+from hsmfs.metrics import CORE, prometheus_text
+
+
+def _families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_every_core_metric_round_trips() -> None:
+    stats = {m.key: ({"missing": 2} if m.label else 7) for m in CORE}
+    fams = _families(prometheus_text(stats))
+    for m in CORE:
+        # The parser names a counter family without its _total suffix.
+        name = "hsmfs_" + (m.name.removesuffix("_total") if m.kind == "counter" else m.name)
+        assert fams[name].type == m.kind, m.name
+        assert fams[name].documentation == m.help
+
+
+def test_labels_are_escaped_and_errnos_named() -> None:
+    weird = 'a"b\\c\nd'
+    text = prometheus_text({"kernel": {"events": {weird: 3}, "mean_event_ms": 2.5},
+                            "errors": {"throttled": 1, "enospc": 2, "missing": 4}})
+    fams = _families(text)
+    [sample] = fams["hsmfs_kernel_events"].samples
+    assert sample.labels == {"kind": weird} and sample.value == 3
+    assert fams["hsmfs_kernel_event_mean_seconds"].samples[0].value == pytest.approx(0.0025)
+    by_cause = {s.labels["cause"]: s.labels["errno"] for s in fams["hsmfs_fetch_errors"].samples}
+    assert by_cause == {"throttled": "EAGAIN", "enospc": "ENOSPC", "missing": "EIO"}
+
+
+def test_non_numbers_and_absent_sections_are_left_out() -> None:
+    text = prometheus_text({"last_refresh": None, "hits": 1, "kernel": None})
+    assert set(_families(text)) == {"hsmfs_hits"}
+
+
+def test_address() -> None:
+    assert parse_address("127.0.0.1:9100") == ("127.0.0.1", 9100)
+    assert parse_address(":9100") == ("127.0.0.1", 9100)  # never every interface by default
+    assert parse_address("[::1]:9100") == ("::1", 9100)
+    with pytest.raises(ValueError):
+        parse_address("localhost")
