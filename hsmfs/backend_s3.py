@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import hashlib
 import http.client
+import itertools
 import logging
 import os
 import random
@@ -212,6 +213,9 @@ class S3Backend:
         self.requests = 0
         self.bytes = 0
         self.retries = 0
+        #: Attempts by kind ("get", "head", "put part", ...) and outcome: "2xx", the HTTP
+        #: status of an error response, or a cause word (timeout, unreachable, short_body).
+        self.by_kind: dict[str, dict[str, int]] = {}
         self.uploaded = 0  # bytes stored by put (not yet in stats(): its keys are pinned)
         # Upload shape: module defaults, per backend so a test can make multipart cheap.
         self.multipart_threshold = MULTIPART_THRESHOLD
@@ -562,6 +566,7 @@ class S3Backend:
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         attempts = max(self.cfg.attempts, 1)
+        fn = self._tallied(what, fn)
         last: HsmError | None = None
         for n in range(attempts):
             if n:
@@ -617,6 +622,27 @@ class S3Backend:
         assert last is not None
         raise last
 
+    def _tallied(self, what: str, fn: Callable[[], T]) -> Callable[[], T]:
+        """``fn`` counting each attempt in ``by_kind`` (the kind is ``what``'s leading words:
+        "get", "put part", "complete upload", ...)."""
+        kind = " ".join(itertools.takewhile(str.isalpha, what.split()))
+
+        def attempt() -> T:
+            try:
+                out = fn()
+            except BaseException as exc:
+                self._tally(kind, _outcome(exc))
+                raise
+            self._tally(kind, "2xx")
+            return out
+
+        return attempt
+
+    def _tally(self, kind: str, outcome: str) -> None:
+        with self._lock:
+            row = self.by_kind.setdefault(kind, {})
+            row[outcome] = row.get(outcome, 0) + 1
+
     @staticmethod
     def _classify(what: str, exc: botocore.exceptions.ClientError) -> HsmError | _Retryable:
         err = exc.response.get("Error", {})
@@ -627,7 +653,28 @@ class S3Backend:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"s3_requests": self.requests, "s3_bytes": self.bytes,
-                    "s3_retries": self.retries}
+                    "s3_retries": self.retries,
+                    "s3_requests_by": {k: dict(v) for k, v in self.by_kind.items()}}
+
+
+def _outcome(exc: BaseException) -> str:
+    """What one failed attempt counts as in ``by_kind``: the HTTP status of an error
+    response, else the cause of the failure."""
+    match exc:
+        case botocore.exceptions.ClientError():
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(status or "error")
+        case _HttpError():
+            return str(exc.status)
+        case _Retryable():
+            return exc.final.cause
+        case HsmError():
+            return exc.cause
+        case (urllib3.exceptions.ConnectTimeoutError | urllib3.exceptions.ReadTimeoutError
+              | botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError):
+            return "timeout"
+        case _:
+            return "unreachable"
 
 
 def classify_status(what: str, status: int, code: str) -> HsmError | _Retryable:

@@ -36,7 +36,8 @@ REQUEST_TIMEOUT_S = 5.0
 @dataclass(frozen=True)
 class Metric:
     """One stats key as a metric.  ``label``: the stats value is a dict, one sample per key
-    with that label; ``scale``: multiply (ms → seconds)."""
+    with that label (``"a/b"``: a dict of dicts, two labels); ``scale``: multiply (ms →
+    seconds)."""
 
     key: str
     name: str
@@ -57,6 +58,9 @@ CORE: tuple[Metric, ...] = (
     Metric("s3_bytes", "s3_received_bytes_total", C, "Body bytes received from S3."),
     Metric("s3_retries", "s3_retries_total", C, "S3 requests retried after a transient "
            "failure."),
+    Metric("s3_requests_by", "s3_attempts_total", C, "S3 requests by kind and outcome (2xx, "
+           "the HTTP status of an error, or timeout/unreachable/short_body).",
+           label="kind/status"),
     Metric("cache_s3_gets", "fetch_gets_total", C, "Ranged GETs the cache issued."),
     Metric("fetched_bytes", "fetched_bytes_total", C, "Bytes fetched from S3 into stubs."),
     Metric("chunks_fetched", "fetched_chunks_total", C, "Chunks fetched from S3."),
@@ -172,10 +176,22 @@ def _escape(label: str) -> str:
     return label.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(m: Metric, key: str) -> str:
-    pairs = [(m.label, key)]
+def _flatten(v: Mapping[str, Any], depth: int) -> list[tuple[tuple[str, ...], object]]:
+    """A dict (of dicts, ``depth`` levels more) as (keys, value) pairs, sorted."""
+    out: list[tuple[tuple[str, ...], object]] = []
+    for k, x in sorted(v.items()):
+        if depth and isinstance(x, Mapping):
+            out += [((str(k), *keys), y) for keys, y in _flatten(x, depth - 1)]
+        elif not depth:
+            out.append(((str(k),), x))
+    return out
+
+
+def _labels(m: Metric, keys: tuple[str, ...]) -> str:
+    assert m.label is not None
+    pairs = list(zip(m.label.split("/"), keys, strict=True))
     if m.label == "cause":
-        pairs.append(("errno", errno_of_cause(key)))
+        pairs.append(("errno", errno_of_cause(keys[0])))
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
 
 
@@ -198,7 +214,7 @@ def prometheus_text(stats: Mapping[str, Any]) -> str:
             if m.label is not None:
                 if not isinstance(v, Mapping):
                     continue
-                samples = [(_labels(m, str(k)), x) for k, x in sorted(v.items())
+                samples = [(_labels(m, keys), x) for keys, x in _flatten(v, m.label.count("/"))
                            if _numeric(x)]
             elif _numeric(v):
                 samples = [("", v)]

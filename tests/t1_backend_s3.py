@@ -443,7 +443,9 @@ def test_stats_count_requests_bytes_and_retries(proxied, bucket, fault_proxy):  
     fault_proxy.fail_next(1, status=503, code="SlowDown", match="/k")
     assert proxied.fetch(v, 0, 4096) == data  # 2 requests, 1 retry
     assert proxied.fetch(v, 100, 200) == data[100:200]  # 1 request
-    assert proxied.stats() == {"s3_requests": 5, "s3_bytes": 4196, "s3_retries": 1}
+    assert proxied.stats() == {"s3_requests": 5, "s3_bytes": 4196, "s3_retries": 1,
+                               "s3_requests_by": {"list": {"2xx": 1}, "head": {"2xx": 1},
+                                                  "get": {"2xx": 2, "503": 1}}}
     assert fault_proxy.count() == 5
 
 

@@ -15,7 +15,8 @@ def _families(text: str) -> dict:
 
 
 def test_every_core_metric_round_trips() -> None:
-    stats = {m.key: ({"missing": 2} if m.label else 7) for m in CORE}
+    stats = {m.key: ({"get": {"2xx": 2}} if m.label == "kind/status" else
+                     {"missing": 2} if m.label else 7) for m in CORE}
     fams = _families(prometheus_text(stats))
     for m in CORE:
         # The parser names a counter family without its _total suffix.
@@ -34,6 +35,13 @@ def test_labels_are_escaped_and_errnos_named() -> None:
     assert fams["hsmfs_kernel_event_mean_seconds"].samples[0].value == pytest.approx(0.0025)
     by_cause = {s.labels["cause"]: s.labels["errno"] for s in fams["hsmfs_fetch_errors"].samples}
     assert by_cause == {"throttled": "EAGAIN", "enospc": "ENOSPC", "missing": "EIO"}
+
+
+def test_requests_by_kind_and_status() -> None:
+    text = prometheus_text({"s3_requests_by": {"get": {"2xx": 5, "503": 2}, "head": {"2xx": 1}}})
+    got = {(s.labels["kind"], s.labels["status"]): s.value
+           for s in _families(text)["hsmfs_s3_attempts"].samples}
+    assert got == {("get", "2xx"): 5, ("get", "503"): 2, ("head", "2xx"): 1}
 
 
 def test_non_numbers_and_absent_sections_are_left_out() -> None:

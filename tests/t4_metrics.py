@@ -57,6 +57,11 @@ def test_scrape_a_real_daemon(door: str, bucket: Bucket, moto: MotoServer,
         stats = d.stats()
         assert m[("hsmfs_fetched_bytes_total", ())] == stats["fetched_bytes"] >= len(data)
         assert m[("hsmfs_s3_requests_total", ())] == stats["s3_requests"] > 0
+        attempts = {k[1]: v for k, v in m.items() if k[0] == "hsmfs_s3_attempts_total"}
+        assert sum(attempts.values()) == stats["s3_requests"]
+        assert attempts[(("kind", "list"), ("status", "2xx"))] >= 1
+        assert attempts[(("kind", "get"), ("status", "2xx"))] >= 1
+        assert attempts[(("kind", "get"), ("status", "404"))] >= 1  # the deleted object
         assert m[("hsmfs_misses_total", ())] >= 1
         assert m[("hsmfs_resident_bytes", ())] == len(data) == stats["resident_bytes"]
         assert m[("hsmfs_resident_files", ())] == 1
