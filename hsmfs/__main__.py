@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import __version__
+from . import __version__, sdnotify
 from .config import Options, build_options, options_help, split_options
 from .errors import HsmError
 from .keys import STATE_DIR
@@ -136,7 +136,7 @@ def _start(opts: Options) -> int:
     # lifts it then, KernelBridge.serve); its pid file and log reach hsmfs's state through it.
     uncovered = _uncover(opts.cache.cache_dir) if opts.kernel is None else None
     if opts.foreground:
-        setup_logging(opts.debug, opts.log_file)
+        setup_logging(opts.debug, opts.log_file, opts.log_format)
         if uncovered:
             log.info("%s", uncovered)
         served = threading.Event()
@@ -144,6 +144,7 @@ def _start(opts: Options) -> int:
         def ready(summary: str) -> None:
             served.set()
             log.info("ready: %s", summary)
+            sdnotify.ready(summary)  # systemd Type=notify (hsmfs-serve@.service)
 
         try:
             return _run_daemon(opts, ready)
@@ -164,7 +165,7 @@ def _start(opts: Options) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    setup_logging(opts.debug, log_file)
+    setup_logging(opts.debug, log_file, opts.log_format)
     if uncovered:
         log.info("%s", uncovered)
     code = 1
@@ -647,6 +648,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="doors side by side (see hsmfs bench --help)", add_help=False)
     sub.add_parser("demo", help="the README's main job", add_help=False)
+    sub.add_parser("units", help="install the systemd units (see hsmfs units --help)",
+                   add_help=False)
     return p
 
 
@@ -658,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_bench(argv[1:])
     if argv and argv[0] == "demo":
         return _cmd_demo(argv[1:])
+    if argv and argv[0] == "units":
+        from .units import units_main
+
+        return units_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return args.func(args)

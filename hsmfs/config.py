@@ -128,6 +128,8 @@ class Options:
     log_file: str | None = None
     #: ``-o metrics=HOST:PORT``: serve Prometheus text there (:mod:`hsmfs.metrics`).
     metrics: str | None = None
+    #: ``-o log_format=json``: one JSON object per log line (:mod:`hsmfs.logsetup`).
+    log_format: str = "text"
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -230,6 +232,12 @@ def _id(text: str) -> int:
     if not 0 <= value < 2**32 - 1:  # (uid_t)-1 means "unchanged" to the kernel
         raise ValueError(f"not a uid/gid: {text!r}")
     return value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("text or json")
+    return text
 
 
 def _open_fill(text: str) -> int:
@@ -345,6 +353,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _o("debug", "", "off", "debug logging", layer="top", parse=_on),
     _o("log", "FILE", "CACHE/.hsmfs/hsmfs.log", "where the daemon logs (stderr with -f)",
        layer="top", field="log_file", literal_default=False),
+    _o("log_format", "text|json", "text", "json: one JSON object per log line (time, level, "
+       "message; event, key, range, cause, errno on failures)", layer="top",
+       parse=_log_format),
     _o("foreground", "", "off", "stay in the foreground (as -f)", layer="top", parse=_on),
     _o("metrics", "HOST:PORT", "off", "serve Prometheus metrics at http://HOST:PORT/metrics "
        "(the counters of hsmfs stats)", layer="top", parse=_address, literal_default=False),
@@ -414,6 +425,7 @@ def build_options(
         debug=bool(top.get("debug", False)),
         log_file=top.get("log_file"),  # type: ignore[arg-type]
         metrics=top.get("metrics"),  # type: ignore[arg-type]
+        log_format=str(top.get("log_format", "text")),
     )
 
 

@@ -134,7 +134,7 @@ def worker_main(argv: list[str]) -> int:
     """W: run the daemon with the kernel door until stopped; the exit status tells H what
     happened (0 stopped, EXIT_START_FAILED failed before ready, 1 failed after)."""
     opts = decode_options(argv[argv.index("--worker") + 1])
-    setup_logging(opts.debug, opts.log_file)
+    setup_logging(opts.debug, opts.log_file, opts.log_format)
     cause_fd = _inherited_fd(ENV_START_ERROR_FD)
     link = None
     try:
