@@ -82,6 +82,7 @@ from .errors import (
     ShortBody,
     Throttled,
 )
+from .histogram import Histogram
 from .stubfile import RemoteVersion
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,8 @@ class S3Backend:
         #: Attempts by kind ("get", "head", "put part", ...) and outcome: "2xx", the HTTP
         #: status of an error response, or a cause word (timeout, unreachable, short_body).
         self.by_kind: dict[str, dict[str, int]] = {}
+        #: Seconds per attempt by kind, whatever its outcome (a GET's includes its body).
+        self.latency: dict[str, Histogram] = {}
         self.uploaded = 0  # bytes stored by put (not yet in stats(): its keys are pinned)
         # Upload shape: module defaults, per backend so a test can make multipart cheap.
         self.multipart_threshold = MULTIPART_THRESHOLD
@@ -628,20 +631,25 @@ class S3Backend:
         kind = " ".join(itertools.takewhile(str.isalpha, what.split()))
 
         def attempt() -> T:
+            started = time.monotonic()
             try:
                 out = fn()
             except BaseException as exc:
-                self._tally(kind, _outcome(exc))
+                self._tally(kind, _outcome(exc), time.monotonic() - started)
                 raise
-            self._tally(kind, "2xx")
+            self._tally(kind, "2xx", time.monotonic() - started)
             return out
 
         return attempt
 
-    def _tally(self, kind: str, outcome: str) -> None:
+    def _tally(self, kind: str, outcome: str, seconds: float) -> None:
         with self._lock:
             row = self.by_kind.setdefault(kind, {})
             row[outcome] = row.get(outcome, 0) + 1
+            hist = self.latency.get(kind)
+            if hist is None:
+                hist = self.latency[kind] = Histogram()
+            hist.observe(seconds)
 
     @staticmethod
     def _classify(what: str, exc: botocore.exceptions.ClientError) -> HsmError | _Retryable:
@@ -654,7 +662,8 @@ class S3Backend:
         with self._lock:
             return {"s3_requests": self.requests, "s3_bytes": self.bytes,
                     "s3_retries": self.retries,
-                    "s3_requests_by": {k: dict(v) for k, v in self.by_kind.items()}}
+                    "s3_requests_by": {k: dict(v) for k, v in self.by_kind.items()},
+                    "s3_seconds_by": {k: h.as_dict() for k, h in self.latency.items()}}
 
 
 def _outcome(exc: BaseException) -> str:

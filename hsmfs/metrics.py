@@ -41,13 +41,13 @@ class Metric:
 
     key: str
     name: str
-    kind: str  # "counter" | "gauge"
+    kind: str  # "counter" | "gauge" | "histogram"
     help: str
     label: str | None = None
     scale: float = 1.0
 
 
-C, G = "counter", "gauge"
+C, G, H = "counter", "gauge", "histogram"
 
 #: Top-level keys of the core's stats (cache, fetch engine, S3 backend, refresh).
 CORE: tuple[Metric, ...] = (
@@ -61,6 +61,8 @@ CORE: tuple[Metric, ...] = (
     Metric("s3_requests_by", "s3_attempts_total", C, "S3 requests by kind and outcome (2xx, "
            "the HTTP status of an error, or timeout/unreachable/short_body).",
            label="kind/status"),
+    Metric("s3_seconds_by", "s3_request_seconds", H, "Seconds per S3 request attempt by kind "
+           "(a GET's includes receiving its body).", label="kind"),
     Metric("cache_s3_gets", "fetch_gets_total", C, "Ranged GETs the cache issued."),
     Metric("fetched_bytes", "fetched_bytes_total", C, "Bytes fetched from S3 into stubs."),
     Metric("chunks_fetched", "fetched_chunks_total", C, "Chunks fetched from S3."),
@@ -111,6 +113,8 @@ KERNEL: tuple[Metric, ...] = (
            "for."),
     Metric("mean_event_ms", "kernel_event_mean_seconds", G, "Mean time to answer an event.",
            scale=1e-3),
+    Metric("event_seconds", "kernel_event_seconds", H, "Seconds from the worker receiving an "
+           "event to its answer (the holder's hops not included)."),
     Metric("name_events", "kernel_name_events_total", C, "Directory name events."),
     Metric("watched_dirs", "kernel_watched_dirs", G, "Directories watched for names."),
 )
@@ -211,6 +215,9 @@ def prometheus_text(stats: Mapping[str, Any]) -> str:
                 continue
             v = data[m.key]
             name = PREFIX + m.name
+            if m.kind == H:
+                lines += _histogram(m, name, v)
+                continue
             if m.label is not None:
                 if not isinstance(v, Mapping):
                     continue
@@ -224,6 +231,29 @@ def prometheus_text(stats: Mapping[str, Any]) -> str:
             lines.append(f"# TYPE {name} {m.kind}")
             lines += [f"{name}{labels} {_value(x * m.scale)}" for labels, x in samples]
     return "\n".join(lines) + "\n"
+
+
+def _histogram(m: Metric, name: str, v: object) -> list[str]:
+    """A histogram dict (:meth:`hsmfs.histogram.Histogram.as_dict`), or with ``label`` a dict
+    of them, as ``_bucket``/``_sum``/``_count`` samples."""
+    if not isinstance(v, Mapping):
+        return []
+    series = ([((), v)] if m.label is None else
+              [((f'{m.label}="{_escape(str(k))}"',), h) for k, h in sorted(v.items())])
+    out = [f"# HELP {name} {m.help}", f"# TYPE {name} histogram"]
+    for labels, h in series:
+        if not isinstance(h, Mapping):
+            continue
+        for le, n in h["buckets"].items():
+            out.append(f'{name}_bucket{{{",".join([*labels, f"le={_q(le)}"])}}} {_value(n)}')
+        tail = "{" + ",".join(labels) + "}" if labels else ""
+        out.append(f"{name}_sum{tail} {_value(h['sum'])}")
+        out.append(f"{name}_count{tail} {_value(h['count'])}")
+    return out
+
+
+def _q(text: str) -> str:
+    return f'"{_escape(text)}"'
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain") -> bytes:

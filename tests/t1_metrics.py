@@ -7,6 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hsmfs.config import parse_address
+from hsmfs.histogram import Histogram
 from hsmfs.metrics import CORE, prometheus_text
 
 
@@ -15,7 +16,9 @@ def _families(text: str) -> dict:
 
 
 def test_every_core_metric_round_trips() -> None:
-    stats = {m.key: ({"get": {"2xx": 2}} if m.label == "kind/status" else
+    hist = Histogram().as_dict()
+    stats = {m.key: ({"get": hist} if m.kind == "histogram" else
+                     {"get": {"2xx": 2}} if m.label == "kind/status" else
                      {"missing": 2} if m.label else 7) for m in CORE}
     fams = _families(prometheus_text(stats))
     for m in CORE:
@@ -55,3 +58,23 @@ def test_address() -> None:
     assert parse_address("[::1]:9100") == ("::1", 9100)
     with pytest.raises(ValueError):
         parse_address("localhost")
+
+
+def test_histograms() -> None:
+    h = Histogram()
+    for seconds in (0.00005, 0.003, 0.003, 0.2, 50.0):
+        h.observe(seconds)
+    text = prometheus_text({"s3_seconds_by": {"get": h.as_dict()},
+                            "kernel": {"event_seconds": h.as_dict()}})
+    fams = _families(text)
+    assert fams["hsmfs_s3_request_seconds"].type == "histogram"
+    got = {(s.name, s.labels.get("le")): s.value for s in fams["hsmfs_s3_request_seconds"].samples
+           if s.labels.get("kind") == "get"}
+    assert got[("hsmfs_s3_request_seconds_bucket", "0.0001")] == 1
+    assert got[("hsmfs_s3_request_seconds_bucket", "0.005")] == 3
+    assert got[("hsmfs_s3_request_seconds_bucket", "10.0")] == 4
+    assert got[("hsmfs_s3_request_seconds_bucket", "+Inf")] == 5
+    assert got[("hsmfs_s3_request_seconds_count", None)] == 5
+    assert got[("hsmfs_s3_request_seconds_sum", None)] == pytest.approx(50.20605)
+    kernel = {s.name for s in fams["hsmfs_kernel_event_seconds"].samples}
+    assert kernel == {"hsmfs_kernel_event_seconds_" + x for x in ("bucket", "sum", "count")}

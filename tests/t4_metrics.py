@@ -68,7 +68,13 @@ def test_scrape_a_real_daemon(door: str, bucket: Bucket, moto: MotoServer,
         assert m[("hsmfs_dirty_files", ())] == 0
         assert m[("hsmfs_releases_total", ())] == 0
         assert m[("hsmfs_fetch_errors_total", (("cause", "missing"), ("errno", "EIO")))] >= 1
+        # Every attempt timed: the histogram counts what the attempt counter counts.
+        for kind in ("list", "get"):
+            timed = m[("hsmfs_s3_request_seconds_count", (("kind", kind),))]
+            assert timed == sum(v for k, v in attempts.items() if k[0] == ("kind", kind))
         if door == "kernel":
+            events = sum(v for k, v in m.items() if k[0] == "hsmfs_kernel_events_total")
+            assert 1 <= m[("hsmfs_kernel_event_seconds_count", ())] <= events
             assert m[("hsmfs_kernel_events_total", (("kind", "access"),))] >= 1
             assert m[("hsmfs_kernel_denied_total", (("errno", "EIO"),))] >= 1
         else:
