@@ -554,8 +554,19 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         sys.stdout.write(prometheus_text(stats))
     else:
         for k, v in stats.items():
-            print(f"{k:>20}: {v}")
+            print(f"{k:>20}: {_brief(v)}")
     return 0
+
+
+def _brief(value: object) -> object:
+    """A stats value for people: a latency histogram as its count and mean (the buckets are
+    for --json and --prometheus)."""
+    if isinstance(value, dict):
+        if "buckets" in value and "count" in value:
+            n = int(value["count"])
+            return f"{n} timed, mean {1000 * float(value['sum']) / n:.3f} ms" if n else "0 timed"
+        return {k: _brief(v) for k, v in value.items()}
+    return value
 
 
 def _cmd_bench(argv: list[str]) -> int:
