@@ -25,7 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .config import Options, build_options, split_options
+from . import __version__, sdnotify
+from .config import Options, build_options, options_help, split_options
 from .errors import HsmError
 from .keys import STATE_DIR
 from .logsetup import (
@@ -135,7 +136,7 @@ def _start(opts: Options) -> int:
     # lifts it then, KernelBridge.serve); its pid file and log reach hsmfs's state through it.
     uncovered = _uncover(opts.cache.cache_dir) if opts.kernel is None else None
     if opts.foreground:
-        setup_logging(opts.debug, opts.log_file)
+        setup_logging(opts.debug, opts.log_file, opts.log_format)
         if uncovered:
             log.info("%s", uncovered)
         served = threading.Event()
@@ -143,6 +144,7 @@ def _start(opts: Options) -> int:
         def ready(summary: str) -> None:
             served.set()
             log.info("ready: %s", summary)
+            sdnotify.ready(summary)  # systemd Type=notify (hsmfs-serve@.service)
 
         try:
             return _run_daemon(opts, ready)
@@ -163,7 +165,7 @@ def _start(opts: Options) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    setup_logging(opts.debug, log_file)
+    setup_logging(opts.debug, log_file, opts.log_format)
     if uncovered:
         log.info("%s", uncovered)
     code = 1
@@ -549,10 +551,25 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(stats, indent=2))
+    elif args.prometheus:
+        from .metrics import prometheus_text
+
+        sys.stdout.write(prometheus_text(stats))
     else:
         for k, v in stats.items():
-            print(f"{k:>20}: {v}")
+            print(f"{k:>20}: {_brief(v)}")
     return 0
+
+
+def _brief(value: object) -> object:
+    """A stats value for people: a latency histogram as its count and mean (the buckets are
+    for --json and --prometheus)."""
+    if isinstance(value, dict):
+        if "buckets" in value and "count" in value:
+            n = int(value["count"])
+            return f"{n} timed, mean {1000 * float(value['sum']) / n:.3f} ms" if n else "0 timed"
+        return {k: _brief(v) for k, v in value.items()}
+    return value
 
 
 def _cmd_bench(argv: list[str]) -> int:
@@ -569,22 +586,33 @@ def _cmd_demo(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hsmfs", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"hsmfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] through the FUSE door")
-    m.add_argument("source")
+    # The -o list in --help comes from config.OPTIONS, the one place options are defined.
+    m = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] through the FUSE door",
+                       description="Mount s3://BUCKET[/PREFIX] at MOUNTPOINT through the FUSE "
+                       "door; returns once the mount serves.", epilog=options_help("mount"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("source", metavar="s3://BUCKET[/PREFIX]")
     m.add_argument("mountpoint")
-    m.add_argument("-o", action="append", help="comma-separated options (see README)")
-    m.add_argument("-f", "--foreground", action="store_true")
-    m.add_argument("-d", "--debug", action="store_true")
+    m.add_argument("-o", action="append", metavar="OPT[,OPT...]",
+                   help="options, listed below")
+    m.add_argument("-f", "--foreground", action="store_true", help="do not detach")
+    m.add_argument("-d", "--debug", action="store_true", help="debug logging")
     m.set_defaults(func=_cmd_mount)
 
-    s = sub.add_parser("serve", help="run the kernel door on a backing tree DIR")
-    s.add_argument("source")
+    s = sub.add_parser("serve", help="run the kernel door on a backing tree DIR",
+                       description="Serve s3://BUCKET[/PREFIX] in DIR through the kernel door "
+                       "(fanotify pre-content events): programs read DIR itself; returns once "
+                       "every stub is guarded.", epilog=options_help("serve"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("source", metavar="s3://BUCKET[/PREFIX]")
     s.add_argument("dir")
-    s.add_argument("-o", action="append")
-    s.add_argument("-f", "--foreground", action="store_true")
-    s.add_argument("-d", "--debug", action="store_true")
+    s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
+                   help="options, listed below")
+    s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
+    s.add_argument("-d", "--debug", action="store_true", help="debug logging")
     s.set_defaults(func=_cmd_serve)
 
     st = sub.add_parser("stop", help="stop the daemon of a mountpoint or backing tree")
@@ -638,12 +666,17 @@ def _parser() -> argparse.ArgumentParser:
     sy.set_defaults(func=_cmd_sync)
 
     sb = sub.add_parser("stats", help="counters of a running daemon")
-    sb.add_argument("path")
-    sb.add_argument("--json", action="store_true")
+    sb.add_argument("path", metavar="MNT-or-DIR")
+    fmt = sb.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--prometheus", action="store_true",
+                     help="Prometheus text format (what -o metrics=HOST:PORT serves)")
     sb.set_defaults(func=_cmd_stats)
 
     sub.add_parser("bench", help="doors side by side (see hsmfs bench --help)", add_help=False)
     sub.add_parser("demo", help="the README's main job", add_help=False)
+    sub.add_parser("units", help="install the systemd units (see hsmfs units --help)",
+                   add_help=False)
     return p
 
 
@@ -655,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_bench(argv[1:])
     if argv and argv[0] == "demo":
         return _cmd_demo(argv[1:])
+    if argv and argv[0] == "units":
+        from .units import units_main
+
+        return units_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return args.func(args)

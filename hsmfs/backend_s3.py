@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import hashlib
 import http.client
+import itertools
 import logging
 import os
 import random
@@ -81,6 +82,7 @@ from .errors import (
     ShortBody,
     Throttled,
 )
+from .histogram import Histogram
 from .stubfile import RemoteVersion
 
 log = logging.getLogger(__name__)
@@ -212,6 +214,11 @@ class S3Backend:
         self.requests = 0
         self.bytes = 0
         self.retries = 0
+        #: Attempts by kind ("get", "head", "put part", ...) and outcome: "2xx", the HTTP
+        #: status of an error response, or a cause word (timeout, unreachable, short_body).
+        self.by_kind: dict[str, dict[str, int]] = {}
+        #: Seconds per attempt by kind, whatever its outcome (a GET's includes its body).
+        self.latency: dict[str, Histogram] = {}
         self.uploaded = 0  # bytes stored by put (not yet in stats(): its keys are pinned)
         # Upload shape: module defaults, per backend so a test can make multipart cheap.
         self.multipart_threshold = MULTIPART_THRESHOLD
@@ -562,6 +569,7 @@ class S3Backend:
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         attempts = max(self.cfg.attempts, 1)
+        fn = self._tallied(what, fn)
         last: HsmError | None = None
         for n in range(attempts):
             if n:
@@ -617,6 +625,32 @@ class S3Backend:
         assert last is not None
         raise last
 
+    def _tallied(self, what: str, fn: Callable[[], T]) -> Callable[[], T]:
+        """``fn`` counting each attempt in ``by_kind`` (the kind is ``what``'s leading words:
+        "get", "put part", "complete upload", ...)."""
+        kind = " ".join(itertools.takewhile(str.isalpha, what.split()))
+
+        def attempt() -> T:
+            started = time.monotonic()
+            try:
+                out = fn()
+            except BaseException as exc:
+                self._tally(kind, _outcome(exc), time.monotonic() - started)
+                raise
+            self._tally(kind, "2xx", time.monotonic() - started)
+            return out
+
+        return attempt
+
+    def _tally(self, kind: str, outcome: str, seconds: float) -> None:
+        with self._lock:
+            row = self.by_kind.setdefault(kind, {})
+            row[outcome] = row.get(outcome, 0) + 1
+            hist = self.latency.get(kind)
+            if hist is None:
+                hist = self.latency[kind] = Histogram()
+            hist.observe(seconds)
+
     @staticmethod
     def _classify(what: str, exc: botocore.exceptions.ClientError) -> HsmError | _Retryable:
         err = exc.response.get("Error", {})
@@ -627,7 +661,29 @@ class S3Backend:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"s3_requests": self.requests, "s3_bytes": self.bytes,
-                    "s3_retries": self.retries}
+                    "s3_retries": self.retries,
+                    "s3_requests_by": {k: dict(v) for k, v in self.by_kind.items()},
+                    "s3_seconds_by": {k: h.as_dict() for k, h in self.latency.items()}}
+
+
+def _outcome(exc: BaseException) -> str:
+    """What one failed attempt counts as in ``by_kind``: the HTTP status of an error
+    response, else the cause of the failure."""
+    match exc:
+        case botocore.exceptions.ClientError():
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(status or "error")
+        case _HttpError():
+            return str(exc.status)
+        case _Retryable():
+            return exc.final.cause
+        case HsmError():
+            return exc.cause
+        case (urllib3.exceptions.ConnectTimeoutError | urllib3.exceptions.ReadTimeoutError
+              | botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError):
+            return "timeout"
+        case _:
+            return "unreachable"
 
 
 def classify_status(what: str, status: int, code: str) -> HsmError | _Retryable:

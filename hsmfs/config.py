@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 KiB = 1024
@@ -108,6 +109,15 @@ class FuseConfig:
     #: ``-o ro``: the mount is read-only (the kernel answers EROFS to every write).  Default:
     #: read-write (``-o rw``).
     read_only: bool = False
+    #: ``-o uid=``/``gid=``: the owner every file and directory of the mount shows (and that
+    #: the kernel's permission checks, ``default_permissions``, use), as s3fs, rclone and
+    #: mountpoint-s3 do.  None: the backing file's own owner.  The backing tree is unchanged,
+    #: so the kernel door is unaffected.
+    uid: int | None = None
+    gid: int | None = None
+    #: ``-o umask=``: permission bits cleared from every mode the mount shows (presentation,
+    #: like ``uid``).  0: the backing file's mode as it is.
+    umask: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,15 +131,12 @@ class Options:
     foreground: bool = False
     debug: bool = False
     log_file: str | None = None
+    #: ``-o metrics=HOST:PORT``: serve Prometheus text there (:mod:`hsmfs.metrics`).
+    metrics: str | None = None
+    #: ``-o log_format=json``: one JSON object per log line (:mod:`hsmfs.logsetup`).
+    log_format: str = "text"
     extra: dict[str, str] = field(default_factory=dict)
 
-
-# Options that mount(8)/fstab pass and that mean nothing to hsmfs (or are implied by FUSE).
-IGNORED_OPTIONS = frozenset(
-    {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "_netdev", "auto", "noauto", "defaults",
-     "nofail", "user", "users", "nouser", "async", "sync", "atime", "noatime",
-     "relatime", "nodiratime", "owner", "group", "default_permissions"}
-)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 
@@ -166,6 +173,20 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/") if prefix else ""
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6).  An empty host is 127.0.0.1: metrics reach
+    other hosts only when asked for, with 0.0.0.0."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _address(text: str) -> str:
+    parse_address(text)
+    return text
+
+
 def split_options(opts: list[str]) -> dict[str, str]:
     """Merge several ``-o`` strings; later options win.  Flags map to ``""``."""
     out: dict[str, str] = {}
@@ -175,109 +196,237 @@ def split_options(opts: list[str]) -> dict[str, str]:
             if not item:
                 continue
             key, sep, value = item.partition("=")
-            out[key.strip()] = value.strip() if sep else ""
+            key = key.strip()
+            # Re-inserted at the end: options apply in order, so for "ro,rw,ro" ro wins.
+            out.pop(key, None)
+            out[key] = value.strip() if sep else ""
     return out
 
 
-def _flag(value: str) -> bool:
-    return value.lower() not in {"0", "no", "false", "off"}
+
+
+# -- the -o options: one table --------------------------------------------------------------------
+#
+# Every ``-o`` option is one row of OPTIONS: its parser, where the value goes, its default and
+# its meaning.  ``build_options`` parses from it, ``hsmfs mount --help``/``serve --help`` print
+# it, and scripts/options_table.py writes the README's table from it (tests/t1_options.py fails
+# when the README drifts), so the three can never disagree.
+
+FLAG_OFF = frozenset({"0", "no", "false", "off"})
+
+
+def _on(value: str) -> bool:
+    """A flag: bare (``ro``) or ``=1/yes/on`` is on, ``=0/no/false/off`` is off."""
+    return value.lower() not in FLAG_OFF
+
+
+def _off_or(parse: Callable[[str], float | int]) -> Callable[[str], float | int]:
+    """``off`` (or an empty value) is 0, anything else goes through ``parse``."""
+    return lambda v: 0 if v in {"off", ""} else parse(v)
+
+
+def _percent(text: str) -> float:
+    value = float(text.rstrip("%"))
+    if not 0 <= value < 100:
+        raise ValueError("a percentage from 0 to 99")
+    return value
+
+
+def _octal(text: str) -> int:
+    value = int(text, 8)
+    if not 0 <= value <= 0o7777:
+        raise ValueError(f"not a permission mode: {text!r}")
+    return value
+
+
+def _id(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32 - 1:  # (uid_t)-1 means "unchanged" to the kernel
+        raise ValueError(f"not a uid/gid: {text!r}")
+    return value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("text or json")
+    return text
+
+
+def _open_fill(text: str) -> int:
+    return -1 if text == "all" else 0 if text in {"off", "0"} else parse_size(text)
+
+
+#: The doors an option acts on.
+BOTH, FUSE, KERNEL = "both", "fuse", "kernel"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One ``-o`` option."""
+
+    name: str
+    #: What follows ``=`` (``SIZE``, ``N``, ...); empty for a flag.
+    value: str
+    #: The default as a user would type it (``parse(default)`` is the config's default unless
+    #: ``literal_default`` is False, e.g. "AWS config").
+    default: str
+    meaning: str
+    door: str
+    #: Where the parsed value goes: a config layer ("s3", "cache", "kernel", "fuse") or "top"
+    #: (a field of :class:`Options` or of the command itself); None: accepted, changes nothing.
+    layer: str | None
+    field: str
+    parse: Callable[[str], object]
+    literal_default: bool = True
+
+    @property
+    def usage(self) -> str:
+        return f"{self.name}={self.value}" if self.value else self.name
+
+
+def _o(name: str, value: str, default: str, meaning: str, *, door: str = BOTH,
+       layer: str | None, field: str = "", parse: Callable[[str], object] = str,
+       literal_default: bool = True) -> OptionSpec:
+    return OptionSpec(name, value, default, meaning, door, layer, field or name, parse,
+                      literal_default)
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    _o("cache", "DIR", "(required for mount)", "the backing tree (for serve: DIR itself)",
+       layer="top", field="cache_dir", literal_default=False),
+    _o("endpoint", "URL", "AWS config", "the S3 endpoint", layer="s3", field="endpoint_url",
+       literal_default=False),
+    _o("region", "NAME", "AWS config", "the S3 region", layer="s3", literal_default=False),
+    _o("profile", "NAME", "AWS config", "the AWS profile for credentials", layer="s3",
+       literal_default=False),
+    _o("retries", "N", "5", "retries of a transient S3 failure (full-jitter backoff)",
+       layer="s3", field="attempts", parse=lambda v: int(v) + 1),
+    _o("timeout", "S", "30", "S3 read timeout, seconds", layer="s3", field="read_timeout_s",
+       parse=float),
+    _o("connections", "N", "16", "S3 connection pool size", layer="s3",
+       field="max_connections", parse=int),
+    _o("lean_get", "0|1", "on", "sign ranged GETs directly; off sends them through boto3's "
+       "full client (a third more CPU)", layer="s3", parse=_on),
+    _o("chunk", "SIZE", "1M", "fetch unit (aligned; a multiple of 4K)", layer="cache",
+       field="chunk_size", parse=parse_size),
+    _o("max_request", "SIZE", "8M", "adjacent missing chunks merge into one GET up to this",
+       layer="cache", parse=parse_size),
+    _o("readahead", "SIZE", "64M", "the sequential read-ahead window doubles up to this",
+       layer="cache", field="readahead_max", parse=parse_size),
+    _o("small_file", "SIZE", "1M", "files at most this large are fetched whole on first touch",
+       layer="cache", parse=parse_size),
+    _o("dir_readahead", "SIZE|off", "64M", "after two small files of a directory are read, "
+       "fetch up to SIZE of its other small files with the same extensions in the background",
+       layer="cache", parse=_off_or(parse_size)),
+    _o("concurrency", "N", "16", "ranged GETs in flight", layer="cache", parse=int),
+    _o("file_mode", "OCTAL", "0644", "mode of a file made from an object without an s3fs "
+       "x-amz-meta-mode", layer="cache", parse=_octal),
+    _o("dir_mode", "OCTAL", "0755", "mode of the directories made from key prefixes",
+       layer="cache", parse=_octal),
+    _o("head", "0|1", "on", "HEAD each object at population to read x-amz-meta-mode; off "
+       "skips it (much faster start of a large bucket, file_mode for every file)",
+       layer="cache", field="head_for_mode", parse=_on),
+    _o("refresh", "S|off", "off", "list S3 every S seconds and make the tree follow it (new, "
+       "changed and deleted objects), as hsmfs sync does", layer="cache", field="refresh_s",
+       parse=_off_or(_seconds)),
+    _o("writeback", "S|off", "off", "upload a dirty or new file once every writer closed it "
+       "and it was not written for S seconds (else only hsmfs archive uploads)",
+       layer="cache", field="writeback_s", parse=_off_or(_seconds)),
+    _o("cache_size", "SIZE|off", "off", "keep resident data under SIZE by releasing the least "
+       "recently used clean files before each fetch; dirty, pinned, open and mapped files are "
+       "never evicted, and a budget that cannot be met is logged and shown by hsmfs stats",
+       layer="cache", parse=_off_or(parse_size)),
+    _o("min_free", "PCT", "0", "also keep PCT percent of the cache's filesystem free",
+       layer="cache", field="min_free_pct", parse=_percent),
+    _o("kernel", "", "off (mount), on (serve)", "also run the kernel door on the cache",
+       layer="top", parse=_on, literal_default=False),
+    _o("open_fill", "SIZE|all|off", "8M", "fill files up to SIZE whole when "
+       "opened, so cp/tar never copy holes as zeros", door=KERNEL, layer="cache",
+       field="open_fill_max", parse=_open_fill),
+    _o("cover", "0|1", "on", "cover the cache dir when the door stops, so "
+       "unfetched bytes never read as zeros", door=KERNEL, layer="kernel", parse=_on),
+    _o("watchdog", "S|off", "30s", "restart a worker whose loop leaves the "
+       "holder's ping unanswered this long", door=KERNEL, layer="kernel", field="watchdog_s",
+       parse=_off_or(_seconds)),
+    _o("ro", "", "off", "mount read-only (writes get EROFS)", door=FUSE, layer="fuse",
+       field="read_only", parse=_on),
+    _o("rw", "", "on", "mount read-write (the default; the later of ro/rw wins)", door=FUSE,
+       layer="fuse", field="read_only", parse=lambda v: not _on(v)),
+    _o("allow_other", "", "off", "let users other than the one who mounted use the mount",
+       door=FUSE, layer="fuse", parse=_on),
+    _o("default_permissions", "", "on", "the kernel checks every access against the modes "
+       "and owners the mount shows (always on; accepted for fstab)", door=FUSE, layer=None),
+    _o("uid", "N", "file's own", "owner every file and directory of the mount shows",
+       door=FUSE, layer="fuse", parse=_id, literal_default=False),
+    _o("gid", "N", "file's own", "group every file and directory of the mount shows",
+       door=FUSE, layer="fuse", parse=_id, literal_default=False),
+    _o("umask", "OCTAL", "0", "permission bits cleared from every mode the mount shows",
+       door=FUSE, layer="fuse", parse=_octal),
+    _o("read_ahead_kb", "N", "1024", "the mount's read-ahead, so requests are 1 MiB",
+       door=FUSE, layer="fuse", parse=int),
+    _o("attr_timeout", "S", "300", "entry/attribute cache timeouts (never 0)", door=FUSE,
+       layer="fuse", field="attr_timeout_s", parse=float),
+    _o("fsname", "NAME", "hsmfs", "the source column of mount(8) and df", door=FUSE,
+       layer="fuse"),
+    _o("debug", "", "off", "debug logging", layer="top", parse=_on),
+    _o("log", "FILE", "CACHE/.hsmfs/hsmfs.log", "where the daemon logs (stderr with -f)",
+       layer="top", field="log_file", literal_default=False),
+    _o("log_format", "text|json", "text", "json: one JSON object per log line (time, level, "
+       "message; event, key, range, cause, errno on failures)", layer="top",
+       parse=_log_format),
+    _o("foreground", "", "off", "stay in the foreground (as -f)", layer="top", parse=_on),
+    _o("metrics", "HOST:PORT", "off", "serve Prometheus metrics at http://HOST:PORT/metrics "
+       "(the counters of hsmfs stats)", layer="top", parse=_address, literal_default=False),
+)
+
+OPTIONS_BY_NAME: dict[str, OptionSpec] = {o.name: o for o in OPTIONS}
+
+# Options that mount(8)/fstab pass and that mean nothing to hsmfs (or are implied by FUSE).
+IGNORED_OPTIONS = frozenset(
+    {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "_netdev", "auto", "noauto", "defaults",
+     "nofail", "user", "users", "nouser", "async", "sync", "atime", "noatime",
+     "relatime", "nodiratime", "owner", "group"}
+)
+
+
+def _ignored(key: str) -> bool:
+    # x-*: userspace mount options (x-systemd.*, x-gvfs-*); comment=: fstab's old spelling.
+    return key in IGNORED_OPTIONS or key.startswith("x-") or key == "comment"
 
 
 def build_options(
     source: str, opts: dict[str, str], *, mountpoint: str | None, cache_dir: str | None,
     kernel_door: bool, foreground: bool = False,
 ) -> Options:
-    """Validate ``-o`` options into config objects; unknown options are an error, never ignored."""
+    """Validate ``-o`` options into config objects; unknown options are an error, never ignored.
+
+    ``mountpoint=None`` means no FUSE door: a FUSE-only option is then an error too (it would
+    silently change nothing).  Kernel-door options are accepted without the kernel door, so
+    one option list serves both doors (as the tests and the bench use it).
+    """
     bucket, prefix = parse_s3_url(source)
-    opts = dict(opts)
-    s3_kw: dict[str, object] = {}
-    cache_kw: dict[str, object] = {}
-    kernel_kw: dict[str, object] = {}
-    fuse_kw: dict[str, object] = {}
-    debug = False
-    log_file = None
-    kernel = kernel_door
-    for key, value in list(opts.items()):
-        match key:
-            case "cache":
-                cache_dir = value
-            case "endpoint":
-                s3_kw["endpoint_url"] = value
-            case "region":
-                s3_kw["region"] = value
-            case "profile":
-                s3_kw["profile"] = value
-            case "retries":
-                s3_kw["attempts"] = int(value) + 1
-            case "timeout":
-                s3_kw["read_timeout_s"] = float(value)
-            case "connections":
-                s3_kw["max_connections"] = int(value)
-            case "lean_get":
-                s3_kw["lean_get"] = _flag(value)
-            case "chunk":
-                cache_kw["chunk_size"] = parse_size(value)
-            case "max_request":
-                cache_kw["max_request"] = parse_size(value)
-            case "readahead":
-                cache_kw["readahead_max"] = parse_size(value)
-            case "small_file":
-                cache_kw["small_file"] = parse_size(value)
-            case "dir_readahead":
-                cache_kw["dir_readahead"] = 0 if value == "off" else parse_size(value)
-            case "concurrency":
-                cache_kw["concurrency"] = int(value)
-            case "file_mode":
-                cache_kw["file_mode"] = int(value, 8)
-            case "dir_mode":
-                cache_kw["dir_mode"] = int(value, 8)
-            case "head":
-                cache_kw["head_for_mode"] = _flag(value)
-            case "kernel":
-                kernel = _flag(value) if value else True
-            case "open_fill":
-                cache_kw["open_fill_max"] = (
-                    -1 if value == "all" else 0 if value in {"off", "0"} else parse_size(value)
-                )
-            case "writeback":
-                cache_kw["writeback_s"] = 0.0 if value in {"off", ""} else _seconds(value)
-            case "refresh":
-                cache_kw["refresh_s"] = 0.0 if value in {"off", ""} else _seconds(value)
-            case "cache_size":
-                cache_kw["cache_size"] = 0 if value in {"off", "0"} else parse_size(value)
-            case "min_free":
-                pct = float(value.rstrip("%"))
-                if not 0 <= pct < 100:
-                    raise ValueError(f"min_free={value}: a percentage from 0 to 99")
-                cache_kw["min_free_pct"] = pct
-            case "cover":
-                kernel_kw["cover"] = _flag(value)
-            case "watchdog":
-                kernel_kw["watchdog_s"] = 0.0 if value == "off" else _seconds(value)
-            case "read_ahead_kb":
-                fuse_kw["read_ahead_kb"] = int(value)
-            case "attr_timeout":
-                fuse_kw["attr_timeout_s"] = float(value)
-            case "allow_other":
-                fuse_kw["allow_other"] = True
-            case "fsname":
-                fuse_kw["fsname"] = value
-            case "ro":
-                fuse_kw["read_only"] = True
-            case "rw":
-                fuse_kw["read_only"] = False
-            case "debug":
-                debug = True
-            case "log":
-                log_file = value
-            case "foreground":
-                foreground = True
-            case _ if key in IGNORED_OPTIONS or key.startswith("x-") or key.startswith("comment="):
-                pass
-            case _:
-                raise ValueError(f"unknown option {key!r}")
+    layers: dict[str, dict[str, object]] = {"s3": {}, "cache": {}, "kernel": {}, "fuse": {},
+                                            "top": {"kernel": kernel_door,
+                                                    "foreground": foreground}}
+    for key, value in opts.items():
+        spec = OPTIONS_BY_NAME.get(key)
+        if spec is None:
+            if _ignored(key):
+                continue
+            raise ValueError(f"unknown option {key!r} (--help lists every option)")
+        if spec.door == FUSE and mountpoint is None:
+            raise ValueError(f"option {key!r} is for the FUSE door (hsmfs mount) only")
+        if spec.layer is None:
+            continue
+        try:
+            layers[spec.layer][spec.field] = spec.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"option {key}={value}: {exc}") from None
+    top = layers["top"]
+    cache_dir = top.get("cache_dir", cache_dir)  # type: ignore[assignment]
     if not cache_dir:
         raise ValueError("no cache directory: pass -o cache=DIR")
+    cache_kw = layers["cache"]
     cache_kw["cache_dir"] = os.path.abspath(cache_dir)
     cache_cfg = CacheConfig(**cache_kw)  # type: ignore[arg-type]
     if cache_cfg.chunk_size <= 0 or cache_cfg.chunk_size % 4096:
@@ -285,12 +434,49 @@ def build_options(
     if cache_cfg.max_request < cache_cfg.chunk_size:
         cache_cfg = dataclasses.replace(cache_cfg, max_request=cache_cfg.chunk_size)
     return Options(
-        s3=S3Config(bucket=bucket, prefix=prefix, **s3_kw),  # type: ignore[arg-type]
+        s3=S3Config(bucket=bucket, prefix=prefix, **layers["s3"]),  # type: ignore[arg-type]
         cache=cache_cfg,
-        kernel=KernelConfig(**kernel_kw) if kernel else None,  # type: ignore[arg-type]
-        fuse=FuseConfig(mountpoint=os.path.abspath(mountpoint), **fuse_kw)  # type: ignore[arg-type]
-        if mountpoint else None,
-        foreground=foreground,
-        debug=debug,
-        log_file=log_file,
+        kernel=KernelConfig(**layers["kernel"]) if top["kernel"] else None,  # type: ignore[arg-type]
+        fuse=FuseConfig(mountpoint=os.path.abspath(mountpoint),  # type: ignore[arg-type]
+                        **layers["fuse"]) if mountpoint else None,
+        foreground=bool(top["foreground"]),
+        debug=bool(top.get("debug", False)),
+        log_file=top.get("log_file"),  # type: ignore[arg-type]
+        metrics=top.get("metrics"),  # type: ignore[arg-type]
+        log_format=str(top.get("log_format", "text")),
     )
+
+
+# -- the table, for people ------------------------------------------------------------------------
+
+def options_for(command: str) -> list[OptionSpec]:
+    """The options ``hsmfs mount`` (every door) or ``hsmfs serve`` (no FUSE) accept."""
+    return [o for o in OPTIONS if command == "mount" or o.door != FUSE]
+
+
+def options_help(command: str, width: int = 100) -> str:
+    """The ``-o`` section of ``hsmfs mount --help``/``serve --help``."""
+    import textwrap
+
+    lines = ["-o options (comma-separated, as in fstab; later ones win):"]
+    for o in options_for(command):
+        lines.append(f"  {o.usage:<22} default: {o.default}")
+        door = {KERNEL: "[kernel door] ", FUSE: "[FUSE door] ", BOTH: ""}[o.door]
+        lines += textwrap.wrap(door + o.meaning, width, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    lines.append("  mount(8)'s own options (_netdev, nofail, noauto, nodev, x-*, ...) are "
+                 "accepted and ignored.")
+    return "\n".join(lines)
+
+
+def options_markdown() -> str:
+    """The README's option table (scripts/options_table.py writes it)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| option | default | doors | meaning |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        doors = {BOTH: "both", FUSE: "FUSE", KERNEL: "kernel"}[o.door]
+        rows.append(f"| `{cell(o.usage)}` | {cell(o.default)} | {doors} | {cell(o.meaning)} |")
+    return "\n".join(rows)

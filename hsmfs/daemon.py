@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import trio
 
-from . import control
+from . import control, metrics
 from .archive import Archiver, Writeback
 from .backend_s3 import ObjectInfo, S3Backend
 from .cache import Intent, RefreshReport, StubCache, describe
@@ -205,6 +205,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                     "uptime_s": round(time.monotonic() - started, 3),
                     "daemon_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
                     **cache.stats(),
+                    "resident_bytes": metrics.resident_bytes(cache.registry.by_path.values()),
                 }
                 if ops is not None:
                     out["fuse"] = ops.stats()
@@ -270,6 +271,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)
         await nursery.start(control.serve, opts.cache.cache_dir, handle)
+        if opts.metrics:
+            await nursery.start(metrics.serve, opts.metrics, lambda: handle({"cmd": "stats"}))
         if kernel is not None:
             await nursery.start(kernel.serve, cache)
         if writeback is not None:

@@ -41,6 +41,7 @@ from .errors import (
     Superseded,
     cause_of,
 )
+from .logsetup import failure_fields
 from .ranges import RangeMap, Span
 from .readahead import page_ceil, page_floor
 from .state import Stub
@@ -321,7 +322,9 @@ class FetchEngine:
         else:
             log.log(level, "%sfetch of %r [%d, %d) failed (%s): %s",
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
-                    cause, exc)
+                    cause, exc, extra=failure_fields(
+                        "prefetch_failed" if prefetch else "fetch_failed", stub.version.key,
+                        flight.start, flight.stop, exc))
 
     def _fetch_and_fill(self, stub: Stub, flight: Flight, gaps: list[Span],
                         completes: bool) -> None:

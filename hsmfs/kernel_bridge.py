@@ -73,6 +73,7 @@ from .fanotify import (
     fanotify_mark_fd,
     ignore_mount,
 )
+from .histogram import Histogram
 from .names import NameWatcher
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,8 @@ class BridgeStats:
     notices: int = 0  # FAN_MODIFY notices received from H (writes already landed)
     marked_dirty: int = 0  # files a notice found clean and marked dirty
     busy_s: float = 0.0
+    #: Seconds from the worker receiving an event to its answer (the H hops not included).
+    latency: Histogram = dataclasses.field(default_factory=Histogram)
 
     def as_dict(self) -> dict[str, Any]:
         total = sum(self.events.values())
@@ -263,7 +266,12 @@ class BridgeStats:
             "notices": self.notices,
             "marked_dirty": self.marked_dirty,
             "mean_event_ms": round(1000 * self.busy_s / total, 3) if total else 0.0,
+            "event_seconds": self.latency.as_dict(),
         }
+
+    def took(self, seconds: float) -> None:
+        self.busy_s += seconds
+        self.latency.observe(seconds)
 
 
 class KernelBridge:
@@ -518,7 +526,7 @@ class KernelBridge:
         self.stats_.resident_answers += 1
         self.cache.note_hit(stub, start, stop)
         self.cache.note_served(max(stop - start, 0))
-        self.stats_.busy_s += time.perf_counter() - started
+        self.stats_.took(time.perf_counter() - started)
         return True
 
     def _may_write(self, event: Any, stub: Any) -> bool:
@@ -598,7 +606,7 @@ class KernelBridge:
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
-            self.stats_.busy_s += time.perf_counter() - started
+            self.stats_.took(time.perf_counter() - started)
             with trio.CancelScope(shield=True):
                 await self.link.reply(ident, response)
             if pin is not None:

@@ -6,20 +6,61 @@ the holder that started it).  Must not import trio, boto3 or any door: the holde
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import sys
+import time
 
-from .errors import AccessDenied, BackendUnavailable, HsmError, ObjectMissing, Throttled
+from .errors import (
+    AccessDenied,
+    BackendUnavailable,
+    HsmError,
+    ObjectMissing,
+    Throttled,
+    cause_of,
+    to_errno,
+)
 
 #: Libraries whose INFO lines are per request: only their warnings reach our log.
 _NOISY = ("botocore", "boto3", "urllib3", "s3transfer")
 
 
-def setup_logging(debug: bool, log_file: str | None) -> None:
-    """Send every log line to ``log_file`` (appending), or to stderr when it is None."""
+#: The structured fields a log line may carry (``extra=``, e.g. :func:`failure_fields`); the
+#: JSON format writes each one present.
+FIELDS = ("event", "key", "range", "cause", "errno")
+
+
+class JsonFormatter(logging.Formatter):
+    """``-o log_format=json``: one JSON object per line (time, level, logger, pid, message,
+    the :data:`FIELDS` present, and a traceback as ``exc``), for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for name in FIELDS:
+            if hasattr(record, name):
+                line[name] = getattr(record, name)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def setup_logging(debug: bool, log_file: str | None, log_format: str = "text") -> None:
+    """Send every log line to ``log_file`` (appending), or to stderr when it is None, as text
+    or as JSON lines."""
     handler: logging.Handler = (logging.FileHandler(log_file) if log_file
                                 else logging.StreamHandler(sys.stderr))
-    handler.setFormatter(logging.Formatter(
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
         "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -85,6 +126,14 @@ def describe_start_failure(exc: BaseException) -> str:
             return f"{exc.strerror or text}: {exc.filename}"
         case _:
             return text
+
+
+def failure_fields(event: str, key: str, start: int, stop: int,
+                   exc: BaseException) -> dict[str, object]:
+    """The structured fields of a failure line (``log.error(..., extra=...)``): what failed,
+    on which object and range, why, and the errno the doors answer for it."""
+    return {"event": event, "key": key, "range": [start, stop], "cause": cause_of(exc),
+            "errno": errno.errorcode.get(to_errno(exc), str(to_errno(exc)))}
 
 
 def start_failure_line(source: str, exc: BaseException) -> str:

@@ -166,10 +166,12 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = self.cfg.attr_timeout_s
         a.attr_timeout = self.cfg.attr_timeout_s
-        a.st_mode = st.st_mode
+        # -o uid/gid/umask change what the mount shows (and the kernel checks), never the
+        # backing file: the kernel door and the tree keep the real owner and mode.
+        a.st_mode = st.st_mode & ~self.cfg.umask
         a.st_nlink = st.st_nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
+        a.st_uid = st.st_uid if self.cfg.uid is None else self.cfg.uid
+        a.st_gid = st.st_gid if self.cfg.gid is None else self.cfg.gid
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blksize = 1 << 20  # tells cp & co. to use 1 MiB buffers: fewer, larger requests

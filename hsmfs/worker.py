@@ -52,15 +52,15 @@ def encode_options(opts: Options) -> str:
 
 def decode_options(text: str) -> Options:
     d = json.loads(text)
+    layers = {"s3", "cache", "kernel", "fuse"}
     return Options(
         s3=S3Config(**d["s3"]),
         cache=CacheConfig(**d["cache"]),
         kernel=KernelConfig(**d["kernel"]) if d["kernel"] else None,
         fuse=FuseConfig(**d["fuse"]) if d["fuse"] else None,
-        foreground=d["foreground"],
-        debug=d["debug"],
-        log_file=d["log_file"],
-        extra=d["extra"],
+        # The plain fields (foreground, debug, log_file, metrics, ...) as they are: a new one
+        # needs no change here.
+        **{k: v for k, v in d.items() if k not in layers},
     )
 
 
@@ -134,7 +134,7 @@ def worker_main(argv: list[str]) -> int:
     """W: run the daemon with the kernel door until stopped; the exit status tells H what
     happened (0 stopped, EXIT_START_FAILED failed before ready, 1 failed after)."""
     opts = decode_options(argv[argv.index("--worker") + 1])
-    setup_logging(opts.debug, opts.log_file)
+    setup_logging(opts.debug, opts.log_file, opts.log_format)
     cause_fd = _inherited_fd(ENV_START_ERROR_FD)
     link = None
     try:

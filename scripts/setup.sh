@@ -10,7 +10,8 @@ extra="${1:-}"
 python="${PYTHON:-python3}"
 
 apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc sqlite3)  # sqlite3: the demo queries through both doors
-[ "$extra" = test ] && apt_pkgs+=(rsync attr util-linux e2fsprogs xfsprogs btrfs-progs git)
+# systemd: systemd-analyze verifies the shipped units (tests/t1_units.py)
+[ "$extra" = test ] && apt_pkgs+=(rsync attr util-linux e2fsprogs xfsprogs btrfs-progs git systemd)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

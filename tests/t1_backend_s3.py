@@ -443,7 +443,14 @@ def test_stats_count_requests_bytes_and_retries(proxied, bucket, fault_proxy):  
     fault_proxy.fail_next(1, status=503, code="SlowDown", match="/k")
     assert proxied.fetch(v, 0, 4096) == data  # 2 requests, 1 retry
     assert proxied.fetch(v, 100, 200) == data[100:200]  # 1 request
-    assert proxied.stats() == {"s3_requests": 5, "s3_bytes": 4196, "s3_retries": 1}
+    stats = proxied.stats()
+    latency = stats.pop("s3_seconds_by")
+    assert stats == {"s3_requests": 5, "s3_bytes": 4196, "s3_retries": 1,
+                     "s3_requests_by": {"list": {"2xx": 1}, "head": {"2xx": 1},
+                                        "get": {"2xx": 2, "503": 1}}}
+    # Every attempt timed, by kind: the 503 too.
+    assert {k: h["count"] for k, h in latency.items()} == {"list": 1, "head": 1, "get": 3}
+    assert latency["get"]["buckets"]["+Inf"] == 3 and latency["get"]["sum"] > 0
     assert fault_proxy.count() == 5
 
 

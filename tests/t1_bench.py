@@ -419,3 +419,35 @@ def test_passfs_serves_the_tree_byte_for_byte(tmp_path: Path) -> None:
             proc.wait()
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.timeout(180)
+def test_bench_without_matplotlib_writes_tables_and_says_so(moto: Any, tmp_path: Path) -> None:
+    """Issue 14, item 6: the whole command, in a process where ``import matplotlib`` fails as
+    it does without the bench extra (a package of that name that raises ModuleNotFoundError
+    comes first on the path): it says so at the start, before any work, and at the end, and
+    writes its tables and JSON without plots."""
+    shadow = tmp_path / "no-extra" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    json_path = tmp_path / "results.json"
+    env = child_env()
+    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{env['PYTHONPATH']}"
+    out = subprocess.run(
+        [sys.executable, "-m", "hsmfs", "bench", "--quick", "--tiny", "--doors", "native,s3",
+         "--workloads", "seq", "--endpoint", moto.endpoint,
+         "--bucket", f"bench-{uuid.uuid4().hex[:8]}", "--out", str(tmp_path / "out"),
+         "--json", str(json_path), "--no-drop-caches", "--no-prefault"],
+        env=env, capture_output=True, text=True, timeout=170)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    said = [i for i, line in enumerate(lines) if "no plots: matplotlib is not installed" in line]
+    built = [i for i, line in enumerate(lines) if "dataset: built" in line]
+    assert said and built and said[0] < built[0], out.stderr  # before any work
+    assert "pip install 'hsmfs[bench]'" in lines[said[0]]
+    assert "plots skipped" in lines[-1], out.stderr
+    doc = json.loads(json_path.read_text())
+    assert any(r["door"] == "s3" and r["MBps"] for r in doc["results"])
+    assert json_path.with_suffix(".md").read_text().startswith("# hsmfs bench")
+    assert not list(tmp_path.glob("*.png"))

@@ -447,6 +447,9 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
     prefault = 0 if args.no_prefault else PREFAULT[args.profile]
     log(f"hsmfs bench: profile {args.profile}, doors {','.join(args.doors)}, "
         f"workloads {','.join(args.workloads)}, repeat {args.repeat}")
+    no_plots = report.plots_unavailable()
+    if no_plots:
+        log(f"no plots: {no_plots}; the tables and JSON are written as usual")
     with contextlib.ExitStack() as stack:
         if not args.keep_scratch:
             stack.callback(_remove_scratch, scratch, log)
@@ -467,21 +470,23 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
         samples = runner.run()
         meta = _meta(args, ds, endpoint_desc, drop_reason, prefault, log.started)
     meta["duration_s"] = round(time.monotonic() - log.t0, 1)
-    _write_outputs(json_path, meta, samples, log)
+    _write_outputs(json_path, meta, samples, log, no_plots)
     return 0
 
 
 def _write_outputs(json_path: Path, meta: dict[str, Any], samples: list[report.Row],
-                   log: Progress) -> None:
+                   log: Progress, no_plots: str | None = None) -> None:
     rows = report.aggregate(samples)
     goals = report.evaluate_goals(rows)
     report.write_json(json_path, meta, rows, goals, samples)
     md = report.markdown(rows, goals, meta)
     md_path = json_path.with_suffix(".md")
     md_path.write_text(md)
-    pngs = report.plots(rows, json_path.parent)
+    pngs = [] if no_plots else report.plots(rows, json_path.parent)
     print(md)
-    log(f"wrote {json_path}, {md_path}, {', '.join(str(p) for p in pngs)}")
+    log(f"wrote {json_path}, {md_path}" + "".join(f", {p}" for p in pngs))
+    if no_plots:
+        log(f"plots skipped: {no_plots}")
 
 
 def bench_main(argv: list[str]) -> int:

@@ -454,6 +454,20 @@ def _bars(ax: Any, rows: list[Row], workloads: list[str], field: str, err: str |
     ax.legend(fontsize="x-small", ncols=2)
 
 
+#: The one command that adds the plots (matplotlib is the bench extra, not a dependency).
+PLOTS_INSTALL = "pip install 'hsmfs[bench]'"
+
+
+def plots_unavailable() -> str | None:
+    """Why :func:`plots` cannot draw (matplotlib missing), or None.  Asked at the start of a
+    run, so a bench without the extra says so before minutes of work, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return f"matplotlib is not installed ({exc}); for the plots: {PLOTS_INSTALL}"
+    return None
+
+
 def plots(rows: list[Row], out_dir: Path) -> list[Path]:
     """throughput.png (MB/s) and latency.png (p50 bars, p99 whiskers), per door and workload."""
     import matplotlib
