@@ -56,11 +56,11 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
 
     Pages are taken as they arrive: the listing runs in a thread that hands each page to the
     loop through a bounded channel, and the objects that need a HEAD go at once to
-    ``max_connections`` worker tasks fed by a bounded channel, so HEADs overlap the listing
-    and at most ``max_connections`` requests (and tasks) exist at a time, whatever the bucket
-    size.  The result is one compact list (one :class:`ObjectInfo` per object): the caller
-    needs all of it (a path the listing does not name is a remote delete, and ``a`` is refused
-    as a file only once no ``a/...`` key follows).
+    ``max_connections - 1`` worker tasks fed by a bounded channel, so HEADs overlap the
+    listing and at most ``max_connections`` requests (and that many tasks) exist at a time,
+    whatever the bucket size.  The result is one compact list (one :class:`ObjectInfo` per
+    object): the caller needs all of it (a path the listing does not name is a remote delete,
+    and ``a`` is refused as a file only once no ``a/...`` key follows).
 
     ``lister``: the backend to list with (a refresh of a subtree lists under a longer
     prefix); ``wanted(version)``: whether that object needs a HEAD (only objects the tree does
@@ -75,7 +75,10 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     page_send, page_recv = trio.open_memory_channel[list[Any]](PAGES_AHEAD)
     # Indices into ``infos``: a HEAD's answer replaces the listed entry in place.
     head_send, head_recv = trio.open_memory_channel[int](2 * opts.s3.max_connections)
-    limiter = trio.CapacityLimiter(opts.s3.max_connections)
+    # The listing holds one of the client's connections throughout: one worker fewer, or
+    # urllib3's pool (max_connections) overflows and each HEAD past it opens a new connection.
+    workers = max(opts.s3.max_connections - 1, 1)
+    limiter = trio.CapacityLimiter(workers)
 
     def pump() -> None:
         # In a thread: botocore's parsing holds it, not the loop.  A closed receiver (the loop
@@ -107,7 +110,7 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     async with trio.open_nursery() as nursery:
         nursery.start_soon(list_all)
         if head:
-            for _ in range(opts.s3.max_connections):
+            for _ in range(workers):
                 nursery.start_soon(head_worker, head_recv.clone())
         head_recv.close()
         waiting: list[int] = []  # listed before ``decide_after``: decided once it is set
