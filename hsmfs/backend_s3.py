@@ -93,7 +93,7 @@ T = TypeVar("T")
 ObjectVersion = RemoteVersion
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectInfo:
     version: ObjectVersion
     #: ``st_mode`` from s3fs's ``x-amz-meta-mode`` (decimal), when HEAD was asked for and present.

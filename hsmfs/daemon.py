@@ -153,8 +153,13 @@ async def start_listing(cache: StubCache, backend: S3Backend,
     scanned = trio.Event()
     prefix = opts.s3.prefix
 
+    started = time.monotonic()
+    scan_s = 0.0
+
     async def scan() -> None:
+        nonlocal scan_s
         found.update(await cache.scan())
+        scan_s = time.monotonic() - started
         scanned.set()
 
     def wanted(version: Any) -> bool:
@@ -165,6 +170,8 @@ async def start_listing(cache: StubCache, backend: S3Backend,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(scan)
         objects = await list_objects(backend, opts, wanted=wanted, decide_after=scanned)
+    log.info("listed %d objects in %.1f s (tree scanned in %.1f s: %d files)", len(objects),
+             time.monotonic() - started, scan_s, len(found))
     return objects, found
 
 
