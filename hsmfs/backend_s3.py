@@ -95,7 +95,7 @@ T = TypeVar("T")
 ObjectVersion = RemoteVersion
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectInfo:
     version: ObjectVersion
     #: ``st_mode`` from s3fs's ``x-amz-meta-mode`` (decimal), when HEAD was asked for and present.
@@ -231,6 +231,12 @@ class S3Backend:
 
     def list(self) -> Iterator[ObjectVersion]:
         """Every object under the prefix (paginated), keys as stored in S3."""
+        for page in self.list_pages():
+            yield from page
+
+    def list_pages(self) -> Iterator[list[ObjectVersion]]:
+        """The listing one page (up to 1,000 objects) at a time, as each response arrives:
+        a caller can work on a page while the next one is asked for."""
         token: str | None = None
         while True:
             kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": self.cfg.prefix}
@@ -238,13 +244,9 @@ class S3Backend:
                 kw["ContinuationToken"] = token
             page = self._call(f"list {self.cfg.prefix!r}",
                               lambda kw=kw: self._client.list_objects_v2(**kw))
-            for obj in page.get("Contents", []):
-                yield ObjectVersion(
-                    key=obj["Key"],
-                    etag=obj["ETag"],
-                    size=int(obj["Size"]),
-                    mtime=obj["LastModified"].timestamp(),
-                )
+            yield [ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
+                                 mtime=obj["LastModified"].timestamp())
+                   for obj in page.get("Contents", [])]
             if not page.get("IsTruncated"):
                 return
             token = page["NextContinuationToken"]

@@ -383,8 +383,16 @@ class StubCache:
 
     # -- transitions: the listing ------------------------------------------------------------
 
+    async def scan(self) -> dict[str, Found]:
+        """Every regular file of the tree with its record, by path, as :meth:`populate` needs
+        it (``found``).  A clean file whose length or mtime changed while no door saw it is
+        recorded dirty here, durably (:meth:`_size_checked`).  Disk work: in a thread."""
+        return await trio.to_thread.run_sync(
+            lambda: {f.rel: self._size_checked(f) for f in self.tree.scan()})
+
     async def populate(self, objects: Iterable[ObjectInfoLike] | None,
-                       prefix: str = "") -> PopulateReport:
+                       prefix: str = "", *, found: dict[str, Found] | None = None
+                       ) -> PopulateReport:
         """Make the backing tree mirror a listing (or, with ``objects`` None, adopt the tree as
         it is: a restarted worker needs no S3 to guard what exists).
 
@@ -394,14 +402,21 @@ class StubCache:
         one goes away unless it holds local changes (then ``conflict``).  Local files that are
         not stubs are never touched.
 
+        ``found``: the tree's :meth:`scan`, when the caller made it already (the daemon scans
+        while it lists S3); it must be of this start, with nothing changed since but by
+        programs (which populate re-checks per file, as always).  Populate consumes it (its
+        entries are popped as they are placed: no second copy of 100,000 entries).
+
         For a start only, before any door serves: a serving daemon uses :meth:`refresh`
         (which says why this is not safe to call again)."""
-        listed = None if objects is None else list(objects)
-        return await trio.to_thread.run_sync(self._populate_sync, listed, prefix)
+        listed = None if objects is None or isinstance(objects, list) else list(objects)
+        return await trio.to_thread.run_sync(
+            self._populate_sync, objects if listed is None else listed, prefix, found)
 
-    def _populate_sync(self, objects: list[ObjectInfoLike] | None,
-                       prefix: str) -> PopulateReport:
-        found = {f.rel: self._size_checked(f) for f in self.tree.scan()}
+    def _populate_sync(self, objects: list[ObjectInfoLike] | None, prefix: str,
+                       found: dict[str, Found] | None = None) -> PopulateReport:
+        if found is None:
+            found = {f.rel: self._size_checked(f) for f in self.tree.scan()}
         if objects is None:
             return self._adopt_tree(found)
         by_key = {o.version.key: o for o in objects}

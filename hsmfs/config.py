@@ -323,8 +323,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
        "x-amz-meta-mode", layer="cache", parse=_octal),
     _o("dir_mode", "OCTAL", "0755", "mode of the directories made from key prefixes",
        layer="cache", parse=_octal),
-    _o("head", "0|1", "on", "HEAD each object at population to read x-amz-meta-mode; off "
-       "skips it (much faster start of a large bucket, file_mode for every file)",
+    _o("head", "0|1", "on", "HEAD objects the tree does not hold at the listed ETag, to read "
+       "x-amz-meta-mode (a restart over a full tree sends none); off skips it (a much faster "
+       "first start of a large bucket, file_mode for every file)",
        layer="cache", field="head_for_mode", parse=_on),
     _o("refresh", "S|off", "off", "list S3 every S seconds and make the tree follow it (new, "
        "changed and deleted objects), as hsmfs sync does", layer="cache", field="refresh_s",

@@ -44,36 +44,135 @@ class KernelDoor(Protocol):
     def stats(self) -> dict[str, object]: ...
 
 
+#: Listing pages (1,000 objects each) that may wait between the listing thread and the loop:
+#: enough to keep the listing going while the loop is busy, few enough to bound the memory.
+PAGES_AHEAD = 8
+
+
 async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend | None = None,
-                       wanted: Callable[[Any], bool] | None = None) -> list[ObjectInfo]:
-    """The listing, with each object's mode from HEAD when asked (concurrently, in threads).
+                       wanted: Callable[[Any], bool] | None = None,
+                       decide_after: trio.Event | None = None) -> list[ObjectInfo]:
+    """The listing, in S3's order, with each object's mode from HEAD when asked.
+
+    Pages are taken as they arrive: the listing runs in a thread that hands each page to the
+    loop through a bounded channel, and the objects that need a HEAD go at once to
+    ``max_connections - 1`` worker tasks fed by a bounded channel, so HEADs overlap the
+    listing and at most ``max_connections`` requests (and that many tasks) exist at a time,
+    whatever the bucket size.  The result is one compact list (one :class:`ObjectInfo` per
+    object): the caller needs all of it (a path the listing does not name is a remote delete,
+    and ``a`` is refused as a file only once no ``a/...`` key follows).
 
     ``lister``: the backend to list with (a refresh of a subtree lists under a longer
-    prefix); ``wanted(version)``: whether that object needs a HEAD (a refresh asks only for
-    objects it does not hold at that version: a HEAD per object per period would cost more
-    than the listing)."""
-    versions = await trio.to_thread.run_sync(lambda: list((lister or backend).list()))
-    if not opts.cache.head_for_mode:
-        return [ObjectInfo(v) for v in versions]
-    infos: dict[str, ObjectInfo] = {}
-    limiter = trio.CapacityLimiter(opts.s3.max_connections)
+    prefix); ``wanted(version)``: whether that object needs a HEAD (only objects the tree does
+    not hold at that version: a HEAD per object per start or refresh period would cost more
+    than the listing); ``decide_after``: ``wanted`` can be asked only once this event is set
+    (at start, when the tree scan it reads is done; objects listed before wait, as indices).
 
-    async def head_one(v: Any) -> None:
-        try:
-            infos[v.key] = await trio.to_thread.run_sync(backend.head, v, limiter=limiter)
-        except HsmError as exc:
-            # Changed or gone between LIST and HEAD: keep the listed version; its reads will
-            # report the change.  The mode falls back to the default.
-            log.info("HEAD %r: %s; using the listing", v.key, exc)
-            infos[v.key] = ObjectInfo(v)
+    Nothing is persisted: a death anywhere in here leaves the tree as it was."""
+    source = lister or backend
+    infos: list[ObjectInfo] = []
+    head = opts.cache.head_for_mode
+    page_send, page_recv = trio.open_memory_channel[list[Any]](PAGES_AHEAD)
+    # Indices into ``infos``: a HEAD's answer replaces the listed entry in place.
+    head_send, head_recv = trio.open_memory_channel[int](2 * opts.s3.max_connections)
+    # The listing holds one of the client's connections throughout: one worker fewer, or
+    # urllib3's pool (max_connections) overflows and each HEAD past it opens a new connection.
+    workers = max(opts.s3.max_connections - 1, 1)
+    limiter = trio.CapacityLimiter(workers)
+
+    def pump() -> None:
+        # In a thread: botocore's parsing holds it, not the loop.  A closed receiver (the loop
+        # side failed or was cancelled) ends the listing early.
+        for page in source.list_pages():
+            try:
+                trio.from_thread.run(page_send.send, page)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async def list_all() -> None:
+        async with page_send:
+            await trio.to_thread.run_sync(pump)
+
+    async def head_worker(recv: trio.MemoryReceiveChannel[int]) -> None:
+        async with recv:
+            async for i in recv:
+                v = infos[i].version
+                try:
+                    infos[i] = await trio.to_thread.run_sync(backend.head, v, limiter=limiter)
+                except HsmError as exc:
+                    # Changed or gone between LIST and HEAD: keep the listed version; its reads
+                    # will report the change.  The mode falls back to the default.
+                    log.info("HEAD %r: %s; using the listing", v.key, exc)
+
+    def needs_head(i: int) -> bool:
+        return wanted is None or wanted(infos[i].version)
 
     async with trio.open_nursery() as nursery:
-        for v in versions:
-            if v.key.endswith("/") or (wanted is not None and not wanted(v)):
-                infos[v.key] = ObjectInfo(v)  # directory marker, or held: nothing to ask
-            else:
-                nursery.start_soon(head_one, v)
-    return [infos[v.key] for v in versions]
+        nursery.start_soon(list_all)
+        if head:
+            for _ in range(workers):
+                nursery.start_soon(head_worker, head_recv.clone())
+        head_recv.close()
+        waiting: list[int] = []  # listed before ``decide_after``: decided once it is set
+        async with head_send:
+            with page_recv:
+                async for page in page_recv:
+                    for v in page:
+                        infos.append(ObjectInfo(v))
+                        if not head or v.key.endswith("/"):
+                            continue  # no HEAD asked, or a directory marker
+                        if decide_after is not None and not decide_after.is_set():
+                            waiting.append(len(infos) - 1)
+                        elif needs_head(len(infos) - 1):
+                            await head_send.send(len(infos) - 1)
+                    if waiting and decide_after is not None and decide_after.is_set():
+                        for i in waiting:
+                            if needs_head(i):
+                                await head_send.send(i)
+                        waiting.clear()
+            if waiting and decide_after is not None:
+                await decide_after.wait()
+                for i in waiting:
+                    if needs_head(i):
+                        await head_send.send(i)
+    return infos
+
+
+async def start_listing(cache: StubCache, backend: S3Backend,
+                        opts: Options) -> tuple[list[ObjectInfo], dict[str, Any]]:
+    """At start: list S3 while the tree is scanned, and HEAD only objects whose path does not
+    already hold a stub of the listed ETag (the mode is on the stub already; a restart over a
+    tree that holds every version asks nothing).  Returns the listing and the scan, for
+    :meth:`StubCache.populate`.
+
+    The scan persists one thing: a clean file found changed (length or mtime) is recorded
+    dirty, durably, before anything looks at it (``StubCache._size_checked``), as populate's
+    own scan always did; a death after that leaves it dirty, which is true.  The listing
+    persists nothing."""
+    found: dict[str, Any] = {}
+    scanned = trio.Event()
+    prefix = opts.s3.prefix
+
+    started = time.monotonic()
+    scan_s = 0.0
+
+    async def scan() -> None:
+        nonlocal scan_s
+        found.update(await cache.scan())
+        scan_s = time.monotonic() - started
+        scanned.set()
+
+    def wanted(version: Any) -> bool:
+        rel = key_to_relpath(version.key, prefix)[0]
+        f = found.get(rel) if rel else None
+        return f is None or f.record is None or f.record.version.etag != version.etag
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(scan)
+        objects = await list_objects(backend, opts, wanted=wanted, decide_after=scanned)
+    log.info("listed %d objects in %.1f s (tree scanned in %.1f s: %d files)", len(objects),
+             time.monotonic() - started, scan_s, len(found))
+    return objects, found
 
 
 class Refresher:
@@ -169,6 +268,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         kernel.attach(cache)
         cache.listeners.append(kernel)
     objects: list[ObjectInfo] | None = None
+    found: dict[str, Any] | None = None
     if _restarted_worker():
         # A worker restarted by the holder adopts the tree as it is: guarding what exists
         # needs no S3 (which may be what just failed), and a listing could replace files that
@@ -176,8 +276,12 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         log.info("restarted worker: adopting %s without listing S3", opts.cache.cache_dir)
     else:
         log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
-        objects = await list_objects(backend, opts)
-    report = await cache.populate(objects, opts.s3.prefix)
+        objects, found = await start_listing(cache, backend, opts)
+    report = await cache.populate(objects, opts.s3.prefix, found=found)
+    # Populate made its own records of what it kept: the listing and the scan (~100,000
+    # entries each at scale) go now, not with the daemon.
+    listed = None if objects is None else len(objects)
+    objects = found = None
     archiver = Archiver(cache, backend, opts.s3.prefix)
     ops = None
     if opts.fuse is not None:
@@ -285,7 +389,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         nursery.start_soon(_watch_signals, stop, ops is not None)
         if ops is not None:
             await _start_fuse(nursery, ops, opts, stop)
-        summary = (f"{len(objects) if objects is not None else 'no listing:'} objects, "
+        summary = (f"{listed if listed is not None else 'no listing:'} objects, "
                    f"{report.created} new stubs, {report.kept} kept, {report.replaced} replaced, "
                    f"{report.stale} stale, {report.conflicts} conflicts, "
                    f"{len(report.rejected)} refused keys")

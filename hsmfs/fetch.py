@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import threading
 from collections import Counter
@@ -341,10 +342,16 @@ class FetchEngine:
 
     def _buffer(self, size: int) -> memoryview:
         """Worker thread: this thread's GET buffer, at least ``size`` bytes, reused across
-        flights (a flight's bytes are written out before the thread takes another)."""
-        buf: bytearray | None = getattr(self._buffers, "buf", None)
+        flights (a flight's bytes are written out before the thread takes another).
+
+        An anonymous mapping, not a ``bytearray``: a bytearray is zero-filled, so all of its
+        ``max_request`` bytes (8 MiB) are resident in every fetch thread from the first small
+        file on (16 threads: +128 MB, measured); a mapping's pages become resident only as a
+        GET writes them, so the buffer costs what the largest flight of that thread used, and
+        munmap gives it all back when trio retires the idle thread."""
+        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
         if buf is None or len(buf) < size:
-            buf = bytearray(max(size, self.cfg.max_request))
+            buf = mmap.mmap(-1, max(size, self.cfg.max_request))
             self._buffers.buf = buf
         return memoryview(buf)[:size]
 

@@ -312,8 +312,13 @@ class KernelBridge:
         # fills would mark every file dirty (KERNEL_FACTS_3 §2): PRIVATE_IGNORE_MASK has both.
         ignore_mount(self.fan_fd, self.root_fd)
         if self.filesystem_mark:
-            fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, self.mask,
-                          self.cache_dir)
+            # Through the private door's fd, never the cache path: after a stop the path leads
+            # to the cover (a tmpfs, which carries no pre-content events: EOPNOTSUPP), and the
+            # filesystem to guard is the one beneath it, which only root_fd reaches.  The cover
+            # stays up until serve() has guarded every stub, so a death before or after this
+            # mark leaves the tree covered (ENOENT), never unguarded.
+            fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, self.mask, ".",
+                          dirfd=self.root_fd)
         fill = cache.cfg.open_fill_max
         log.info("kernel door on %s: %s mark, mask %#x, open fill %s", self.cache_dir,
                  "filesystem" if self.filesystem_mark else "per-stub inode", self.mask,

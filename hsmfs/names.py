@@ -169,8 +169,10 @@ class NameWatcher:
                                     os.O_RDONLY | os.O_CLOEXEC)
         try:
             if filesystem_mark:
-                fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FS_MASK | extra,
-                              cache_dir)
+                # By the private door's fd, not the path: behind a cover (a restart after a
+                # stop) the path leads to the cover's tmpfs, not to the filesystem to watch.
+                fanotify_mark(self.fan_fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FS_MASK | extra, ".",
+                              dirfd=root_fd)
             else:
                 self._mark_tree(".", note_files=False)
         except BaseException:

@@ -30,7 +30,7 @@ def page_ceil(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-@dataclass
+@dataclass(slots=True)
 class AccessPattern:
     """The access pattern of one file: whether it is read as a stream, and how far ahead."""
 

@@ -51,7 +51,7 @@ class NewerFormat(Exception):
     """The cache was made by a newer hsmfs: this one must not misread it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Found:
     """A regular file found in the tree with its record (None: a local file)."""
 

@@ -45,7 +45,8 @@ class Intent(enum.Enum):
     WRITE = "write"  # a program is about to change the file: all of it local, then dirty
 
 
-@dataclass
+# slots: one per file, 100,000 and more at scale; a __dict__ each was ~20 % of the worker's RSS.
+@dataclass(slots=True)
 class Stub:
     """One backing file the core vouches for: a copy of ``version``, possibly partial."""
 

@@ -86,7 +86,7 @@ class VersionLike(Protocol):
     version_id: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoteVersion:
     """One version of one object: the immutable thing a stub is a copy of."""
 
@@ -97,7 +97,7 @@ class RemoteVersion:
     version_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """What a backing file says about itself (its trusted xattrs)."""
 

@@ -277,3 +277,27 @@ def test_bind_mount_and_new_mount_namespace(bucket: Bucket, moto: MotoServer,
         assert _kernel(d)["events"].get("access", 0) >= 3
         assert d.stats()["fetched_bytes"] == len(a) + len(b) + len(c)
 
+
+
+def test_restart_behind_the_cover(bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
+    """A kernel-door stop covers the cache dir (a tmpfs over the loop filesystem's root).  The
+    next start must place its filesystem marks on the filesystem beneath the cover, through the
+    private door's fd: by the cache path it would reach the cover (tmpfs, which carries no
+    pre-content events), and the start would fail or guard nothing."""
+    data = {k: bucket.put(k, seeded(5 * CHUNK + 11 + i, k))
+            for i, k in enumerate(["d/a.bin", "d/b.bin"])}
+    with loop_cache("ext4", tmp_path) as w:
+        with serve_door("kernel", f"s3://{bucket.name}", w, moto.endpoint, *RANGED) as d:
+            assert _kernel(d)["mark"] == "filesystem"
+            assert file_sha256(d.root / "d/a.bin") == sha256(data["d/a.bin"])
+        from hsmfs.cover import is_covered
+
+        assert is_covered(w / "cache"), "a kernel-door stop leaves the cover up"
+        with serve_door("kernel", f"s3://{bucket.name}", w, moto.endpoint, *RANGED) as d:
+            assert not is_covered(w / "cache")
+            assert _kernel(d)["mark"] == "filesystem"
+            # b.bin was never read: every byte of it must come through the new marks.
+            assert file_sha256(d.root / "d/b.bin") == sha256(data["d/b.bin"])
+            assert file_sha256(d.root / "d/a.bin") == sha256(data["d/a.bin"])
+            assert _total_events(d) >= 1
+            assert "no names group" not in d.log()
