@@ -56,6 +56,7 @@ from typing import Protocol
 
 import trio
 
+from . import crashpoint
 from .config import CacheConfig
 from .errors import HsmError, ObjectChanged, Superseded
 from .fetch import Counters, FetchEngine, Fetcher
@@ -150,9 +151,10 @@ class Released:
     errno: int = 0  # for a refusal: EBUSY (in use, try again) or EPERM (never, as it stands)
 
 
-#: Test hooks (tests/t4_release.py): SIGKILL this process at a named step of a release; hold
-#: the lease this many seconds after the punch (an opener must wait, then read right bytes).
-CRASH_ENV = "HSMFS_TEST_CRASH_RELEASE"
+#: Test hooks (tests/t4_release.py, tests/t4_crash.py): SIGKILL this process at a named step of
+#: a release (:mod:`hsmfs.crashpoint`); hold the lease this many seconds after the punch (an
+#: opener must wait, then read right bytes).
+CRASH_ENV = crashpoint.RELEASE
 PAUSE_ENV = "HSMFS_TEST_RELEASE_PAUSE"
 
 
@@ -420,6 +422,8 @@ class StubCache:
                 continue
             if outcome:
                 n[outcome] += 1
+                if outcome == "created":
+                    crashpoint.crash_point(crashpoint.POPULATE, "created")
         for f in found.values():
             if f.record is None:
                 continue
@@ -804,6 +808,7 @@ class StubCache:
             change = await self._apply(step)
             if change is not None:
                 report.changes.append(change)
+                crashpoint.crash_point(crashpoint.REFRESH, "applied")
         st = self.refresh_stats
         st.refreshes += 1
         st.last_at = time.time()
@@ -1445,6 +1450,7 @@ class StubCache:
                 if outcome.detail.startswith("changed"):
                     await self._mark_dirty(stub, None)
                 return outcome
+            self._crash_hook("released")  # on disk a stub; the doors not told yet
             self.releases += 1
             self.released_bytes += resident
             for guard in self.release_guards:
@@ -1491,6 +1497,7 @@ class StubCache:
                 # nothing lives (KEEP_SIZE; owed is the length, checked above).
                 block = max(st.st_blksize, 4096)
                 punch(fd, 0, -(-stub.owed // block) * block)  # failure: perhaps half punched
+                self._crash_hook("punched-only")  # the punch moved the mtime
                 os.utime(fd, (st.st_atime, stub.version.mtime))
                 self._crash_hook("punched")
                 with contextlib.suppress(OSError):
@@ -1511,9 +1518,7 @@ class StubCache:
 
     @staticmethod
     def _crash_hook(step: str) -> None:
-        if os.environ.get(CRASH_ENV) == step:
-            log.warning("%s=%s: SIGKILL", CRASH_ENV, step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        crashpoint.crash_point(CRASH_ENV, step)
         if step == "punched" and os.environ.get(PAUSE_ENV):
             time.sleep(float(os.environ[PAUSE_ENV]))
 

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from . import crashpoint
 from .keys import STATE_DIR
 from .state import Stub
 from .stubfile import (
@@ -255,6 +256,7 @@ class Tree:
             guard(fd)
             if replace is not None:
                 self._exchange(tmp, rel)
+                crashpoint.crash_point(crashpoint.REFRESH, "exchanged")  # tests only
                 try:
                     retired = self._retire(tmp, replace)
                 except BaseException:
