@@ -89,6 +89,7 @@ from .stubfile import (
     scan_resident_bytes,
     write_owed,
     write_pinned,
+    write_releasing,
     write_sync,
     write_view,
 )
@@ -518,6 +519,8 @@ class StubCache:
         it cannot see: a write that put the mtime back (``touch -r``) without changing the
         length."""
         record = f.record
+        if record is not None and record.releasing:
+            return self._release_interrupted(f, record)
         if (record is None or record.sync not in (CLEAN, STALE)
                 or (f.size == record.version.size
                     and abs(f.mtime - record.version.mtime) < MTIME_SLACK_S)):
@@ -538,6 +541,32 @@ class StubCache:
                  "now %s", f.rel, f.size, f.mtime, record.version.size, record.version.mtime,
                  sync)
         return dataclasses.replace(f, record=Record(record.version, owed, sync, record.remote))
+
+    def _release_interrupted(self, f: Found, record: Record) -> Found:
+        """A release was punching this file when hsmfs died (``X_RELEASING``).  Only a clean
+        file at its version's length is released, and under the lease no program could open
+        it, so a moved mtime on a file with no data below ``owed`` is the punch's: the mtime
+        is put back and the file stays clean (a stub).  With data left, the punch never ran
+        and a moved mtime is a program's write since: the usual rule (dirty).  The marker
+        goes either way."""
+        try:
+            fd = self.tree.open_checked(f.rel, f.ino, f.gen)
+        except (OSError, Changed):
+            return f
+        try:
+            moved = abs(f.mtime - record.version.mtime) >= MTIME_SLACK_S
+            if (moved and record.sync == CLEAN and f.size == record.version.size == record.owed
+                    and not has_data(fd, record.owed)):
+                st = os.fstat(fd)
+                os.utime(fd, (st.st_atime, record.version.mtime))
+                log.info("%r: its release was interrupted after the punch: a clean stub, "
+                         "the version's mtime put back", f.rel)
+                f = dataclasses.replace(f, mtime=record.version.mtime)
+            write_releasing(fd, False)
+        finally:
+            os.close(fd)
+        return self._size_checked(dataclasses.replace(
+            f, record=dataclasses.replace(record, releasing=False)))
 
     def _adopt_tree(self, found: dict[str, Found]) -> PopulateReport:
         kept = 0
@@ -1491,6 +1520,11 @@ class StubCache:
                                     f"{st.st_mtime:.3f}; its version: {stub.version.size}, "
                                     f"{stub.version.mtime:.3f}): now dirty",
                                     errno=errno.EPERM)
+                # The punch moves the mtime before it can be put back: say so first, so a
+                # start after a crash in between knows it was this punch, not a program's
+                # write (else it records a clean file dirty, and a later remote change makes
+                # it a false conflict: tests/t4_crash.py found it).
+                write_releasing(fd, True)
                 self._crash_hook("leased")
                 # To the end of the last block: a punch ending inside a block zeroes its
                 # bytes but keeps the block, data the extents would count resident.  Past EOF
@@ -1502,6 +1536,7 @@ class StubCache:
                 self._crash_hook("punched")
                 with contextlib.suppress(OSError):
                     write_view(fd, STUB)
+                write_releasing(fd, False)
             finally:
                 with contextlib.suppress(OSError):  # the kernel may have broken it already
                     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)

@@ -36,7 +36,7 @@ from support.heldfd import group_alive, the_worker, wait_new_worker_ready
 from hsmfs import control, crashpoint
 from hsmfs.cover import uncover
 from hsmfs.mounts import mountinfo
-from hsmfs.stubfile import describe
+from hsmfs.stubfile import X_RELEASING, describe
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -268,3 +268,53 @@ def test_sigkill_while_populate_makes_stubs(kind: str, scope: str, bucket: Bucke
     c.disarm()
     with c.serve() as d:
         check_tree(d, {"keep/res.bin": res, **many}, local={"keep/dirty.bin": bytes(dirty)})
+
+
+# -- release: SIGKILL at each step of the punch ---------------------------------------------------
+
+#: Steps of StubCache.release (docs/design.md, Release), and whether the file is punched after.
+RELEASE_STEPS = {
+    "leased": False,  # guard back, lease taken, nothing punched
+    "punched-only": True,  # punched; the punch moved the mtime, not put back yet
+    "punched": True,  # punched, mtime put back; the view not written, the lease held
+    "released": True,  # all done on disk, the lease dropped; the doors not told yet
+}
+
+
+@pytest.mark.parametrize("step", list(RELEASE_STEPS))
+@pytest.mark.parametrize(("kind", "scope"), SCOPES)
+def test_sigkill_in_the_middle_of_a_release(kind: str, scope: str, step: str, bucket: Bucket,
+                                            moto: MotoServer, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resident clean file is released and the daemon (or the worker) dies at ``step``.
+    After the restart it is either resident (nothing punched) or a clean stub (all of it
+    punched), never counted resident over holes; it reads S3's bytes and releases again; a
+    dirty file beside it is still dirty with its own bytes."""
+    data = bucket.put("r/c.bin", blob(1 * MiB + 5, "crash"))
+    other = bucket.put("r/o.bin", blob(64 * KiB, "other"))
+    dirty = bytearray(bucket.put("r/d.bin", blob(100 * KiB, "d")))
+    c = Crash(monkeypatch, bucket, moto, tmp_path / "w", kind, scope)
+    c.arm(crashpoint.RELEASE, step)
+    with c.serve() as d:
+        assert read(d.root / "r/c.bin") == data
+        mtime = os.stat(d.cache / "r/c.bin").st_mtime_ns
+        make_dirty(d.root / "r/d.bin", 10, b"mine")
+        dirty[10:14] = b"mine"
+        c.note_worker(d)
+        out = hsmfs("release", str(d.root / "r/c.bin"))
+        assert out.returncode != 0, f"the release was to die at {step}: {out.stdout}"
+        with c.after(d) as d:
+            backing = d.cache / "r/c.bin"
+            punched = os.stat(backing).st_blocks <= 16
+            assert punched == RELEASE_STEPS[step], (step, os.stat(backing).st_blocks)
+            row = daemon_rows(d, ["r/c.bin"])["r/c.bin"]
+            assert (row["residency"], row["sync"]) == (
+                "stub" if punched else "resident", "clean"), row
+            assert os.stat(backing).st_mtime_ns == mtime, "the version's mtime was not kept"
+            with pytest.raises(OSError):  # the start cleared the release's marker
+                os.getxattr(backing, X_RELEASING)
+            check_tree(d, {"r/c.bin": data, "r/o.bin": other},
+                       local={"r/d.bin": bytes(dirty)})
+            out = hsmfs("release", str(d.root / "r/c.bin"))
+            assert out.returncode == 0 and out.stdout.startswith("released"), out.stdout
+            assert read(d.root / "r/c.bin") == data
