@@ -318,3 +318,62 @@ def test_sigkill_in_the_middle_of_a_release(kind: str, scope: str, step: str, bu
             out = hsmfs("release", str(d.root / "r/c.bin"))
             assert out.returncode == 0 and out.stdout.startswith("released"), out.stdout
             assert read(d.root / "r/c.bin") == data
+
+
+# -- refresh: SIGKILL in the middle of a reconcile (hsmfs sync) ----------------------------------
+
+#: Where the refresh dies: after its first change (the replaced stub), in the middle of the new
+#: stubs, before the last (unlisted) paths, and between a replacement's RENAME_EXCHANGE and the
+#: removal of the old stub from staging.
+REFRESH_STEPS = ["applied:1", "applied:5", "applied:7", "exchanged"]
+
+
+@pytest.mark.parametrize("step", REFRESH_STEPS)
+@pytest.mark.parametrize(("kind", "scope"), SCOPES)
+def test_sigkill_in_the_middle_of_a_refresh(kind: str, scope: str, step: str, bucket: Bucket,
+                                            moto: MotoServer, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 changes, adds and deletes objects under a tree with stubs, clean resident files and
+    dirty ones; ``hsmfs sync`` dies at ``step``.  After the restart (and, for a worker that
+    adopted the tree without listing, one more sync) the tree is what one uninterrupted sync
+    makes: S3's new bytes where nothing was local, stale copies kept, local changes kept as
+    conflict or dirty, removed stubs gone, no staging leftover."""
+    old = {rel: bucket.put(rel, blob(n, rel)) for rel, n in (
+        ("s/b-changed.bin", 200 * KiB), ("s/c-stale.bin", 150 * KiB),
+        ("s/d-dirty.bin", 100 * KiB), ("s/f-same.bin", 80 * KiB), ("s/g-gone.bin", 50 * KiB),
+        ("s/h-gone-res.bin", 60 * KiB), ("s/i-dirty.bin", 70 * KiB))}
+    mine = {rel: bytearray(old[rel]) for rel in ("s/d-dirty.bin", "s/i-dirty.bin")}
+    # No directory read-ahead: the files left unread must stay stubs (nothing local).
+    c = Crash(monkeypatch, bucket, moto, tmp_path / "w", kind, scope, "dir_readahead=off")
+    c.arm(crashpoint.REFRESH, step)
+    with c.serve() as d:
+        for rel in ("s/c-stale.bin", "s/f-same.bin", "s/h-gone-res.bin"):
+            assert read(d.root / rel) == old[rel]
+        for rel, local in mine.items():
+            make_dirty(d.root / rel, 5, b"local edit")
+            local[5:15] = b"local edit"
+        new = {rel: bucket.put(rel, blob(n, rel + "v2")) for rel, n in (
+            ("s/b-changed.bin", 210 * KiB), ("s/c-stale.bin", 150 * KiB),
+            ("s/d-dirty.bin", 90 * KiB), ("s/e-new1.bin", 10 * KiB),
+            ("s/e-new2.bin", 20 * KiB), ("s/e-new3.bin", 0))}
+        for rel in ("s/g-gone.bin", "s/h-gone-res.bin"):
+            bucket.delete(rel)
+        c.note_worker(d)
+        out = hsmfs("sync", str(d.root))
+        assert out.returncode != 0, f"the sync was to die at {step}: {out.stdout}"
+        with c.after(d) as d:
+            if scope == "worker":
+                out = hsmfs("sync", str(d.root))  # the new worker adopted; this one finishes
+                assert out.returncode == 0, out.stdout + out.stderr
+            check_tree(d, {rel: new[rel] for rel in new if rel.startswith(("s/b", "s/e"))}
+                       | {"s/f-same.bin": old["s/f-same.bin"]},
+                       local={rel: bytes(b) for rel, b in mine.items()},
+                       stale={rel: old[rel] for rel in ("s/c-stale.bin", "s/h-gone-res.bin")},
+                       gone=("s/g-gone.bin",))
+            rows = daemon_rows(d, ["s/d-dirty.bin", "s/i-dirty.bin"])
+            assert rows["s/d-dirty.bin"]["sync"] == "conflict", rows
+            assert rows["s/i-dirty.bin"]["sync"] == "dirty", rows
+            out = hsmfs("sync", str(d.root))  # and nothing is left to do
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert not [line for line in out.stdout.splitlines()[1:]
+                        if not line.startswith("kept")], out.stdout
