@@ -1432,17 +1432,20 @@ class StubCache:
            raise events again); ``F_SETLEASE F_WRLCK`` (EAGAIN: a program has it open, mapped
            or running → refused, the guard's ignore mask put back); the clean point checked
            under the lease (a length or mtime not its version's is a write nobody announced:
-           refused, and the file made dirty); the punch of ``[0, owed)``; the version's mtime
-           put back (the punch moved it); the view ``stub``; ``F_UNLCK``, close;
+           refused, and the file made dirty); the marker ``X_RELEASING``; the punch of
+           ``[0, owed)``; the version's mtime put back (the punch moved it); the view
+           ``stub``; the marker removed; ``F_UNLCK``, close;
         3. doors told (the FUSE door drops the kernel's page cache of the inode); waiters go.
 
         Nothing is fsync'd: a punch lost to a power cut leaves the bytes resident, which is
         right.  Crash before the punch: nothing changed on disk (the next start derives
         ``resident`` and puts the ignore mask back).  During the punch: a partial file, its
-        holes fetched again on read.  Between the punch and the mtime: the next start finds a
-        clean file whose mtime is not its version's and records it ``dirty`` (the safe
-        direction: its holes are still owed and read right; an archive finds it equal).
-        After: a stub, the view corrected at start if it was not written.
+        holes fetched again on read.  Between the punch and the mtime: the next start finds
+        the marker on a clean file with no data and a moved mtime, puts the mtime back and
+        keeps it a clean stub (without the marker it took the punch's mtime for a program's
+        write: dirty, so not releasable, and a later remote change made it a false
+        conflict).  After: a stub, the view corrected and the marker removed at start.
+        (``tests/t4_crash.py`` kills the daemon at each of these steps.)
         """
         async with self._file_lock(stub.ino):
             refusal = self._release_refusal(stub)
