@@ -254,6 +254,7 @@ class Tree:
             os.fchmod(fd, stat.S_IMODE(mode) & 0o777 if mode is not None else self.file_mode)
             os.utime(fd, (version.mtime, version.mtime))
             guard(fd)
+            crashpoint.crash_point(crashpoint.POPULATE, "staged")  # tests only: marked, unlinked
             if replace is not None:
                 self._exchange(tmp, rel)
                 crashpoint.crash_point(crashpoint.REFRESH, "exchanged")  # tests only

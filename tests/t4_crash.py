@@ -240,8 +240,14 @@ def check_tree(d: Served, want: dict[str, bytes], *, local: dict[str, bytes] | N
 
 # -- populate: SIGKILL while a start makes the stubs of many new objects ------------------------
 
-@pytest.mark.parametrize(("kind", "scope"), SCOPES)
-def test_sigkill_while_populate_makes_stubs(kind: str, scope: str, bucket: Bucket,
+@pytest.mark.parametrize(("kind", "scope", "step"), [
+    *(pytest.param(*p.values, "created", marks=p.marks, id=f"{p.id}-created") for p in SCOPES),
+    # The 30th stub made and guarded in staging, not linked in: the restarted worker finds a
+    # marked leftover (the group's marks outlive the worker) and must not block on it.
+    pytest.param("kernel", "worker", "staged", marks=pytest.mark.needs_precontent,
+                 id="kernel-worker-staged"),
+])
+def test_sigkill_while_populate_makes_stubs(kind: str, scope: str, step: str, bucket: Bucket,
                                            moto: MotoServer, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A first run leaves a resident file and a dirty one.  S3 then gains 80 objects, and the
@@ -259,7 +265,7 @@ def test_sigkill_while_populate_makes_stubs(kind: str, scope: str, bucket: Bucke
                                                     blob(random.Random(i).randrange(1, 40 * KiB),
                                                          f"m{i}"))
             for i in range(80)}
-    c.arm(crashpoint.POPULATE, "created:30")
+    c.arm(crashpoint.POPULATE, f"{step}:30")
     cache = c.workdir / "cache"
     if scope == "worker":
         # The first worker dies at its 30th stub, before it was ever ready; the holder starts
@@ -277,7 +283,7 @@ def test_sigkill_while_populate_makes_stubs(kind: str, scope: str, bucket: Bucke
         assert covered(cache), "a start that died before ready left the tree uncovered"
         uncover(str(cache))  # to count beneath it
     made = sum(1 for rel in many if (cache / rel).exists())
-    assert made == 30, f"the crash came after {made} stubs, not 30"
+    assert made == 30, f"the crash came after {made} stubs, not 30"  # "created" only
     c.disarm()
     with c.serve() as d:
         check_tree(d, {"keep/res.bin": res, **many}, local={"keep/dirty.bin": bytes(dirty)})
