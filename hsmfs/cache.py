@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from . import crashpoint
 from .config import CacheConfig
 from .errors import HsmError, ObjectChanged, Superseded
 from .fetch import Counters, FetchEngine, Fetcher, NoRoom
@@ -89,6 +90,7 @@ from .stubfile import (
     scan_resident_bytes,
     write_owed,
     write_pinned,
+    write_releasing,
     write_sync,
     write_view,
 )
@@ -154,9 +156,10 @@ class Released:
     errno: int = 0  # for a refusal: EBUSY (in use, try again) or EPERM (never, as it stands)
 
 
-#: Test hooks (tests/t4_release.py): SIGKILL this process at a named step of a release; hold
-#: the lease this many seconds after the punch (an opener must wait, then read right bytes).
-CRASH_ENV = "HSMFS_TEST_CRASH_RELEASE"
+#: Test hooks (tests/t4_release.py, tests/t4_crash.py): SIGKILL this process at a named step of
+#: a release (:mod:`hsmfs.crashpoint`); hold the lease this many seconds after the punch (an
+#: opener must wait, then read right bytes).
+CRASH_ENV = crashpoint.RELEASE
 PAUSE_ENV = "HSMFS_TEST_RELEASE_PAUSE"
 
 
@@ -441,6 +444,8 @@ class StubCache:
                 continue
             if outcome:
                 n[outcome] += 1
+                if outcome == "created":
+                    crashpoint.crash_point(crashpoint.POPULATE, "created")
         for f in found.values():
             if f.record is None:
                 continue
@@ -535,6 +540,8 @@ class StubCache:
         it cannot see: a write that put the mtime back (``touch -r``) without changing the
         length."""
         record = f.record
+        if record is not None and record.releasing:
+            return self._release_interrupted(f, record)
         if (record is None or record.sync not in (CLEAN, STALE)
                 or (f.size == record.version.size
                     and abs(f.mtime - record.version.mtime) < MTIME_SLACK_S)):
@@ -555,6 +562,32 @@ class StubCache:
                  "now %s", f.rel, f.size, f.mtime, record.version.size, record.version.mtime,
                  sync)
         return dataclasses.replace(f, record=Record(record.version, owed, sync, record.remote))
+
+    def _release_interrupted(self, f: Found, record: Record) -> Found:
+        """A release was punching this file when hsmfs died (``X_RELEASING``).  Only a clean
+        file at its version's length is released, and under the lease no program could open
+        it, so a moved mtime on a file with no data below ``owed`` is the punch's: the mtime
+        is put back and the file stays clean (a stub).  With data left, the punch never ran
+        and a moved mtime is a program's write since: the usual rule (dirty).  The marker
+        goes either way."""
+        try:
+            fd = self.tree.open_checked(f.rel, f.ino, f.gen)
+        except (OSError, Changed):
+            return f
+        try:
+            moved = abs(f.mtime - record.version.mtime) >= MTIME_SLACK_S
+            if (moved and record.sync == CLEAN and f.size == record.version.size == record.owed
+                    and not has_data(fd, record.owed)):
+                st = os.fstat(fd)
+                os.utime(fd, (st.st_atime, record.version.mtime))
+                log.info("%r: its release was interrupted after the punch: a clean stub, "
+                         "the version's mtime put back", f.rel)
+                f = dataclasses.replace(f, mtime=record.version.mtime)
+            write_releasing(fd, False)
+        finally:
+            os.close(fd)
+        return self._size_checked(dataclasses.replace(
+            f, record=dataclasses.replace(record, releasing=False)))
 
     def _adopt_tree(self, found: dict[str, Found]) -> PopulateReport:
         kept = 0
@@ -825,6 +858,7 @@ class StubCache:
             change = await self._apply(step)
             if change is not None:
                 report.changes.append(change)
+                crashpoint.crash_point(crashpoint.REFRESH, "applied")
         st = self.refresh_stats
         st.refreshes += 1
         st.last_at = time.time()
@@ -1421,17 +1455,20 @@ class StubCache:
            raise events again); ``F_SETLEASE F_WRLCK`` (EAGAIN: a program has it open, mapped
            or running → refused, the guard's ignore mask put back); the clean point checked
            under the lease (a length or mtime not its version's is a write nobody announced:
-           refused, and the file made dirty); the punch of ``[0, owed)``; the version's mtime
-           put back (the punch moved it); the view ``stub``; ``F_UNLCK``, close;
+           refused, and the file made dirty); the marker ``X_RELEASING``; the punch of
+           ``[0, owed)``; the version's mtime put back (the punch moved it); the view
+           ``stub``; the marker removed; ``F_UNLCK``, close;
         3. doors told (the FUSE door drops the kernel's page cache of the inode); waiters go.
 
         Nothing is fsync'd: a punch lost to a power cut leaves the bytes resident, which is
         right.  Crash before the punch: nothing changed on disk (the next start derives
         ``resident`` and puts the ignore mask back).  During the punch: a partial file, its
-        holes fetched again on read.  Between the punch and the mtime: the next start finds a
-        clean file whose mtime is not its version's and records it ``dirty`` (the safe
-        direction: its holes are still owed and read right; an archive finds it equal).
-        After: a stub, the view corrected at start if it was not written.
+        holes fetched again on read.  Between the punch and the mtime: the next start finds
+        the marker on a clean file with no data and a moved mtime, puts the mtime back and
+        keeps it a clean stub (without the marker it took the punch's mtime for a program's
+        write: dirty, so not releasable, and a later remote change made it a false
+        conflict).  After: a stub, the view corrected and the marker removed at start.
+        (``tests/t4_crash.py`` kills the daemon at each of these steps.)
         """
         async with self._file_lock(stub.ino):
             refusal = self._release_refusal(stub)
@@ -1468,6 +1505,7 @@ class StubCache:
                 if outcome.detail.startswith("changed"):
                     await self._mark_dirty(stub, None)
                 return outcome
+            self._crash_hook("released")  # on disk a stub; the doors not told yet
             self.releases += 1
             self.released_bytes += resident
             for guard in self.release_guards:
@@ -1508,16 +1546,23 @@ class StubCache:
                                     f"{st.st_mtime:.3f}; its version: {stub.version.size}, "
                                     f"{stub.version.mtime:.3f}): now dirty",
                                     errno=errno.EPERM)
+                # The punch moves the mtime before it can be put back: say so first, so a
+                # start after a crash in between knows it was this punch, not a program's
+                # write (else it records a clean file dirty, and a later remote change makes
+                # it a false conflict: tests/t4_crash.py found it).
+                write_releasing(fd, True)
                 self._crash_hook("leased")
                 # To the end of the last block: a punch ending inside a block zeroes its
                 # bytes but keeps the block, data the extents would count resident.  Past EOF
                 # nothing lives (KEEP_SIZE; owed is the length, checked above).
                 block = max(st.st_blksize, 4096)
                 punch(fd, 0, -(-stub.owed // block) * block)  # failure: perhaps half punched
+                self._crash_hook("punched-only")  # the punch moved the mtime
                 os.utime(fd, (st.st_atime, stub.version.mtime))
                 self._crash_hook("punched")
                 with contextlib.suppress(OSError):
                     write_view(fd, STUB)
+                write_releasing(fd, False)
             finally:
                 with contextlib.suppress(OSError):  # the kernel may have broken it already
                     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -1534,9 +1579,7 @@ class StubCache:
 
     @staticmethod
     def _crash_hook(step: str) -> None:
-        if os.environ.get(CRASH_ENV) == step:
-            log.warning("%s=%s: SIGKILL", CRASH_ENV, step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        crashpoint.crash_point(CRASH_ENV, step)
         if step == "punched" and os.environ.get(PAUSE_ENV):
             time.sleep(float(os.environ[PAUSE_ENV]))
 

@@ -240,11 +240,15 @@ class Refresher:
 
 
 def _restarted_worker() -> bool:
-    """Whether the holder started this process as a replacement for a worker that died."""
+    """Whether the holder started this process as a replacement for a worker that died after
+    one was ready.  Before that the tree may be half built (a worker killed in the middle of
+    its first populate): a replacement then lists S3 and populates like a first start, or
+    the objects it had not reached yet would be missing until the next sync."""
     try:
-        return int(os.environ.get("HSMFS_WORKER_GENERATION", "1")) > 1
+        restart = int(os.environ.get("HSMFS_WORKER_GENERATION", "1")) > 1
     except ValueError:
         return False
+    return restart and os.environ.get("HSMFS_WORKER_TREE_READY", "1") != "0"
 
 
 def _raise_nofile_limit() -> None:

@@ -167,6 +167,10 @@ ENV_FAN_FD = "HSMFS_FAN_FD"
 ENV_HOLDER_FD = "HSMFS_HOLDER_FD"
 #: 1 for the first worker H starts, 2, 3, ... for its restarts.
 ENV_GENERATION = "HSMFS_WORKER_GENERATION"
+#: "1" when some earlier worker of this H reported ready (it had built and guarded the whole
+#: tree), else "0".  A restart before any worker was ready (one SIGKILLed in the middle of its
+#: first populate) must build the tree again, not adopt the half it finds (tests/t4_crash.py).
+ENV_TREE_READY = "HSMFS_WORKER_TREE_READY"
 #: A worker that fails before it reported ``ready`` exits with this status (sysexits EX_CONFIG:
 #: at a first start the cause is almost always configuration: bucket, endpoint, credentials).
 #: If no worker of this H was ever ready, H takes it as fatal: restarting cannot cure it.
@@ -853,6 +857,7 @@ class Holder:
             env[ENV_FAN_FD] = str(self._fan)
             env[ENV_HOLDER_FD] = str(child.fileno())
             env[ENV_GENERATION] = str(generation)
+            env[ENV_TREE_READY] = "1" if self._ever_ready else "0"
             # pass_fds hands the worker the group fd itself (in the child it is a dup of the
             # same open file, so its marks are the group's) and its socket end, both without
             # CLOEXEC.  Its own process group keeps a terminal's ^C away from it: only H decides

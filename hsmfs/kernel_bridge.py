@@ -294,6 +294,13 @@ class KernelBridge:
         # the layout and the private door are those of the tree beneath the cover.
         self.filesystem_mark = is_mount_beneath(cache_dir)
         self.root_fd = open_beneath(cache_dir)
+        # Silence the private door now, not in attach(): the core's constructor already opens
+        # files through it (Tree.prepare checks staging leftovers), and in a restarted worker
+        # the group still marks them (marks are H's).  A leftover of a worker killed between a
+        # stub's guard and its link (or a replacement's exchange and the retire) then raised
+        # OPEN_PERM that H holds for a ready worker, which this one never became: every
+        # restart blocked on it, then failed, for ever (tests/t4_crash.py found it).
+        ignore_mount(self.fan_fd, self.root_fd)
         self._holder_pid = os.getppid()  # H spawned this worker
         self.names: NameWatcher | None = None
 
@@ -307,10 +314,10 @@ class KernelBridge:
         self.cache = cache
         if cache.cfg.open_fill_max != 0:
             self.mask |= FAN_OPEN_PERM
-        # The private door must ignore *every* permission event the marks carry, or hsmfs's own
-        # open of a stub deadlocks on itself (KERNEL_FACTS_2 §1e), and FAN_MODIFY, or its own
-        # fills would mark every file dirty (KERNEL_FACTS_3 §2): PRIVATE_IGNORE_MASK has both.
-        ignore_mount(self.fan_fd, self.root_fd)
+        # The private door (ignored since __init__) must ignore *every* permission event the
+        # marks carry, or hsmfs's own open of a stub deadlocks on itself (KERNEL_FACTS_2 §1e),
+        # and FAN_MODIFY, or its own fills would mark every file dirty (KERNEL_FACTS_3 §2):
+        # PRIVATE_IGNORE_MASK has both, whatever mask attach() picks.
         if self.filesystem_mark:
             # Through the private door's fd, never the cache path: after a stop the path leads
             # to the cover (a tmpfs, which carries no pre-content events: EOPNOTSUPP), and the

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from . import crashpoint
 from .keys import STATE_DIR
 from .state import Stub
 from .stubfile import (
@@ -256,8 +257,10 @@ class Tree:
             os.fchmod(fd, stat.S_IMODE(mode) & 0o777 if mode is not None else self.file_mode)
             os.utime(fd, (version.mtime, version.mtime))
             guard(fd)
+            crashpoint.crash_point(crashpoint.POPULATE, "staged")  # tests only: marked, unlinked
             if replace is not None:
                 self._exchange(tmp, rel)
+                crashpoint.crash_point(crashpoint.REFRESH, "exchanged")  # tests only
                 try:
                     retired = self._retire(tmp, replace, any_data)
                 except BaseException:

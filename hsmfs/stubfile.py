@@ -36,6 +36,7 @@ What must not: import trio or boto3, decide a transition (that is :mod:`hsmfs.ca
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -59,6 +60,10 @@ X_REMOTE = "trusted.hsmfs.remote"
 #: ``hsmfs pin``: a policy of the user's, not a state; trusted like the record, so a user who
 #: may write the file cannot pin (or unpin) it for root's eviction.
 X_PINNED = "trusted.hsmfs.pinned"
+#: A release is punching this clean file (set under the lease before the punch, removed after
+#: the version's mtime is put back): a start that finds it on a file with no data and a moved
+#: mtime knows the punch, not a program, moved it (docs/design.md, Release).
+X_RELEASING = "trusted.hsmfs.releasing"
 #: The view: generic name HSM-aware tools read; never read back to decide anything.
 X_VIEW = "user.hsm.state"
 #: The format before this one kept its record in ``user.*`` (forgeable).  Files carrying only
@@ -106,6 +111,7 @@ class Record:
     sync: str
     remote: str | None  # what S3 holds now, for stale/conflict
     pinned: bool = False  # hsmfs pin: never released
+    releasing: bool = False  # X_RELEASING: a release was punching it when hsmfs last stopped
 
 
 def _get(fd: int, name: str) -> str | None:
@@ -138,7 +144,19 @@ def read_record(fd: int) -> Record | None:
     if size < 0 or not 0 <= owed <= size or sync not in SYNC_WORDS:
         return None
     version = RemoteVersion(key, etag, size, mtime, _get(fd, X_VERSION))
-    return Record(version, owed, sync, _get(fd, X_REMOTE), _get(fd, X_PINNED) == "1")
+    return Record(version, owed, sync, _get(fd, X_REMOTE), _get(fd, X_PINNED) == "1",
+                  _get(fd, X_RELEASING) is not None)
+
+
+def write_releasing(fd: int, releasing: bool) -> None:
+    """Set or drop :data:`X_RELEASING`.  Not fsync'd, like the punch it brackets: SIGKILL
+    loses neither; a power cut that kept the punch but lost the marker leaves what there was
+    without it (the start records the file dirty: the safe direction)."""
+    if releasing:
+        os.setxattr(fd, X_RELEASING, b"1")
+    else:
+        with contextlib.suppress(OSError):
+            os.removexattr(fd, X_RELEASING)
 
 
 def write_identity(fd: int, version: VersionLike) -> None:
