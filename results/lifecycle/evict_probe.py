@@ -1,0 +1,387 @@
+"""Release rate and reads under a cache budget, through both doors, in one run (issue 12 "Speed",
+issue 15 item 4).
+
+Run as root from the repository (PYTHONPATH=. if hsmfs is installed from another tree):
+`python3 results/lifecycle/evict_probe.py [--files 64 --file-mib 4] [--endpoint URL]`.
+
+With no ``--endpoint`` it starts moto in server mode (tests/conftest.py's MotoServer, its own
+process); ``--endpoint`` points it at a real S3 such as the Ceph RGW of /work/shared/S3_SERVERS.md
+(credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). The output names the server. Each
+door is a real ``hsmfs mount -f`` / ``hsmfs serve -f`` (tests/support/doors.py), fresh for
+every phase, stopped by PID (a FUSE mount whose daemon will not die is aborted via fusectl).
+
+    release   read N files through the door (resident), then one ``hsmfs release`` of all of
+              them (the CLI: one request); files/s and GiB/s freed (du before and after), then
+              the same command again on the stubs: its fixed cost (start-up, request)
+    evict     the working set (every file) read whole in a shuffled order, twice (seeded: the
+              same orders for every door and budget), then once in name order, with
+              ``-o cache_size=`` half the working set, and again with no budget: MiB/s, S3
+              bytes per byte read (the backend's ``s3_bytes``), evictions, ``evict_peak_bytes``
+              against the budget, and du at the end of each pass
+
+Every byte read is compared with the object (sha256); a wrong byte, a budget passed (the
+daemon's peak or du) or a hang fails the run (exit 1) after the daemon log's last lines are
+printed. Writes --json and appends a section to --rows (results/lifecycle/README_rows.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import AWS_ENV, MotoServer  # noqa: E402
+from support.doors import Served, serve_door  # noqa: E402
+
+from hsmfs.bench.doors import S3Target  # noqa: E402
+from hsmfs.cover import uncover  # noqa: E402
+from hsmfs.mounts import mountinfo  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+HERE = Path(__file__).resolve().parent
+DOORS = ("kernel", "fuse")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class ProbeFailure(RuntimeError):
+    """A wrong byte, a budget passed or a hang: the run reports nothing but this."""
+
+
+# -- the data set ---------------------------------------------------------------------------------
+
+def upload(target: S3Target, files: int, size: int, seed: int) -> dict[str, str]:
+    """``files`` objects of ``size`` seeded bytes; returns key -> sha256."""
+    client = target.client(pool=16)
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=target.bucket)
+
+    def put(i: int) -> tuple[str, str]:
+        key = f"{target.prefix}/f{i:03d}.bin"
+        body = random.Random(f"{seed}:{i}").randbytes(size)
+        client.put_object(Bucket=target.bucket, Key=key, Body=body)
+        return f"f{i:03d}.bin", hashlib.sha256(body).hexdigest()
+
+    with ThreadPoolExecutor(8) as pool:
+        return dict(pool.map(put, range(files)))
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+def blocks(tree: Path) -> dict[str, int]:
+    """Bytes allocated to each backing file (st_blocks, as ``du`` counts): a stat raises no
+    fanotify event, where an open of a kernel door's stub would fill it (``open_fill``)."""
+    return {n: os.lstat(tree / n).st_blocks * 512 for n in os.listdir(tree)
+            if not n.startswith(".")}
+
+
+def data_on_disk(tree: Path, stubs: dict[str, int]) -> int:
+    """Data bytes on disk: what each file holds beyond what it held as a bare stub (on ext4 a
+    stub owns a block for its xattrs, metadata the budget does not count)."""
+    return sum(max(n - stubs.get(name, 0), 0) for name, n in blocks(tree).items())
+
+
+def du(tree: Path) -> int:
+    return sum(blocks(tree).values())
+
+
+def read_checked(root: Path, names: list[str], digests: dict[str, str]) -> int:
+    """Read each file whole in 1 MiB reads; raise on any byte that is not the object's."""
+    total = 0
+    buf = bytearray(MiB)
+    view = memoryview(buf)
+    for name in names:
+        h = hashlib.sha256()
+        with open(root / name, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                total += n
+        if h.hexdigest() != digests[name]:
+            raise ProbeFailure(f"wrong bytes read from {root / name}")
+    return total
+
+
+def bounded(fn: Any, timeout: float, what: str) -> Any:
+    """Run ``fn`` in a thread; a hang becomes ProbeFailure (the cleanup then aborts the door,
+    which wakes the stuck reader)."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout)
+    except FutureTimeout as exc:
+        raise ProbeFailure(f"{what}: no answer after {timeout:.0f} s (hang)") from exc
+    finally:
+        pool.shutdown(wait=False)
+
+
+def hsmfs(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess[str], float]:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hsmfs", *args], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise ProbeFailure(f"`hsmfs {args[0]}` timed out after {timeout:.0f} s") from exc
+    return proc, time.perf_counter() - t0
+
+
+def tail(d: Served, n: int = 25) -> str:
+    return "\n".join(d.log().splitlines()[-n:])
+
+
+@contextlib.contextmanager
+def door(kind: str, target: S3Target, work: Path, opts: list[str], timeout: float):
+    """One fresh door; on failure, the daemon log's last lines go to stderr."""
+    with serve_door(kind, target.url, work, target.endpoint, *opts, timeout=timeout) as d:
+        try:
+            yield d
+        except BaseException:
+            log(f"{kind}: daemon log, last lines:\n{tail(d)}")
+            raise
+    with contextlib.suppress(OSError):
+        uncover(work / "cache")  # a kernel-door stop covers the tree (hsmfs.cover)
+
+
+# -- the phases -----------------------------------------------------------------------------------
+
+def release_phase(kind: str, target: S3Target, work: Path, digests: dict[str, str], n: int,
+                  timeout: float) -> dict[str, Any]:
+    names = sorted(digests)[:n]
+    with door(kind, target, work, [], timeout) as d:
+        stubs = blocks(d.cache)
+        bounded(lambda: read_checked(d.root, names, digests), timeout, f"{kind} read")
+        time.sleep(0.5)  # FUSE sends RELEASE after close() returns: let the handles go
+        du0, data0 = du(d.cache), data_on_disk(d.cache, stubs)
+        proc, seconds = hsmfs("release", *(str(d.root / m) for m in names), timeout=timeout)
+        du1, data1 = du(d.cache), data_on_disk(d.cache, stubs)
+        released = proc.stdout.count("\nreleased") + proc.stdout.startswith("released")
+        if proc.returncode != 0 or released != len(names):
+            raise ProbeFailure(f"{kind}: `hsmfs release` exited {proc.returncode}, "
+                               f"{released}/{len(names)} released:\n{proc.stdout[-1500:]}"
+                               f"{proc.stderr[-1500:]}")
+        _, fixed = hsmfs("release", *(str(d.root / m) for m in names), timeout=timeout)
+        stats = d.stats()
+        # Released files read S3's bytes again.
+        bounded(lambda: read_checked(d.root, names, digests), timeout, f"{kind} re-read")
+    freed = du0 - du1
+    row = {"door": kind, "files": len(names), "seconds": round(seconds, 4),
+           "fixed_seconds": round(fixed, 4), "du_before": du0, "du_after": du1,
+           "data_before": data0, "data_after": data1, "freed_bytes": freed,
+           "daemon_releases": stats.get("releases"),
+           "daemon_released_bytes": stats.get("released_bytes"),
+           "files_per_s": round(len(names) / seconds, 1),
+           "GiB_per_s": round(freed / GiB / seconds, 3),
+           "files_per_s_net": round(len(names) / max(seconds - fixed, 1e-3), 1),
+           "GiB_per_s_net": round(freed / GiB / max(seconds - fixed, 1e-3), 3)}
+    log(f"release {kind}: {len(names)} files, {freed / MiB:.0f} MiB freed in {seconds:.3f} s "
+        f"({row['files_per_s']} files/s, {row['GiB_per_s']} GiB/s; the command alone "
+        f"{fixed:.3f} s)")
+    return row
+
+
+STAT_KEYS = ("s3_bytes", "s3_requests", "fetched_bytes", "cache_s3_gets", "hits", "misses",
+             "evict_evictions", "evict_evicted_bytes", "evict_refused",
+             "readahead_no_room")
+
+
+def evict_phase(kind: str, target: S3Target, work: Path, digests: dict[str, str],
+                budget: int | None, orders: list[tuple[str, list[str]]], timeout: float
+                ) -> dict[str, Any]:
+    opts = [f"cache_size={budget}"] if budget else []
+    passes = []
+    with door(kind, target, work, opts, timeout) as d:
+        stubs = blocks(d.cache)
+        for label, names in orders:
+            before = d.stats()
+            t0 = time.perf_counter()
+            nbytes = bounded(lambda names=names: read_checked(d.root, names, digests), timeout,
+                             f"{kind} {label} pass")
+            seconds = time.perf_counter() - t0
+            after = d.stats()
+            delta = {k: after.get(k, 0) - before.get(k, 0) for k in STAT_KEYS
+                     if isinstance(after.get(k), int)}
+            on_disk = data_on_disk(d.cache, stubs)
+            p = {"pass": label, "bytes": nbytes, "seconds": round(seconds, 3),
+                 "MiBps": round(nbytes / MiB / seconds, 1),
+                 "s3_bytes_per_byte": round(delta.get("s3_bytes", 0) / nbytes, 3),
+                 "data_on_disk_after": on_disk, **delta}
+            passes.append(p)
+            log(f"evict {kind} budget={budget // MiB if budget else 'none'}"
+                f"{' MiB' if budget else ''} {label}: {p['MiBps']} MiB/s, "
+                f"{p['s3_bytes_per_byte']} S3 B/B, {delta.get('evict_evictions', 0)} evictions,"
+                f" {on_disk / MiB:.0f} MiB resident")
+            if budget and on_disk > budget:
+                raise ProbeFailure(f"{kind}: {on_disk} bytes resident after {label}, "
+                                   f"budget {budget}")
+        final = d.stats()
+        over_logged = d.log().count("cannot meet the budget")
+    total = sum(p["bytes"] for p in passes)
+    secs = sum(p["seconds"] for p in passes)
+    s3 = sum(p.get("s3_bytes", 0) for p in passes)
+    row = {"door": kind, "budget": budget, "passes": passes,
+           "MiBps": round(total / MiB / secs, 1), "s3_bytes_per_byte": round(s3 / total, 3),
+           "evictions": final.get("evict_evictions"),
+           "evict_peak_bytes": final.get("evict_peak_bytes"),
+           "evict_over_budget": final.get("evict_over_budget"),
+           "evict_refused": final.get("evict_refused"),
+           "over_budget_log_lines": over_logged,
+           "s3_retries": final.get("s3_retries"), "errors": final.get("errors")}
+    if budget and (row["evict_peak_bytes"] or 0) > budget:
+        raise ProbeFailure(f"{kind}: evict_peak_bytes {row['evict_peak_bytes']} > budget "
+                           f"{budget}: {json.dumps(final)}")
+    return row
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def rows_md(out: dict[str, Any]) -> str:
+    ds = out["dataset"]
+    lines = [
+        "", f"## Release rate and reads under a budget ({out['date']}, evict_probe.py)", "",
+        f"Source: `python3 results/lifecycle/evict_probe.py {out['argv']}` against "
+        f"{out['server']}; {ds['files']} files x {ds['file_MiB']} MiB "
+        f"({ds['files'] * ds['file_MiB']} MiB working set), one run, both doors side by side "
+        f"(raw data: [evict_probe.json](evict_probe.json)). Every byte read was checked "
+        f"against its object (sha256).", "",
+        "| door | release: files | s | files/s | GiB/s freed | (command alone, s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in out["release"]:
+        lines.append(f"| {r['door']} | {r['files']} | {r['seconds']:.3f} | "
+                     f"{r['files_per_s']:,.0f} | {r['GiB_per_s']:.2f} | "
+                     f"{r['fixed_seconds']:.3f} |")
+    lines += ["", "| door | cache_size | MiB/s (all passes) | S3 B / B read | "
+              + " | ".join(f"{p['pass']}: MiB/s, S3 B/B" for p in out["evict"][0]["passes"])
+              + " | evictions | peak / budget |",
+              "|---|---|---:|---:|" + "---:|" * len(out["evict"][0]["passes"]) + "---:|---:|"]
+    for r in out["evict"]:
+        b = r["budget"]
+        cells = " | ".join(f"{p['MiBps']:,.0f}, {p['s3_bytes_per_byte']:.2f}"
+                           for p in r["passes"])
+        peak = (f"{r['evict_peak_bytes'] / MiB:.0f} / {b // MiB} MiB" if b else "-")
+        lines.append(f"| {r['door']} | {f'{b // MiB} MiB' if b else 'unlimited'} | "
+                     f"{r['MiBps']:,.0f} | {r['s3_bytes_per_byte']:.2f} | {cells} | "
+                     f"{r['evictions'] or 0} | {peak} |")
+    lines += ["", out["interpretation"], ""]
+    return "\n".join(lines)
+
+
+def interpret(out: dict[str, Any]) -> str:
+    parts = []
+    for kind in DOORS:
+        lim = next(r for r in out["evict"] if r["door"] == kind and r["budget"])
+        free = next(r for r in out["evict"] if r["door"] == kind and not r["budget"])
+        parts.append(f"{kind} {lim['s3_bytes_per_byte']:.2f} vs {free['s3_bytes_per_byte']:.2f}"
+                     f" S3 B/B ({lim['s3_bytes_per_byte'] / free['s3_bytes_per_byte']:.2f}x),"
+                     f" {lim['MiBps'] / free['MiBps']:.2f}x the throughput")
+    return ("With half the working set as budget, LRU refetches what a shuffled or sequential "
+            "re-read needs after it was evicted: " + "; ".join(parts) + " of the unlimited "
+            "cache (where every pass after the first is served locally). The budget held "
+            "(peak ≤ budget, every byte right).")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--endpoint", help="S3 endpoint (default: an embedded moto server)")
+    ap.add_argument("--bucket", default="evict-probe")
+    ap.add_argument("--files", type=int, default=64)
+    ap.add_argument("--file-mib", type=int, default=4)
+    ap.add_argument("--release-files", type=int, default=0, help="default: every file")
+    ap.add_argument("--budget-share", type=float, default=0.5,
+                    help="cache_size as a share of the working set")
+    ap.add_argument("--no-seq", action="store_true", help="skip the name-order pass")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--doors", default=",".join(DOORS))
+    ap.add_argument("--timeout", type=float, default=300, help="per start, pass and command")
+    ap.add_argument("--scratch", default="/var/tmp")
+    ap.add_argument("--json", default=str(HERE / "evict_probe.json"))
+    ap.add_argument("--rows", default=str(HERE / "README_rows.md"), help="'' to skip")
+    args = ap.parse_args()
+    doors = [k for k in args.doors.split(",") if k]
+    size = args.file_mib * MiB
+    work_root = Path(args.scratch) / f"evict-probe-{os.getpid()}"
+    work_root.mkdir(parents=True)
+    moto: MotoServer | None = None
+    try:
+        if args.endpoint:
+            target = S3Target(args.endpoint, args.bucket, "probe",
+                              os.environ.get("AWS_ACCESS_KEY_ID", "hsmfsaccesskey"),
+                              os.environ.get("AWS_SECRET_ACCESS_KEY", "hsmfssecretkey"))
+            server = f"the S3 endpoint {args.endpoint}"
+        else:
+            moto = MotoServer().start()
+            target = S3Target(moto.endpoint, args.bucket, "probe",
+                              AWS_ENV["AWS_ACCESS_KEY_ID"], AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+            server = "an embedded moto server (moto_server, its own process, loopback)"
+        os.environ.update(AWS_ACCESS_KEY_ID=target.access_key,
+                          AWS_SECRET_ACCESS_KEY=target.secret_key,
+                          AWS_DEFAULT_REGION=target.region)
+        log(f"S3: {server}; uploading {args.files} x {args.file_mib} MiB")
+        digests = upload(target, args.files, size, args.seed)
+        names = sorted(digests)
+        rng = random.Random(args.seed)
+        orders = [(f"shuffled{i + 1}", rng.sample(names, len(names))) for i in range(2)]
+        if not args.no_seq:
+            orders.append(("sequential", names))
+        budget = int(len(names) * size * args.budget_share)
+        n_release = args.release_files or len(names)
+        serial = iter(range(1000))
+        out: dict[str, Any] = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "argv": " ".join(sys.argv[1:]), "server": server, "host_cpus": os.cpu_count(),
+            "dataset": {"files": args.files, "file_MiB": args.file_mib, "seed": args.seed},
+            "budget": budget, "orders": [lbl for lbl, _ in orders], "release": [], "evict": []}
+        for kind in doors:
+            out["release"].append(release_phase(kind, target, work_root / f"r{next(serial)}",
+                                                digests, n_release, args.timeout))
+        for b in (budget, None):
+            for kind in doors:
+                out["evict"].append(evict_phase(kind, target, work_root / f"e{next(serial)}",
+                                                digests, b, orders, args.timeout))
+                r = out["evict"][-1]
+                log(f"evict {kind} budget={b}: {r['MiBps']} MiB/s, {r['s3_bytes_per_byte']} "
+                    f"S3 B/B, peak {r['evict_peak_bytes']}")
+        if set(doors) == set(DOORS):
+            out["interpretation"] = interpret(out)
+        else:
+            out["interpretation"] = ""
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        if args.rows:
+            with open(args.rows, "a") as f:
+                f.write(rows_md(out))
+        print(rows_md(out))
+        return 0
+    except ProbeFailure as exc:
+        log(f"FAILED: {exc}")
+        return 1
+    finally:
+        if moto is not None:
+            moto.stop()
+        for m in mountinfo():  # covers a kernel door left if its stop went wrong
+            if m.source == "hsmfs-cover" and m.mount_point.startswith(str(work_root) + "/"):
+                with contextlib.suppress(OSError):
+                    uncover(m.mount_point)
+        if not any(m.mount_point.startswith(str(work_root) + "/") for m in mountinfo()):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(work_root)], check=False,
+                           timeout=120)
+        else:
+            log(f"left {work_root}: something is still mounted below it")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
