@@ -400,6 +400,17 @@ def interpret(out: dict[str, Any]) -> str:
             "cache_size after every pass" + disk + "; every byte read was right.")
 
 
+def report(out: dict[str, Any], json_path: str, rows_path: str) -> None:
+    """Interpret, write the JSON, append the markdown to ``rows_path`` (unless ''), print it."""
+    both = {r["door"] for r in out["evict"]} == set(DOORS)
+    out["interpretation"] = interpret(out) if both else ""
+    Path(json_path).write_text(json.dumps(out, indent=1) + "\n")
+    if rows_path:
+        with open(rows_path, "a") as f:
+            f.write(rows_md(out))
+    print(rows_md(out))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--endpoint", help="S3 endpoint (default: an embedded moto server)")
@@ -421,13 +432,7 @@ def main() -> int:
     ap.add_argument("--from-json", help="only render --rows (and print) from this JSON")
     args = ap.parse_args()
     if args.from_json:
-        out = json.loads(Path(args.from_json).read_text())
-        out["interpretation"] = interpret(out)
-        Path(args.from_json).write_text(json.dumps(out, indent=1) + "\n")
-        if args.rows:
-            with open(args.rows, "a") as f:
-                f.write(rows_md(out))
-        print(rows_md(out))
+        report(json.loads(Path(args.from_json).read_text()), args.from_json, args.rows)
         return 0
     doors = [k for k in args.doors.split(",") if k]
     size = args.file_mib * MiB
@@ -490,15 +495,7 @@ def main() -> int:
                                    ("door",))
         out["evict"] = summarise([r for run in out["runs"] for r in run["evict"]],
                                  ("door", "budget"))
-        if set(doors) == set(DOORS):
-            out["interpretation"] = interpret(out)
-        else:
-            out["interpretation"] = ""
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-        if args.rows:
-            with open(args.rows, "a") as f:
-                f.write(rows_md(out))
-        print(rows_md(out))
+        report(out, args.json, args.rows)
         return 0
     except ProbeFailure as exc:
         log(f"FAILED: {exc}")
