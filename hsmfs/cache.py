@@ -1849,6 +1849,7 @@ class StubCache:
             "coalesced_waits": c.coalesced_waits,
             "prefetched_bytes": c.prefetched_bytes,
             "sibling_prefetches": c.sibling_prefetches,
+            "readahead_no_room": c.readahead_no_room,
             "errors": dict(c.errors),
             "stubs": len(stubs),
             "resident_files": sum(1 for s in stubs if s.local),

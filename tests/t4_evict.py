@@ -101,6 +101,7 @@ def test_working_set_twice_the_budget(door: str, bucket: Bucket, moto: MotoServe
         assert sampler.peak <= BUDGET + MiB, (sampler.peak, stats)
         assert stats["evict_evictions"] >= FILES, stats
         assert not stats["evict_over_budget"], stats
+        assert stats["readahead_no_room"] >= 0, stats  # read-ahead that gave way is shown
         # At rest, the count is exactly what the disk holds.
         assert _on_disk(d.cache, sampler.baseline) == _stats(d.cache)["evict_resident_bytes"]
         # Every file still reads S3's bytes (evicted ones are fetched again).
