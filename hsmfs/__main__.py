@@ -541,9 +541,49 @@ def _progress_lines(cache: str, stop: threading.Event) -> None:
         sys.stderr.flush()
 
 
+#: ``hsmfs stats --watch``: the counters shown as rates, and the gauges shown as they are.
+_WATCH_RATES = (("fetched_bytes", "fetched MB/s", 1e6), ("served_bytes", "served MB/s", 1e6),
+                ("cache_s3_gets", "GETs/s", 1), ("hits", "hits/s", 1), ("misses", "misses/s", 1),
+                ("releases", "releases/s", 1), ("evict_evictions", "evictions/s", 1))
+_WATCH_GAUGES = (("resident_bytes", "resident MB", 1e6), ("inflight_chunks", "in flight", 1),
+                 ("dirty_files", "dirty", 1))
+
+
+def _watch_stats(cache: str, interval: float, count: int | None) -> int:
+    """``hsmfs stats --watch``: one line per interval of live rates, until Ctrl-C (or
+    ``count`` lines).  Rates are differences of the daemon's counters over the interval."""
+    from . import control
+
+    prev, t_prev, shown = None, 0.0, 0
+    print("  ".join(f"{label:>12}" for _, label, _ in (*_WATCH_RATES, *_WATCH_GAUGES)),
+          flush=True)
+    try:
+        while count is None or shown < count:
+            try:
+                now = control.query(cache, {"cmd": "stats"}, timeout=10)
+            except OSError as exc:
+                print(f"hsmfs: the daemon stopped answering: {exc}", file=sys.stderr)
+                return 1
+            t_now = time.monotonic()
+            if prev is not None:
+                dt = max(t_now - t_prev, 1e-6)
+                cells = [(float(now.get(k, 0) or 0) - float(prev.get(k, 0) or 0)) / dt / unit
+                         for k, _, unit in _WATCH_RATES]
+                cells += [float(now.get(k, 0) or 0) / unit for k, _, unit in _WATCH_GAUGES]
+                print("  ".join(f"{c:>12.1f}" for c in cells), flush=True)
+                shown += 1
+            prev, t_prev = now, t_now
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from . import control
 
+    if args.watch is not None:
+        return _watch_stats(_cache_dir_of(args.path), args.watch, args.count)
     try:
         stats = control.query(_cache_dir_of(args.path), {"cmd": "stats"})
     except OSError as exc:
@@ -671,6 +711,10 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--prometheus", action="store_true",
                      help="Prometheus text format (what -o metrics=HOST:PORT serves)")
+    fmt.add_argument("--watch", type=float, nargs="?", const=1.0, default=None,
+                     metavar="SECONDS", help="live rates, one line every SECONDS (default 1), "
+                     "until Ctrl-C")
+    sb.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # tests
     sb.set_defaults(func=_cmd_stats)
 
     sub.add_parser("bench", help="doors side by side (see hsmfs bench --help)", add_help=False)

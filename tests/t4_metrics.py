@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -91,3 +92,30 @@ def test_scrape_a_real_daemon(door: str, bucket: Bucket, moto: MotoServer,
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=10)
         assert err.value.code == 404
+
+
+def test_stats_watch_prints_live_rates(door: str, bucket: Bucket, moto: MotoServer,
+                                      tmp_path: Path) -> None:
+    """``hsmfs stats --watch``: a header, then one line of rates per interval; a read during
+    the watch shows as fetched MB/s."""
+    body = bucket.put("big.bin", seeded(8 << 20, "watch"))
+    with serve_door(door, f"s3://{bucket.name}", tmp_path, moto.endpoint) as d:
+        watch = subprocess.Popen([sys.executable, "-m", "hsmfs", "stats", "--watch", "0.3",
+                                  "--count", "6", str(d.root)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            assert watch.stdout is not None
+            header = watch.stdout.readline()  # the watch is up: now read
+            time.sleep(0.5)  # its first sample taken (the base of the first rate)
+            assert (d.root / "big.bin").read_bytes() == body
+            out, err = watch.communicate(timeout=30)
+            out = header + out
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait(10)
+        assert watch.returncode == 0, err
+        lines = out.splitlines()
+        assert "fetched MB/s" in lines[0] and len(lines) == 7, out
+        fetched = [float(line.split()[0]) for line in lines[1:]]
+        assert max(fetched) > 0, out
