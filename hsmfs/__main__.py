@@ -350,6 +350,14 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             code = 1
             continue
         cache, rel, _ = where
+        stop = threading.Event()
+        bar = None
+        if sys.stderr.isatty():
+            with contextlib.suppress(OSError):
+                size = os.stat(p).st_size
+                bar = threading.Thread(target=_restore_progress, args=(cache, p, size, stop),
+                                       daemon=True)
+                bar.start()
         try:
             [row] = control.query(cache, {"cmd": "restore", "paths": [rel]}, timeout=None)[
                 "states"]
@@ -357,6 +365,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             print(f"hsmfs: {p}: no daemon serves it: {exc}", file=sys.stderr)
             code = 1
             continue
+        finally:
+            stop.set()
+            if bar is not None:
+                bar.join(timeout=5)
         if "error" in row:
             print(f"hsmfs: {p}: {row['error']}", file=sys.stderr)
             code = 1
@@ -536,6 +548,32 @@ def _progress_lines(cache: str, stop: threading.Event) -> None:
         sys.stderr.write("\r\x1b[K" + "  ".join(parts)[:200])
         sys.stderr.flush()
         drawn = True
+    if drawn:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
+def _restore_progress(cache: str, path: str, size: int, stop: threading.Event) -> None:
+    """``hsmfs restore`` on a terminal: one self-overwriting stderr line, the daemon's fetched
+    bytes since the restore began against the file's size (other readers' fetches count too:
+    it is a progress line, not an account)."""
+    from . import control
+
+    def fetched() -> int:
+        return int(control.query(cache, {"cmd": "stats"}, timeout=5).get("fetched_bytes", 0))
+
+    try:
+        base = fetched()
+    except (OSError, ValueError):
+        return
+    drawn = False
+    while not stop.wait(PROGRESS_POLL_S):
+        with contextlib.suppress(OSError, ValueError):
+            got = min(fetched() - base, size)
+            sys.stderr.write(f"\r\x1b[K{os.path.basename(path)} "
+                             f"{100 * got // max(size, 1):3d}% {got >> 20}/{size >> 20} MiB")
+            sys.stderr.flush()
+            drawn = True
     if drawn:
         sys.stderr.write("\r\x1b[K")
         sys.stderr.flush()
