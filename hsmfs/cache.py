@@ -1048,12 +1048,17 @@ class StubCache:
         v = info.version
         ino, gen = await trio.to_thread.run_sync(
             lambda: self.tree.create_stub(step.rel, v, info.mode, self._guard(v.size == 0)))
-        old = self.registry.by_path.get(step.rel)
+        self.index_new(step.rel, v, ino, gen)
+        return Change(NEW, step.rel, new_ino=ino)
+
+    def index_new(self, rel: str, v: VersionLike, ino: int, gen: int) -> None:
+        """A stub just made by :meth:`Tree.create_stub` (a refresh, or ``-o lazy``'s listing
+        of a directory) joins the index.  On the loop."""
+        old = self.registry.by_path.get(rel)
         if old is not None:
             self._supersede(old)
-        self.registry.add(Stub(path=step.rel, version=_remote(v), ino=ino, gen=gen,
+        self.registry.add(Stub(path=rel, version=_remote(v), ino=ino, gen=gen,
                                owed=v.size, ranges=RangeMap(), local=v.size == 0))
-        return Change(NEW, step.rel, new_ino=ino)
 
     async def _refresh_stub(self, step: _Step) -> Change | None:
         stub = step.stub

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import inspect
 import logging
 import os
+import posixpath
 import resource
 import signal
+import stat
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -239,6 +242,13 @@ class Refresher:
                 log.exception("refresh failed; next try in %g s", period)
 
 
+def _is_dir(root_fd: int, rel: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(rel, dir_fd=root_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def _restarted_worker() -> bool:
     """Whether the holder started this process as a replacement for a worker that died after
     one was ready.  Before that the tree may be half built (a worker killed in the middle of
@@ -278,6 +288,11 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         # needs no S3 (which may be what just failed), and a listing could replace files that
         # programs still hold (they stay served as superseded stubs, but need not be).
         log.info("restarted worker: adopting %s without listing S3", opts.cache.cache_dir)
+    elif opts.cache.lazy:
+        # -o lazy: adopt what is on disk (stubs of directories listed by an earlier run, local
+        # files) and list nothing; each directory is listed at its first lookup (hsmfs.lazy).
+        log.info("lazy: adopting %s without listing S3; directories are listed as they are "
+                 "looked up", opts.cache.cache_dir)
     else:
         log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
         objects, found = await start_listing(cache, backend, opts)
@@ -288,10 +303,17 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     objects = found = None
     archiver = Archiver(cache, backend, opts.s3.prefix)
     ops = None
+    lazy = None
     if opts.fuse is not None:
         from .ops import Operations  # pyfuse3 only where a FUSE door is asked for
 
         ops = Operations(cache, opts.fuse)
+        if opts.cache.lazy:
+            from .lazy import LazyNamespace
+
+            ops.lazy = lazy = LazyNamespace(cache, backend, opts.s3.prefix,
+                                            head=opts.cache.head_for_mode,
+                                            connections=opts.s3.max_connections)
     writeback = Writeback(archiver, opts.cache.writeback_s,
                           ops.writing if ops is not None else None) \
         if opts.cache.writeback_s > 0 else None
@@ -319,6 +341,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                     out["fuse"] = ops.stats()
                 if kernel is not None:
                     out["kernel"] = kernel.stats()
+                if lazy is not None:
+                    out["lazy"] = lazy.stats.as_dict()
                 if writeback is not None:
                     out["writeback"] = writeback.snapshot()
                 if evictor is not None:
@@ -360,6 +384,21 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                 rel = "" if path == "." else path
                 if os.path.isabs(rel) or rel.split("/")[0] in ("..", STATE_DIR):
                     return {"error": f"{rel!r} is not a path in the tree"}
+                if lazy is not None:
+                    # A refresh lists everything under its path, recursively: of the whole
+                    # tree it would make the whole bucket eager.  A listed directory (or a
+                    # file in one) may be refreshed; its unlisted subdirectories get the
+                    # stubs of that listing, and their own listing later keeps them.
+                    is_dir = await trio.to_thread.run_sync(functools.partial(
+                        _is_dir, cache.root_fd, rel)) if rel else True
+                    top = rel if is_dir else posixpath.dirname(rel)
+                    if not rel or not await lazy.is_listed(top):
+                        return {"error": "-o lazy: hsmfs sync refreshes a listed directory "
+                                         "(or a file in one) only, never the whole bucket; "
+                                         f"{rel or '.'!r} is not one (ls it first)"
+                                         if rel else "-o lazy: hsmfs sync needs a PATH (a "
+                                         "listed directory): a sync of the whole tree would "
+                                         "list the whole bucket"}
                 waited = refresher.lock.locked()  # one sync at a time: this one waits its turn
                 try:
                     report = await refresher.sync(rel)

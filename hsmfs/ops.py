@@ -139,6 +139,9 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, tuple[str, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
         self._next_fh = 1
         self.requests: dict[str, int] = {}
+        #: ``-o lazy``: lists a directory from S3 before its first lookup or opendir
+        #: (:mod:`hsmfs.lazy`); None: the tree is whole from the start.
+        self.lazy: Any = None
         # A release must not punch under a handle of this mount (an mmap keeps one open), and
         # an fd of ours would defeat its write lease: the core asks first (release_check).
         cache.release_guards.append(self)
@@ -214,6 +217,16 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM if creating else errno.ENOENT)
         return f"{parent}/{sname}" if parent else sname
 
+    async def _listed(self, path: str) -> None:
+        """``-o lazy``: the directory ``path`` is listed from S3 before anything in it is
+        looked up or read; a listing that fails fails the request (never an empty dir)."""
+        if self.lazy is None:
+            return
+        try:
+            await self.lazy.ensure(path)
+        except (HsmError, OSError) as exc:
+            raise FUSEError(to_errno(exc)) from None
+
     def _writes_allowed(self) -> None:
         if self.cfg.read_only:
             raise FUSEError(errno.EROFS)
@@ -229,6 +242,7 @@ class Operations(pyfuse3.Operations):
                      ) -> pyfuse3.EntryAttributes:
         self._count("lookup")
         path = self._child(parent_inode, name)
+        await self._listed(self._path(parent_inode))
         st = await _io(self._stat, path)
         self._paths[self._inode_of(st)] = path
         return self._attrs(st)
@@ -254,6 +268,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         self._count("opendir")
         path = self._path(inode)
+        await self._listed(path)
         entries = await _io(self._list_dir, path)
         fh = self._new_fh()
         self._dirs[fh] = (path, entries)
