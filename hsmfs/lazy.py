@@ -121,6 +121,13 @@ class LazyNamespace:
         except OSError:
             return False  # absent, or not a directory
 
+    def forget(self, rel: str) -> None:
+        """``rel`` was renamed or removed (the FUSE door): its in-memory state and its
+        descendants' go; the marks travel with the directories and are read again."""
+        self._listed.discard(rel)
+        below = f"{rel}/"
+        self._listed.difference_update([p for p in self._listed if p.startswith(below)])
+
     # -- the listing -------------------------------------------------------------------------
 
     async def ensure(self, rel: str) -> None:

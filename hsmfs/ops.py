@@ -227,6 +227,16 @@ class Operations(pyfuse3.Operations):
         except (HsmError, OSError) as exc:
             raise FUSEError(to_errno(exc)) from None
 
+    async def _listed_if_dir(self, path: str) -> None:
+        if self.lazy is None:
+            return
+        try:
+            st = await _io(self._stat, path)
+        except OSError:
+            return  # absent: the operation itself says so
+        if stat.S_ISDIR(st.st_mode):
+            await self._listed(path)
+
     def _writes_allowed(self) -> None:
         if self.cfg.read_only:
             raise FUSEError(errno.EROFS)
@@ -854,8 +864,12 @@ class Operations(pyfuse3.Operations):
         self._count("rmdir")
         self._writes_allowed()
         path = self._child(parent_inode, name)
+        # -o lazy: a directory not listed yet may look empty here and hold objects in S3.
+        await self._listed_if_dir(path)
         st = await _io(self._remove, path, True)
         self._forget_path(self._inode_of(st), path)
+        if self.lazy is not None:
+            self.lazy.forget(path)
 
     def _remove(self, path: str, is_dir: bool) -> os.stat_result:
         st = self._stat(path)
@@ -879,7 +893,14 @@ class Operations(pyfuse3.Operations):
         self._writes_allowed()
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new, creating=True)
+        # -o lazy: a directory moves with its children, so it is listed first (its mark, an
+        # xattr, moves with it; the in-memory state is read again from it).
+        await self._listed_if_dir(old)
+        await self._listed_if_dir(new)
         src, dst = await _io(self._rename, old, new, flags)
+        if self.lazy is not None:
+            self.lazy.forget(old)
+            self.lazy.forget(new)
         src_ino = self._inode_of(src)
         dst_ino = self._inode_of(dst) if dst is not None else None
         if src_ino == dst_ino:

@@ -229,3 +229,20 @@ def test_lazy_refused_with_refresh(tmp_path: Path) -> None:
                 f"cache={tmp_path / 'cache'},lazy,refresh=60")
     assert out.returncode == 2 and "-o lazy and -o refresh" in out.stderr, out.stderr
     assert time.monotonic() - started < 30
+
+
+def test_rmdir_and_rename_of_an_unlisted_directory(bucket: Bucket, moto: MotoServer,
+                                                   tmp_path: Path) -> None:
+    """A directory not listed yet is empty in the backing tree but not in S3: ``rmdir`` lists
+    it first (ENOTEMPTY), ``mv`` lists it first (its files move with it)."""
+    objects = fill(bucket, 3, 2)
+    with lazy_mount(bucket, moto.endpoint, tmp_path) as d:
+        assert "d001" in ls(d.root)
+        assert os.listdir(d.cache / "d001") == []
+        with pytest.raises(OSError) as err:
+            os.rmdir(d.root / "d001")
+        assert err.value.errno == errno.ENOTEMPTY
+        os.rename(d.root / "d002", d.root / "moved")
+        assert ls(d.root / "moved") == ["f00.bin", "f01.bin"]
+        assert cat(d.root / "moved/f01.bin") == objects["d002/f01.bin"]
+        assert "d002" not in ls(d.root)
