@@ -335,8 +335,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
        parse=_off_or(_seconds)),
     _o("lazy", "", "off", "list S3 one directory at a time, on its first lookup or readdir, "
        "instead of the whole bucket at start (a bucket of millions of objects mounts at once); "
-       "FUSE door alone: refused with the kernel door and with refresh (hsmfs sync PATH of a "
-       "listed directory works)", door=FUSE, layer="cache", parse=_on),
+       "FUSE door alone (refused with the kernel door); hsmfs sync and refresh then list "
+       "again only the directories listed so far", door=FUSE, layer="cache", parse=_on),
     _o("writeback", "S|off", "off", "upload a dirty or new file once every writer closed it "
        "and it was not written for S seconds (else only hsmfs archive uploads)",
        layer="cache", field="writeback_s", parse=_off_or(_seconds)),
@@ -447,10 +447,6 @@ def build_options(
     cache_cfg = CacheConfig(**cache_kw)  # type: ignore[arg-type]
     if cache_cfg.lazy and top["kernel"]:
         raise ValueError(LAZY_KERNEL)
-    if cache_cfg.lazy and cache_cfg.refresh_s > 0:
-        raise ValueError("-o lazy and -o refresh cannot go together: a refresh lists the whole "
-                         "bucket, which is what lazy avoids (hsmfs sync PATH refreshes a "
-                         "listed directory)")
     if cache_cfg.chunk_size <= 0 or cache_cfg.chunk_size % 4096:
         raise ValueError("chunk must be a positive multiple of 4 KiB")
     if cache_cfg.max_request < cache_cfg.chunk_size:

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import inspect
 import logging
 import os
-import posixpath
 import resource
 import signal
-import stat
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -193,6 +190,8 @@ class Refresher:
         self.opts = opts
         self.ops = ops
         self.lock = trio.Lock()
+        #: ``-o lazy``: refresh only the listed directories (:meth:`LazyNamespace.refresh`).
+        self.lazy: Any = None
 
     def _wanted(self, version: Any) -> bool:
         """HEAD (for the mode) only objects the tree does not hold at this version."""
@@ -208,6 +207,18 @@ class Refresher:
 
     async def sync(self, rel: str = "") -> RefreshReport:
         async with self.lock:
+            if self.lazy is not None:
+                try:
+                    report = await self.lazy.refresh(rel, wanted=self._wanted,
+                                                     busy=self._archiving)
+                except Exception as exc:
+                    stats = self.cache.refresh_stats
+                    stats.failures += 1
+                    stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
+                    raise
+                if self.ops is not None and report.changes:
+                    await self.ops.namespace_changed(report.changes)
+                return report
             held = self.cache.versions()  # before the listing: what it may predate
             try:
                 lister = self.backend
@@ -240,13 +251,6 @@ class Refresher:
                             "in %g s", self.opts.s3.bucket, self.opts.s3.prefix, exc, period)
             except Exception:
                 log.exception("refresh failed; next try in %g s", period)
-
-
-def _is_dir(root_fd: int, rel: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.stat(rel, dir_fd=root_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
 
 
 def _restarted_worker() -> bool:
@@ -318,6 +322,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                           ops.writing if ops is not None else None) \
         if opts.cache.writeback_s > 0 else None
     refresher = Refresher(cache, backend, opts, ops, archiver)
+    refresher.lazy = lazy
     evictor = None
     if opts.cache.cache_size > 0 or opts.cache.min_free_pct > 0:
         from .evict import Evictor
@@ -384,21 +389,6 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                 rel = "" if path == "." else path
                 if os.path.isabs(rel) or rel.split("/")[0] in ("..", STATE_DIR):
                     return {"error": f"{rel!r} is not a path in the tree"}
-                if lazy is not None:
-                    # A refresh lists everything under its path, recursively: of the whole
-                    # tree it would make the whole bucket eager.  A listed directory (or a
-                    # file in one) may be refreshed; its unlisted subdirectories get the
-                    # stubs of that listing, and their own listing later keeps them.
-                    is_dir = await trio.to_thread.run_sync(functools.partial(
-                        _is_dir, cache.root_fd, rel)) if rel else True
-                    top = rel if is_dir else posixpath.dirname(rel)
-                    if not rel or not await lazy.is_listed(top):
-                        return {"error": "-o lazy: hsmfs sync refreshes a listed directory "
-                                         "(or a file in one) only, never the whole bucket; "
-                                         f"{rel or '.'!r} is not one (ls it first)"
-                                         if rel else "-o lazy: hsmfs sync needs a PATH (a "
-                                         "listed directory): a sync of the whole tree would "
-                                         "list the whole bucket"}
                 waited = refresher.lock.locked()  # one sync at a time: this one waits its turn
                 try:
                     report = await refresher.sync(rel)

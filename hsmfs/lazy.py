@@ -39,17 +39,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .keys import key_to_relpath
+from .keys import STATE_DIR, key_to_relpath
 
 if TYPE_CHECKING:
     from .backend_s3 import ObjectInfo, ObjectVersion, S3Backend
-    from .cache import StubCache
+    from .cache import RefreshReport, StubCache
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,82 @@ class LazyNamespace:
                 self.stats.kept += 1  # a program made that name since the plan: kept
                 continue
             created.append((r, v, ino, gen))
+
+    # -- refresh (hsmfs sync, -o refresh) ----------------------------------------------------
+
+    def _listed_under(self, rel: str) -> list[str]:
+        """Worker thread: the listed directories at or below ``rel`` (in memory, or marked on
+        disk by an earlier run), parents first.  A walk of the backing directories: in lazy
+        mode only what was listed has children."""
+        out = []
+        try:
+            top = self._open_dir(rel)
+        except OSError:
+            return []
+        try:
+            for dirpath, dirnames, _files, dfd in os.fwalk(".", dir_fd=top):
+                d = os.path.normpath(os.path.join(rel, dirpath)) if rel else \
+                    os.path.normpath(dirpath)
+                d = "" if d == "." else d
+                if d == "":
+                    dirnames[:] = [n for n in dirnames if n != STATE_DIR]
+                listed = d in self._listed
+                if not listed:
+                    try:
+                        os.getxattr(dfd, LISTED)
+                        listed = True
+                    except OSError:
+                        pass
+                if listed:
+                    out.append(d)
+        finally:
+            os.close(top)
+        return out
+
+    async def refresh(self, rel: str, *, wanted: Any, busy: Any) -> RefreshReport:
+        """A refresh of the listed directories at or below ``rel`` only: each is listed again
+        (Delimiter=/) and its files reconciled by the refresh's rules
+        (:meth:`StubCache.refresh`, ``shallow``); its new subdirectories are made (listed at
+        their first lookup).  A directory not listed stays so: a refresh never makes the
+        bucket eager.  ``rel`` a file: that file only, from its directory's listing."""
+        from .backend_s3 import ObjectInfo
+        from .cache import RefreshReport
+
+        report = RefreshReport(0)
+        is_file = rel and not await trio.to_thread.run_sync(self._is_dir, rel)
+        dirs = [os.path.dirname(rel)] if is_file else \
+            await trio.to_thread.run_sync(self._listed_under, rel)
+        for d in dirs:
+            held = self.cache.versions()  # before the listing: what it may predate
+            dir_prefix = f"{self.prefix}{d}/" if d else self.prefix
+            objects, prefixes = await trio.to_thread.run_sync(
+                self.backend.list_dir, dir_prefix, limiter=self._limiter)
+            infos: list[tuple[str, Any]] = [("", ObjectInfo(v)) for v in objects]
+            if self.head:
+                heads = [(r, i) for r, i in infos if wanted(i.version)]
+                done = {i.version.key: i for _, i in await self._heads(heads)} if heads else {}
+                infos = [("", done.get(i.version.key, i)) for _, i in infos]
+            await trio.to_thread.run_sync(self._mkdirs, prefixes)
+            part = await self.cache.refresh([i for _, i in infos], self.prefix,
+                                            rel if is_file else d, held=held, busy=busy,
+                                            shallow=not is_file)
+            report.listed += part.listed
+            report.rejected += part.rejected
+            report.changes.extend(part.changes)
+        return report
+
+    def _is_dir(self, rel: str) -> bool:
+        try:
+            return stat.S_ISDIR(os.stat(rel, dir_fd=self.cache.root_fd,
+                                        follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+
+    def _mkdirs(self, prefixes: list[str]) -> None:
+        for p in prefixes:
+            r = key_to_relpath(p, self.prefix)[0]
+            if r is not None:
+                self.cache.tree.mkdir(r.rstrip("/"))
 
     def _mark(self, rel: str) -> None:
         """Every child exists: make the directory durable, then mark it listed."""

@@ -190,23 +190,62 @@ def test_a_failed_listing_fails_the_lookup(bucket: Bucket, fault_proxy,
         assert cat(d.root / "d001/f01.bin") == objects["d001/f01.bin"]
 
 
-def test_sync_of_a_listed_directory(bucket: Bucket, moto: MotoServer, tmp_path: Path) -> None:
-    """``hsmfs sync PATH`` refreshes a listed directory; the whole tree, or a directory not
-    listed, is refused with a reason."""
-    fill(bucket, 3, 2)
-    with lazy_mount(bucket, moto.endpoint, tmp_path, "attr_timeout=3600") as d:
+def test_sync_refreshes_only_listed_directories(bucket: Bucket, moto: MotoServer,
+                                                tmp_path: Path) -> None:
+    """``hsmfs sync`` in lazy mode lists again only the directories listed so far (one LIST
+    each, Delimiter=/): new, changed and deleted objects there follow S3, a local file stays,
+    and a directory not listed stays unlisted (no stub made in it)."""
+    objects = fill(bucket, 4, 2)
+    with lazy_mount(bucket, moto.endpoint, tmp_path, "attr_timeout=3600", "dir_readahead=off"
+                    ) as d:
         assert ls(d.root / "d001") == ["f00.bin", "f01.bin"]
+        (d.root / "d001/local.txt").write_bytes(b"local\n")
         new = bucket.put("d001/new.bin", blob(5000, "new"))
+        changed = bucket.put("d001/f00.bin", blob(7000, "changed"))
+        bucket.delete("d001/f01.bin")
+        bucket.put("d002/new.bin", blob(10, "unlisted"))
+        bucket.put("brand/new.bin", blob(10, "brand"))
+        before = lists(d.stats())
         out = hsmfs("sync", str(d.root))
-        assert out.returncode != 0 and "needs a PATH" in out.stderr, out.stderr
-        # Named in the backing tree: through the mount the command's own lookups in d002
-        # (where is .hsmfs?) would list it.
-        out = hsmfs("sync", str(d.cache / "d002"))
-        assert out.returncode != 0 and "not one" in out.stderr, out.stderr
-        out = hsmfs("sync", str(d.root / "d001"))
         assert out.returncode == 0, out.stderr
-        assert ls(d.root / "d001") == ["f00.bin", "f01.bin", "new.bin"]
+        # Listed: the root and d001 (the command's own lookup of .hsmfs is in the root).
+        assert lists(d.stats()) - before == 2, out.stdout
+        assert "1 new, 1 refreshed" in out.stdout and "1 removed" in out.stdout, out.stdout
+        assert ls(d.root / "d001") == ["f00.bin", "local.txt", "new.bin"]
         assert cat(d.root / "d001/new.bin") == new
+        assert cat(d.root / "d001/f00.bin") == changed
+        assert cat(d.root / "d001/local.txt") == b"local\n"
+        assert os.listdir(d.cache / "d002") == []  # not listed: left for its first lookup
+        assert os.listdir(d.cache / "brand") == []  # a new directory of the root: made, empty
+        assert ls(d.root / "d002") == ["f00.bin", "f01.bin", "new.bin"]
+        assert cat(d.root / "brand/new.bin") == bucket.objects["brand/new.bin"]
+        assert cat(d.root / "d003/f01.bin") == objects["d003/f01.bin"]
+        # A subtree: only d002 (listed now) under it.
+        bucket.put("d002/newer.bin", blob(99, "newer"))
+        before = lists(d.stats())
+        out = hsmfs("sync", str(d.cache / "d002"))
+        assert out.returncode == 0 and lists(d.stats()) - before == 1, out.stdout + out.stderr
+        assert cat(d.root / "d002/newer.bin") == bucket.objects["d002/newer.bin"]
+
+
+def test_periodic_refresh_in_lazy_mode(bucket: Bucket, moto: MotoServer,
+                                       tmp_path: Path) -> None:
+    """``-o refresh`` with ``-o lazy``: each period lists the listed directories only."""
+    fill(bucket, 30, 2)
+    with lazy_mount(bucket, moto.endpoint, tmp_path, "refresh=1", "attr_timeout=3600") as d:
+        assert ls(d.root / "d007") == ["f00.bin", "f01.bin"]
+        added = bucket.put("d007/late.bin", blob(300, "late"))
+        deadline = time.monotonic() + 30
+        while not (d.cache / "d007/late.bin").exists():
+            assert time.monotonic() < deadline, "no refresh picked up d007/late.bin"
+            time.sleep(0.1)
+        assert cat(d.root / "d007/late.bin") == added
+        st = d.stats()
+        assert st["refreshes"] >= 1
+        # Two listed directories per period, never the 30 others.
+        assert lists(st) <= 2 + 2 * (st["refreshes"] + 1), st["s3_requests_by"]
+        assert sum(1 for n in os.listdir(d.cache) if n.startswith("d0")
+                   and os.listdir(d.cache / n)) == 1
 
 
 @pytest.mark.parametrize("cmd", ["serve", "mount-kernel"])
@@ -220,15 +259,6 @@ def test_lazy_refused_with_the_kernel_door(cmd: str, tmp_path: Path) -> None:
     assert out.returncode == 2, out
     assert "-o lazy is for the FUSE door alone" in out.stderr, out.stderr
     assert not (tmp_path / "mnt").exists() or not os.path.ismount(tmp_path / "mnt")
-
-
-def test_lazy_refused_with_refresh(tmp_path: Path) -> None:
-    (tmp_path / "mnt").mkdir()
-    started = time.monotonic()
-    out = hsmfs("mount", "-f", "s3://b", str(tmp_path / "mnt"), "-o",
-                f"cache={tmp_path / 'cache'},lazy,refresh=60")
-    assert out.returncode == 2 and "-o lazy and -o refresh" in out.stderr, out.stderr
-    assert time.monotonic() - started < 30
 
 
 def test_rmdir_and_rename_of_an_unlisted_directory(bucket: Bucket, moto: MotoServer,
