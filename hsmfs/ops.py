@@ -224,7 +224,11 @@ class Operations(pyfuse3.Operations):
             return
         try:
             await self.lazy.ensure(path)
-        except (HsmError, OSError) as exc:
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FUSEError(exc.errno) from None  # removed or replaced meanwhile
+            raise FUSEError(to_errno(exc)) from None
+        except HsmError as exc:
             raise FUSEError(to_errno(exc)) from None
 
     async def _listed_if_dir(self, path: str) -> None:
