@@ -251,6 +251,28 @@ class S3Backend:
                 return
             token = page["NextContinuationToken"]
 
+    def list_dir(self, prefix: str) -> tuple[list[ObjectVersion], list[str]]:
+        """One directory of the bucket (``-o lazy``): ListObjectsV2 with ``Prefix=prefix`` (a
+        full key prefix ending in "/", or the backend's prefix for the root) and
+        ``Delimiter=/``, every page.  (the objects directly below, the common prefixes: the
+        keys of the subdirectories, ending in "/")."""
+        objects: list[ObjectVersion] = []
+        prefixes: list[str] = []
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": prefix, "Delimiter": "/"}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"list {prefix!r}",
+                              lambda kw=kw: self._client.list_objects_v2(**kw))
+            objects.extend(ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
+                                         mtime=obj["LastModified"].timestamp())
+                           for obj in page.get("Contents", []))
+            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+            if not page.get("IsTruncated"):
+                return objects, prefixes
+            token = page["NextContinuationToken"]
+
     def head(self, version: ObjectVersion) -> ObjectInfo:
         """HEAD pinned to the listed ETag: the mode and mtime from metadata, the version id if
         any."""

@@ -61,7 +61,7 @@ from .config import CacheConfig
 from .errors import HsmError, ObjectChanged, Superseded
 from .fetch import Counters, FetchEngine, Fetcher, NoRoom
 from .handles import handle_of, open_handle
-from .keys import key_to_relpath, place
+from .keys import STATE_DIR, key_to_relpath, place
 from .ranges import RangeMap
 from .registry import STAGING_DIR, Changed, Found, Registry, Tree
 from .siblings import SiblingReadAhead
@@ -804,7 +804,8 @@ class StubCache:
 
     async def refresh(self, objects: Iterable[ObjectInfoLike], prefix: str = "",
                       under: str = "", *, held: dict[int, RemoteVersion] | None = None,
-                      busy: Callable[[Stub], bool] | None = None) -> RefreshReport:
+                      busy: Callable[[Stub], bool] | None = None,
+                      shallow: bool = False) -> RefreshReport:
         """Make the tree, or only the subtree ``under`` (relative to the root), follow a
         listing while the doors serve it, by the rules of :meth:`populate`: a new object gets a
         stub (made and guarded in staging); a changed one is replaced if nothing of it is
@@ -831,6 +832,10 @@ class StubCache:
         version changed since (an archive recorded its upload) is left for the next refresh,
         as the listing may predate that upload.  ``busy(stub)``: an archive of it is under
         way (its upload may be in the listing before its record is written): left too.
+
+        ``shallow`` (``-o lazy``: :mod:`hsmfs.lazy`): ``under`` is a directory and ``objects``
+        its Delimiter listing: only the files directly in it are reconciled (a file of a
+        subdirectory is neither listed nor taken for deleted).
         """
         started = time.monotonic()
 
@@ -838,10 +843,13 @@ class StubCache:
             return ((held is not None and held.get(stub.ino) != stub.version)
                     or (busy is not None and busy(stub)))
 
-        objects = [o for o in objects if _below(
-            (key_to_relpath(o.version.key, prefix)[0] or "").rstrip("/"), under)]
+        def wanted(rel: str) -> bool:
+            return posixpath.dirname(rel) == under if shallow else _below(rel, under)
+
+        objects = [o for o in objects if wanted(
+            (key_to_relpath(o.version.key, prefix)[0] or "").rstrip("/"))]
         steps, seen, rejected = await trio.to_thread.run_sync(
-            self._refresh_plan, objects, prefix, under, skip)
+            self._refresh_plan, objects, prefix, under, skip, shallow)
         report = RefreshReport(len(objects), rejected=rejected)
         # Renames first (the kernel door does not see them), so that a renamed stub is not
         # taken for a removed one; then stubs whose file is gone are let go, before a new
@@ -849,7 +857,7 @@ class StubCache:
         for step in steps:
             if step.what == "moved":
                 self._follow_rename(step)
-        await self._forget_missing(under, seen)
+        await self._forget_missing(under, seen, shallow)
         for step in steps:
             if step.what == "moved":
                 continue
@@ -876,7 +884,8 @@ class StubCache:
         return {s.ino: s.version for s in list(self.registry.by_ino.values())}
 
     def _refresh_plan(self, objects: list[ObjectInfoLike], prefix: str, under: str,
-                      skip: Callable[[Stub], bool]) -> tuple[list[_Step], set[str], int]:
+                      skip: Callable[[Stub], bool], shallow: bool = False
+                      ) -> tuple[list[_Step], set[str], int]:
         """Worker thread: look, decide, change nothing but directories.  (steps, the paths
         the scan found, refused keys)."""
         by_key = {o.version.key: o for o in objects}
@@ -885,7 +894,7 @@ class StubCache:
             log.debug("skipping object %r: key %s", key, reason)
         for d in sorted(layout.dirs, key=lambda p: p.count("/")):
             self.tree.mkdir(d)  # the subtree's and its parents (the listing is below it)
-        found = {f.rel: f for f in self._scan(under)}
+        found = {f.rel: f for f in (self._scan_dir(under) if shallow else self._scan(under))}
         seen = set(found)
         removed = self.tombstones.load()  # removed locally: archive --delete decides, not S3
         steps: list[_Step] = []
@@ -979,6 +988,42 @@ class StubCache:
         finally:
             os.close(fd)
 
+    def _scan_dir(self, under: str) -> list[Found]:
+        """The regular files directly in directory ``under`` (a shallow :meth:`_scan`)."""
+        if under and not self.tree.parents_are_dirs(under + "/x"):
+            return []
+        try:
+            dfd = os.open(under or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, dir_fd=self.root_fd)
+        except OSError:
+            return []
+        out = []
+        try:
+            for name in os.listdir(dfd):
+                if not under and name == STATE_DIR:
+                    continue
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                                 | os.O_NONBLOCK, dir_fd=dfd)
+                except OSError:
+                    continue  # a symlink, gone: never a stub
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    record = read_record(fd)
+                    rel = f"{under}/{name}" if under else name
+                    out.append(Found(rel, st.st_ino, generation(fd), st.st_size, record,
+                                     record is None and legacy_identity(fd), st.st_mtime))
+                except OSError as exc:
+                    log.warning("cannot read the record of %r: %s; treated as a local file",
+                                name, exc)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(dfd)
+        return out
+
     def _follow_rename(self, step: _Step) -> None:
         """A program renamed a stub where no door saw it (the kernel door sees no renames):
         the index follows, as :meth:`moved` does for the FUSE door."""
@@ -988,11 +1033,12 @@ class StubCache:
                 and step.rel not in self.registry.by_path):
             self.moved({stub.path: step.rel})
 
-    async def _forget_missing(self, under: str, seen: set[str]) -> None:
+    async def _forget_missing(self, under: str, seen: set[str], shallow: bool = False) -> None:
         """Stubs whose path no longer leads to them (removed or replaced by a program where no
         door saw it) are superseded: still served to whoever holds them, never by path."""
         missing = [s for p, s in list(self.registry.by_path.items())
-                   if _below(p, under) and p not in seen]
+                   if (posixpath.dirname(p) == under if shallow else _below(p, under))
+                   and p not in seen]
         if not missing:
             return
 
@@ -1048,12 +1094,17 @@ class StubCache:
         v = info.version
         ino, gen = await trio.to_thread.run_sync(
             lambda: self.tree.create_stub(step.rel, v, info.mode, self._guard(v.size == 0)))
-        old = self.registry.by_path.get(step.rel)
+        self.index_new(step.rel, v, ino, gen)
+        return Change(NEW, step.rel, new_ino=ino)
+
+    def index_new(self, rel: str, v: VersionLike, ino: int, gen: int) -> None:
+        """A stub just made by :meth:`Tree.create_stub` (a refresh, or ``-o lazy``'s listing
+        of a directory) joins the index.  On the loop."""
+        old = self.registry.by_path.get(rel)
         if old is not None:
             self._supersede(old)
-        self.registry.add(Stub(path=step.rel, version=_remote(v), ino=ino, gen=gen,
+        self.registry.add(Stub(path=rel, version=_remote(v), ino=ino, gen=gen,
                                owed=v.size, ranges=RangeMap(), local=v.size == 0))
-        return Change(NEW, step.rel, new_ino=ino)
 
     async def _refresh_stub(self, step: _Step) -> Change | None:
         stub = step.stub

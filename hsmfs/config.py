@@ -78,6 +78,9 @@ class CacheConfig:
     #: the start, and ``hsmfs sync`` when asked).  A listing costs one request per 1000
     #: objects, so a period of minutes suits a large bucket.
     refresh_s: float = 0.0
+    #: ``-o lazy`` (FUSE door only): adopt the tree as it is at start and list S3 one
+    #: directory at a time, on its first lookup or readdir (:mod:`hsmfs.lazy`).
+    lazy: bool = False
     #: ``-o cache_size=SIZE``: keep resident bytes under this by releasing the least recently
     #: used clean files (:mod:`hsmfs.evict`).  0: unlimited (the default).
     cache_size: int = 0
@@ -330,6 +333,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _o("refresh", "S|off", "off", "list S3 every S seconds and make the tree follow it (new, "
        "changed and deleted objects), as hsmfs sync does", layer="cache", field="refresh_s",
        parse=_off_or(_seconds)),
+    _o("lazy", "", "off", "list S3 one directory at a time, on its first lookup or readdir, "
+       "instead of the whole bucket at start (a bucket of millions of objects mounts at once); "
+       "FUSE door alone (refused with the kernel door); hsmfs sync and refresh then list "
+       "again only the directories listed so far", door=FUSE, layer="cache", parse=_on),
     _o("writeback", "S|off", "off", "upload a dirty or new file once every writer closed it "
        "and it was not written for S seconds (else only hsmfs archive uploads)",
        layer="cache", field="writeback_s", parse=_off_or(_seconds)),
@@ -395,6 +402,12 @@ def _ignored(key: str) -> bool:
     return key in IGNORED_OPTIONS or key.startswith("x-") or key == "comment"
 
 
+#: Why ``-o lazy`` is refused with the kernel door (``serve``, ``mount -o kernel``).
+LAZY_KERNEL = ("-o lazy is for the FUSE door alone (hsmfs mount without -o kernel): the "
+               "kernel door serves the backing tree directly, so every stub must exist before "
+               "anyone opens it, and a directory cannot be listed on its first lookup there")
+
+
 def build_options(
     source: str, opts: dict[str, str], *, mountpoint: str | None, cache_dir: str | None,
     kernel_door: bool, foreground: bool = False,
@@ -415,6 +428,8 @@ def build_options(
             if _ignored(key):
                 continue
             raise ValueError(f"unknown option {key!r} (--help lists every option)")
+        if key == "lazy" and mountpoint is None and _on(value):
+            raise ValueError(LAZY_KERNEL)
         if spec.door == FUSE and mountpoint is None:
             raise ValueError(f"option {key!r} is for the FUSE door (hsmfs mount) only")
         if spec.layer is None:
@@ -430,6 +445,8 @@ def build_options(
     cache_kw = layers["cache"]
     cache_kw["cache_dir"] = os.path.abspath(cache_dir)
     cache_cfg = CacheConfig(**cache_kw)  # type: ignore[arg-type]
+    if cache_cfg.lazy and top["kernel"]:
+        raise ValueError(LAZY_KERNEL)
     if cache_cfg.chunk_size <= 0 or cache_cfg.chunk_size % 4096:
         raise ValueError("chunk must be a positive multiple of 4 KiB")
     if cache_cfg.max_request < cache_cfg.chunk_size:

@@ -190,6 +190,8 @@ class Refresher:
         self.opts = opts
         self.ops = ops
         self.lock = trio.Lock()
+        #: ``-o lazy``: refresh only the listed directories (:meth:`LazyNamespace.refresh`).
+        self.lazy: Any = None
 
     def _wanted(self, version: Any) -> bool:
         """HEAD (for the mode) only objects the tree does not hold at this version."""
@@ -205,6 +207,18 @@ class Refresher:
 
     async def sync(self, rel: str = "") -> RefreshReport:
         async with self.lock:
+            if self.lazy is not None:
+                try:
+                    report = await self.lazy.refresh(rel, wanted=self._wanted,
+                                                     busy=self._archiving)
+                except Exception as exc:
+                    stats = self.cache.refresh_stats
+                    stats.failures += 1
+                    stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
+                    raise
+                if self.ops is not None and report.changes:
+                    await self.ops.namespace_changed(report.changes)
+                return report
             held = self.cache.versions()  # before the listing: what it may predate
             try:
                 lister = self.backend
@@ -278,6 +292,11 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         # needs no S3 (which may be what just failed), and a listing could replace files that
         # programs still hold (they stay served as superseded stubs, but need not be).
         log.info("restarted worker: adopting %s without listing S3", opts.cache.cache_dir)
+    elif opts.cache.lazy:
+        # -o lazy: adopt what is on disk (stubs of directories listed by an earlier run, local
+        # files) and list nothing; each directory is listed at its first lookup (hsmfs.lazy).
+        log.info("lazy: adopting %s without listing S3; directories are listed as they are "
+                 "looked up", opts.cache.cache_dir)
     else:
         log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
         objects, found = await start_listing(cache, backend, opts)
@@ -288,14 +307,22 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     objects = found = None
     archiver = Archiver(cache, backend, opts.s3.prefix)
     ops = None
+    lazy = None
     if opts.fuse is not None:
         from .ops import Operations  # pyfuse3 only where a FUSE door is asked for
 
         ops = Operations(cache, opts.fuse)
+        if opts.cache.lazy:
+            from .lazy import LazyNamespace
+
+            ops.lazy = lazy = LazyNamespace(cache, backend, opts.s3.prefix,
+                                            head=opts.cache.head_for_mode,
+                                            connections=opts.s3.max_connections)
     writeback = Writeback(archiver, opts.cache.writeback_s,
                           ops.writing if ops is not None else None) \
         if opts.cache.writeback_s > 0 else None
     refresher = Refresher(cache, backend, opts, ops, archiver)
+    refresher.lazy = lazy
     evictor = None
     if opts.cache.cache_size > 0 or opts.cache.min_free_pct > 0:
         from .evict import Evictor
@@ -319,6 +346,8 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                     out["fuse"] = ops.stats()
                 if kernel is not None:
                     out["kernel"] = kernel.stats()
+                if lazy is not None:
+                    out["lazy"] = lazy.stats.as_dict()
                 if writeback is not None:
                     out["writeback"] = writeback.snapshot()
                 if evictor is not None:

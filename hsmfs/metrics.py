@@ -135,8 +135,19 @@ WRITEBACK: tuple[Metric, ...] = (
     Metric("pending", "writeback_pending_files", G, "Files waiting for their idle period."),
 )
 
+#: Keys of ``stats["lazy"]`` (``-o lazy``: :mod:`hsmfs.lazy`).
+LAZY: tuple[Metric, ...] = (
+    Metric("dirs_listed", "lazy_dirs_listed_total", C, "Directories listed from S3 on their "
+           "first lookup."),
+    Metric("objects", "lazy_objects_listed_total", C, "Objects those listings named."),
+    Metric("created", "lazy_stubs_created_total", C, "Stubs made by those listings."),
+    Metric("failures", "lazy_listing_failures_total", C, "Directory listings that failed (the "
+           "lookup failed)."),
+    Metric("seconds", "lazy_listing_seconds_total", C, "Time spent listing directories."),
+)
+
 SECTIONS: tuple[tuple[str | None, tuple[Metric, ...]], ...] = (
-    (None, CORE), ("kernel", KERNEL), ("fuse", FUSE), ("writeback", WRITEBACK))
+    (None, CORE), ("kernel", KERNEL), ("fuse", FUSE), ("writeback", WRITEBACK), ("lazy", LAZY))
 
 
 def resident_bytes(stubs: Iterable[Any]) -> int:

@@ -139,6 +139,9 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, tuple[str, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
         self._next_fh = 1
         self.requests: dict[str, int] = {}
+        #: ``-o lazy``: lists a directory from S3 before its first lookup or opendir
+        #: (:mod:`hsmfs.lazy`); None: the tree is whole from the start.
+        self.lazy: Any = None
         # A release must not punch under a handle of this mount (an mmap keeps one open), and
         # an fd of ours would defeat its write lease: the core asks first (release_check).
         cache.release_guards.append(self)
@@ -214,6 +217,30 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM if creating else errno.ENOENT)
         return f"{parent}/{sname}" if parent else sname
 
+    async def _listed(self, path: str) -> None:
+        """``-o lazy``: the directory ``path`` is listed from S3 before anything in it is
+        looked up or read; a listing that fails fails the request (never an empty dir)."""
+        if self.lazy is None:
+            return
+        try:
+            await self.lazy.ensure(path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FUSEError(exc.errno) from None  # removed or replaced meanwhile
+            raise FUSEError(to_errno(exc)) from None
+        except HsmError as exc:
+            raise FUSEError(to_errno(exc)) from None
+
+    async def _listed_if_dir(self, path: str) -> None:
+        if self.lazy is None:
+            return
+        try:
+            st = await _io(self._stat, path)
+        except OSError:
+            return  # absent: the operation itself says so
+        if stat.S_ISDIR(st.st_mode):
+            await self._listed(path)
+
     def _writes_allowed(self) -> None:
         if self.cfg.read_only:
             raise FUSEError(errno.EROFS)
@@ -229,6 +256,7 @@ class Operations(pyfuse3.Operations):
                      ) -> pyfuse3.EntryAttributes:
         self._count("lookup")
         path = self._child(parent_inode, name)
+        await self._listed(self._path(parent_inode))
         st = await _io(self._stat, path)
         self._paths[self._inode_of(st)] = path
         return self._attrs(st)
@@ -254,6 +282,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         self._count("opendir")
         path = self._path(inode)
+        await self._listed(path)
         entries = await _io(self._list_dir, path)
         fh = self._new_fh()
         self._dirs[fh] = (path, entries)
@@ -839,8 +868,12 @@ class Operations(pyfuse3.Operations):
         self._count("rmdir")
         self._writes_allowed()
         path = self._child(parent_inode, name)
+        # -o lazy: a directory not listed yet may look empty here and hold objects in S3.
+        await self._listed_if_dir(path)
         st = await _io(self._remove, path, True)
         self._forget_path(self._inode_of(st), path)
+        if self.lazy is not None:
+            self.lazy.forget(path)
 
     def _remove(self, path: str, is_dir: bool) -> os.stat_result:
         st = self._stat(path)
@@ -864,7 +897,14 @@ class Operations(pyfuse3.Operations):
         self._writes_allowed()
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new, creating=True)
+        # -o lazy: a directory moves with its children, so it is listed first (its mark, an
+        # xattr, moves with it; the in-memory state is read again from it).
+        await self._listed_if_dir(old)
+        await self._listed_if_dir(new)
         src, dst = await _io(self._rename, old, new, flags)
+        if self.lazy is not None:
+            self.lazy.forget(old)
+            self.lazy.forget(new)
         src_ino = self._inode_of(src)
         dst_ino = self._inode_of(dst) if dst is not None else None
         if src_ino == dst_ino:
