@@ -339,6 +339,38 @@ def test_sigkill_in_the_middle_of_a_release(kind: str, scope: str, step: str, bu
             assert read(d.root / "r/c.bin") == data
 
 
+# -- eviction: SIGKILL in the middle of a release that -o cache_size started ----------------------
+
+@pytest.mark.parametrize("step", ["leased", "punched"])
+@pytest.mark.parametrize(("kind", "scope"), SCOPES)
+def test_sigkill_in_the_middle_of_an_eviction(kind: str, scope: str, step: str, bucket: Bucket,
+                                              moto: MotoServer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``-o cache_size``, reading one file evicts another: the daemon (or the worker)
+    dies in the middle of that release, with the reader waiting.  After the restart the evicted
+    file is whole or a clean stub, never counted resident over holes; every file reads S3's
+    bytes; a dirty file beside them is still dirty; the budget is enforced again."""
+    a = bucket.put("e/a.bin", blob(1 * MiB, "evict-a"))
+    b = bucket.put("e/b.bin", blob(1 * MiB, "evict-b"))
+    dirty = bytearray(bucket.put("e/d.bin", blob(32 * KiB, "evict-d")))
+    c = Crash(monkeypatch, bucket, moto, tmp_path / "w", kind, scope,
+              f"cache_size={MiB + 64 * KiB}", "dir_readahead=off")
+    c.arm(crashpoint.RELEASE, step)  # the first release is the eviction below
+    with c.serve() as d:
+        make_dirty(d.root / "e/d.bin", 3, b"mine")
+        dirty[3:7] = b"mine"
+        assert read(d.root / "e/a.bin") == a  # fits: nothing evicted yet
+        c.note_worker(d)
+        # The reader of b makes room by evicting a; the daemon dies inside that release.  The
+        # reader may get an error (its daemon died) or, with the worker alone dead, the
+        # holder's next worker answers it: either way it is no part of what is checked.
+        subprocess.run(["cat", str(d.root / "e/b.bin")], capture_output=True, timeout=60)
+        with c.after(d) as d:
+            check_tree(d, {"e/a.bin": a, "e/b.bin": b}, local={"e/d.bin": bytes(dirty)})
+            stats = d.stats()
+            assert stats["evict_peak_bytes"] <= MiB + 64 * KiB + 32 * KiB, stats
+
+
 # -- refresh: SIGKILL in the middle of a reconcile (hsmfs sync) ----------------------------------
 
 #: Where the refresh dies: after its first change (the replaced stub), in the middle of the new
