@@ -6,7 +6,7 @@ Run as root from the repository (PYTHONPATH=. if hsmfs is installed from another
 (~4 minutes here with the defaults).
 
 With no ``--endpoint`` it starts moto in server mode (tests/conftest.py's MotoServer, its own
-process); ``--endpoint`` points it at a real S3 such as the Ceph RGW of the team shelf's S3_SERVERS.md
+process); ``--endpoint`` points it at a real S3 such as Ceph RGW (the shelf's S3_SERVERS.md)
 (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). The output names the server. Each
 door is a real ``hsmfs mount -f`` / ``hsmfs serve -f`` (tests/support/doors.py), fresh for
 every phase, stopped by PID (a FUSE mount whose daemon will not die is aborted via fusectl).
