@@ -1466,7 +1466,7 @@ class StubCache:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._truncating.pop(ino, None)
 
-    def _release_refusal(self, stub: Stub) -> tuple[str, int] | None:
+    def release_refusal(self, stub: Stub) -> tuple[str, int] | None:
         """Why ``stub`` may never be released as it stands (EPERM), or is in use (EBUSY)."""
         if stub.superseded:
             return "no path leads to this copy any more", errno.EPERM
@@ -1522,7 +1522,7 @@ class StubCache:
         (``tests/t4_crash.py`` kills the daemon at each of these steps.)
         """
         async with self._file_lock(stub.ino):
-            refusal = self._release_refusal(stub)
+            refusal = self.release_refusal(stub)
             if refusal is not None:
                 return Released("refused", refusal[0], errno=refusal[1])
             ranges = await self._ranges(stub)
@@ -1532,7 +1532,7 @@ class StubCache:
             if dry_run:
                 return Released("would release", resident_bytes=resident)
             # Awaited above: look again, then no await until the thread runs.
-            refusal = self._release_refusal(stub)
+            refusal = self.release_refusal(stub)
             for guard in self.release_guards:
                 if refusal is None:
                     why = guard.release_check(stub)

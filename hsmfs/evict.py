@@ -26,6 +26,7 @@ with its own answers (docs/design.md).  The count is memory, recounted at start.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -36,7 +37,6 @@ import trio
 
 from .fetch import NoRoom
 from .state import Stub
-from .stubfile import CLEAN
 
 if TYPE_CHECKING:
     from .cache import StubCache
@@ -69,12 +69,6 @@ class EvictionStats:
                 for k, v in self.__dict__.items()}
 
 
-def resident_of(stub: Stub) -> int:
-    if stub.local:
-        return stub.owed
-    return stub.ranges.total() if stub.ranges is not None else 0
-
-
 class Evictor:
     def __init__(self, cache: StubCache, budget: int, min_free_pct: float = 0.0) -> None:
         self.cache = cache
@@ -96,7 +90,7 @@ class Evictor:
                      *self.cache.registry.by_ino.values()]:
             if id(stub) not in seen:
                 seen.add(id(stub))
-                total += resident_of(stub)
+                total += stub.resident_bytes
         self.stats.resident_bytes = total
         return total
 
@@ -108,6 +102,12 @@ class Evictor:
         if speculative:
             s.speculative_bytes = max(s.speculative_bytes - reserved, 0)
         s.resident_bytes += nbytes
+
+    async def _shortfall(self) -> int:
+        """:meth:`_free_shortfall` off the loop (``statvfs`` may block on a sick disk)."""
+        if self.stats.min_free_pct <= 0:
+            return 0
+        return await trio.to_thread.run_sync(self._free_shortfall)
 
     def _free_shortfall(self) -> int:
         """Bytes to free so that ``min_free`` percent of the cache's filesystem is free."""
@@ -136,11 +136,12 @@ class Evictor:
             if speculative and s.speculative_bytes + nbytes > self.budget * SPECULATIVE_SHARE:
                 raise NoRoom(stub.path)
             need = s.resident_bytes + s.reserved_bytes + nbytes - self.budget
-            if need > 0 or self._free_shortfall() > 0:
-                target = max(need + int(self.budget * (1 - LOW_WATER)), self._free_shortfall())
+            short = await self._shortfall()
+            if need > 0 or short > 0:
+                target = max(need + int(self.budget * (1 - LOW_WATER)), short)
                 await self._evict(target, spare=stub)
                 still = s.resident_bytes + s.reserved_bytes + nbytes - self.budget
-                if speculative and (still > 0 or self._free_shortfall() > 0):
+                if speculative and (still > 0 or await self._shortfall() > 0):
                     raise NoRoom(stub.path)
             s.reserved_bytes += nbytes
             if speculative:
@@ -172,8 +173,8 @@ class Evictor:
         short = freed < target
         if short and not self._warned:
             self.stats.unevictable_bytes = sum(
-                resident_of(s) for s in self.cache.registry.by_path.values()
-                if not self._evictable(s))
+                s.resident_bytes for s in self.cache.registry.by_path.values()
+                if self._never(s))
             log.warning("cache_size: cannot meet the budget of %d bytes: %d resident, %d of "
                         "them dirty, pinned, stale or in conflict, the rest open or in use; "
                         "reads go on over budget", self.budget, self.stats.resident_bytes,
@@ -184,16 +185,19 @@ class Evictor:
         self.stats.over_budget = short
         return freed
 
-    @staticmethod
-    def _evictable(stub: Stub) -> bool:
-        return (stub.sync == CLEAN and not stub.pinned and not stub.superseded
-                and stub.pins == 0)
+    def _never(self, stub: Stub) -> bool:
+        """Release refuses it as it stands (dirty, conflict, stale, pinned, superseded): the
+        core's one rule (StubCache.release_refusal), not a copy of it."""
+        refusal = self.cache.release_refusal(stub)
+        return refusal is not None and refusal[1] == errno.EPERM
 
     def _candidates(self, spare: Stub | None) -> list[Stub]:
-        """Clean, unpinned, idle stubs with resident bytes, least recently used first."""
+        """Stubs release would take now, with resident bytes, least recently used first (a
+        file whose per-file lock is held is passed by: its holder may be waiting for room)."""
         out = [s for s in self.cache.registry.by_path.values()
-               if s is not spare and self._evictable(s) and resident_of(s) > 0
-               and not self.cache.engine.busy(s) and not self.cache.file_lock_held(s.ino)]
+               if s is not spare and s.resident_bytes > 0
+               and self.cache.release_refusal(s) is None
+               and not self.cache.file_lock_held(s.ino)]
         out.sort(key=lambda s: s.used_at)
         return out
 
@@ -209,7 +213,7 @@ class Evictor:
             try:
                 async with self._lock:
                     over = self.recount() + self.stats.reserved_bytes - self.budget
-                    short = self._free_shortfall()
+                    short = await self._shortfall()
                     if over > 0 or short > 0:
                         await self._evict(max(over + int(self.budget * (1 - LOW_WATER)),
                                               short))

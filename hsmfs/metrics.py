@@ -153,13 +153,7 @@ SECTIONS: tuple[tuple[str | None, tuple[Metric, ...]], ...] = (
 def resident_bytes(stubs: Iterable[Any]) -> int:
     """Bytes of S3 objects held locally: each file's resident range below ``owed`` (the
     ``Stub`` fields of :mod:`hsmfs.state`; a file not yet loaded counts nothing)."""
-    total = 0
-    for s in stubs:
-        if s.local:
-            total += s.owed
-        elif s.ranges is not None:
-            total += s.ranges.total()
-    return total
+    return sum(s.resident_bytes for s in stubs)
 
 
 def errno_of_cause(cause: str) -> str:

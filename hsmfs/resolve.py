@@ -117,7 +117,7 @@ async def _keep_local(cache: StubCache, stub: Stub, head: ObjectInfo | None) -> 
         return _refused(f"part of version {stub.version.etag} was never fetched and S3 no "
                         "longer holds it; the local bytes are not a whole file")
     await cache.engine.wait_idle(stub)
-    fd = cache.writable_fd(stub)
+    fd = await trio.to_thread.run_sync(cache.writable_fd, stub)  # an open: off the loop
     if head is None:
         await trio.to_thread.run_sync(_forget_record, fd)
         cache.registry.forget(stub)

@@ -81,6 +81,14 @@ class Stub:
         return self.owed
 
     @property
+    def resident_bytes(self) -> int:
+        """Bytes below ``owed`` held locally, as far as memory knows (0 until the range map
+        is loaded): the one count eviction, stats and metrics use."""
+        if self.local:
+            return self.owed
+        return self.ranges.total() if self.ranges is not None else 0
+
+    @property
     def residency(self) -> str:
         if self.local:
             return RESIDENT
