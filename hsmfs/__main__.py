@@ -393,13 +393,12 @@ def _locate_any(path: str) -> tuple[str, str, bool] | None:
 PROGRESS_POLL_S = 0.5
 
 
-def _cmd_archive(args: argparse.Namespace) -> int:
-    """Upload local changes, one line per file; non-zero if any file failed."""
-    from . import control
-
+def _by_cache(paths: list[str]) -> tuple[dict[str, list[tuple[str, str]]], int]:
+    """The paths grouped by the cache that holds them, as (relative path, path as given),
+    and 1 if any is in no hsmfs tree (said on stderr), else 0."""
     by_cache: dict[str, list[tuple[str, str]]] = {}
     code = 0
-    for p in args.paths:
+    for p in paths:
         where = _locate_any(p)
         if where is None:
             print(f"hsmfs: {p}: not in an hsmfs tree", file=sys.stderr)
@@ -407,6 +406,14 @@ def _cmd_archive(args: argparse.Namespace) -> int:
             continue
         cache, rel, _ = where
         by_cache.setdefault(cache, []).append((rel, p))
+    return by_cache, code
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    """Upload local changes, one line per file; non-zero if any file failed."""
+    from . import control
+
+    by_cache, code = _by_cache(args.paths)
     for cache, items in by_cache.items():
         shown = {rel: p for rel, p in items}
         request = {"cmd": "archive", "paths": [rel for rel, _ in items],
@@ -444,16 +451,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     that serves it; non-zero if any file was refused or failed."""
     from . import control
 
-    by_cache: dict[str, list[tuple[str, str]]] = {}
-    code = 0
-    for p in args.paths:
-        where = _locate_any(p)
-        if where is None:
-            print(f"hsmfs: {p}: not in an hsmfs tree", file=sys.stderr)
-            code = 1
-            continue
-        cache, rel, _ = where
-        by_cache.setdefault(cache, []).append((rel, p))
+    by_cache, code = _by_cache(args.paths)
     for cache, items in by_cache.items():
         shown = {rel: p for rel, p in items}
         request = {"cmd": args.cmd, "paths": [rel for rel, _ in items],

@@ -154,6 +154,7 @@ class Released:
     resident_bytes: int = 0  # bytes below ``owed`` that were (or would be) punched
     freed: int = 0  # space given back (st_blocks before - after) * 512
     errno: int = 0  # for a refusal: EBUSY (in use, try again) or EPERM (never, as it stands)
+    changed: bool = False  # refused because the file changed without an event: make it dirty
 
 
 #: Test hooks (tests/t4_release.py, tests/t4_crash.py): SIGKILL this process at a named step of
@@ -1109,16 +1110,11 @@ class StubCache:
     async def _refresh_stub(self, step: _Step) -> Change | None:
         stub = step.stub
         assert stub is not None
-        lock = self._truncating.setdefault(stub.ino, trio.Lock())
-        try:
-            async with lock:
-                if (stub.superseded or self.registry.by_path.get(step.rel) is not stub
-                        or stub.version is not step.version):
-                    return None  # renamed, removed, replaced or archived meanwhile
-                return await self._refresh_decide(step, stub)
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._truncating.pop(stub.ino, None)
+        async with self._file_lock(stub.ino):
+            if (stub.superseded or self.registry.by_path.get(step.rel) is not stub
+                    or stub.version is not step.version):
+                return None  # renamed, removed, replaced or archived meanwhile
+            return await self._refresh_decide(step, stub)
 
     async def _refresh_decide(self, step: _Step, stub: Stub) -> Change | None:
         """Under the file's lock, on what memory says now (a door may have written, filled
@@ -1486,7 +1482,8 @@ class StubCache:
             return "being read or fetched right now", errno.EBUSY
         return None
 
-    async def release(self, stub: Stub, *, dry_run: bool = False) -> Released:
+    async def release(self, stub: Stub, *, dry_run: bool = False,
+                      wait: bool = True) -> Released:
         """Transition *release*: punch a clean file back to a stub, freeing its space; size,
         mode, times and remote identity kept.
 
@@ -1520,13 +1517,19 @@ class StubCache:
         write: dirty, so not releasable, and a later remote change made it a false
         conflict).  After: a stub, the view corrected and the marker removed at start.
         (``tests/t4_crash.py`` kills the daemon at each of these steps.)
+
+        ``wait=False`` (eviction): refused (EBUSY) at once if the file's lock is held, never
+        waited for: its holder (a truncate, a write) may itself wait for a flight that waits
+        for the evictor, which would then wait here for ever.
         """
+        if not wait and self.file_lock_held(stub.ino):
+            return Released("refused", "being written or truncated right now", errno=errno.EBUSY)
         async with self._file_lock(stub.ino):
             refusal = self.release_refusal(stub)
             if refusal is not None:
                 return Released("refused", refusal[0], errno=refusal[1])
-            ranges = await self._ranges(stub)
-            resident = stub.owed if stub.local else ranges.total()
+            await self._ranges(stub)
+            resident = stub.resident_bytes
             if resident == 0:
                 return Released("stub", "nothing local")
             if dry_run:
@@ -1544,7 +1547,7 @@ class StubCache:
             stub.local, stub.ranges = False, RangeMap()
             self._close_fd(stub)  # our own fd would defeat the lease
             try:
-                outcome = await trio.to_thread.run_sync(self._release_sync, stub)
+                outcome = await trio.to_thread.run_sync(self._release_sync, stub, saved[0])
             except BaseException:
                 stub.ranges = None  # unknown: read again from the extents when next needed
                 raise
@@ -1553,7 +1556,7 @@ class StubCache:
                 done.set()
             if outcome.result != "released":
                 stub.local, stub.ranges = saved
-                if outcome.detail.startswith("changed"):
+                if outcome.changed:
                     await self._mark_dirty(stub, None)
                 return outcome
             self._crash_hook("released")  # on disk a stub; the doors not told yet
@@ -1565,8 +1568,10 @@ class StubCache:
                      outcome.freed)
             return dataclasses.replace(outcome, resident_bytes=resident)
 
-    def _release_sync(self, stub: Stub) -> Released:
-        """Step 2 of :meth:`release` (a worker thread)."""
+    def _release_sync(self, stub: Stub, was_local: bool) -> Released:
+        """Step 2 of :meth:`release` (a worker thread).  ``was_local``: every owed byte was
+        data, so a refusal may put the guard's ignore mask back; a partial file keeps its
+        events (an ignore mask over its holes would let readers see zeros)."""
         try:
             fd = self.tree.open_checked(stub.path, stub.ino, stub.gen)
         except (OSError, Changed) as exc:
@@ -1585,18 +1590,18 @@ class StubCache:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EBUSY):
                     raise
-                self._reguard(fd)
+                self._reguard(fd, was_local)
                 return Released("refused", "open, mapped or running in a program",
                                 errno=errno.EBUSY)
             try:
                 st = os.fstat(fd)
                 if (st.st_size != stub.version.size or stub.owed != st.st_size
                         or abs(st.st_mtime - stub.version.mtime) >= MTIME_SLACK_S):
-                    self._reguard(fd)
+                    self._reguard(fd, was_local)
                     return Released("refused", f"changed locally ({st.st_size} bytes, mtime "
                                     f"{st.st_mtime:.3f}; its version: {stub.version.size}, "
                                     f"{stub.version.mtime:.3f}): now dirty",
-                                    errno=errno.EPERM)
+                                    errno=errno.EPERM, changed=True)
                 # The punch moves the mtime before it can be put back: say so first, so a
                 # start after a crash in between knows it was this punch, not a program's
                 # write (else it records a clean file dirty, and a later remote change makes
@@ -1622,8 +1627,11 @@ class StubCache:
         finally:
             os.close(fd)
 
-    def _reguard(self, fd: int) -> None:
-        """A release that did not happen: the file is resident again, ignored again."""
+    def _reguard(self, fd: int, was_local: bool) -> None:
+        """A release that did not happen: a wholly resident file is ignored again; a partial
+        one keeps the guard ``on_released`` gave it back (its holes must raise events)."""
+        if not was_local:
+            return
         for listener in self.listeners:
             with contextlib.suppress(OSError):
                 listener.on_resident(fd)

@@ -158,7 +158,7 @@ class Evictor:
             if freed >= target:
                 break
             try:
-                done = await self.cache.release(stub)
+                done = await self.cache.release(stub, wait=False)
             except Exception as exc:  # one file's failure must not stop the others
                 log.warning("eviction: cannot release %r: %s", stub.path, exc)
                 continue

@@ -29,7 +29,6 @@ door's mount for directory events (EINVAL), so they are filtered by pid instead.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -53,6 +52,7 @@ from .fanotify import (
     fanotify_mark,
     fanotify_mark_fd,
 )
+from .handles import open_handle
 
 if TYPE_CHECKING:
     from .cache import StubCache
@@ -90,10 +90,6 @@ FS_MASK = FAN_CREATE | FAN_DELETE | FAN_RENAME | FAN_ONDIR
 #: With eviction on (``-o cache_size``/``min_free``), opens too: a resident file raises no
 #: permission event, so an open seen here is the kernel door's only sign that it is in use.
 RECENCY_MASK = FAN_OPEN
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-_libc.open_by_handle_at.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -306,12 +302,11 @@ class NameWatcher:
         """The entry's path relative to the cache root, or None outside it (or gone)."""
         if entry is None or not entry.name or entry.name in (".", ".."):
             return None
-        fd = _libc.open_by_handle_at(self.mount_fd, entry.handle,
-                                     os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            if err not in (errno.ESTALE, errno.ENOENT):
-                log.debug("names group: cannot open a directory handle: %s", os.strerror(err))
+        try:
+            fd = open_handle(self.mount_fd, entry.handle, os.O_PATH | os.O_DIRECTORY)
+        except OSError as exc:
+            if exc.errno not in (errno.ESTALE, errno.ENOENT):
+                log.debug("names group: cannot open a directory handle: %s", exc)
             return None
         try:
             where = os.readlink(f"/proc/self/fd/{fd}")

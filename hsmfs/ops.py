@@ -538,11 +538,7 @@ class Operations(pyfuse3.Operations):
         being gone: they hold the very version the stub still names, so a read served from
         them is right; a refresh that changes the version invalidates on its own."""
         def invalidate() -> None:
-            try:
-                pyfuse3.invalidate_inode(stub.ino, False)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
-                    log.info("invalidating inode %d after its release: %s", stub.ino, exc)
+            _invalidate(pyfuse3.invalidate_inode, stub.ino, False)
 
         nursery = self.cache.engine.nursery
         if nursery is None:

@@ -163,12 +163,14 @@ async def _take_remote(cache: StubCache, stub: Stub, head: ObjectInfo | None,
                        discard: bool) -> Resolved:
     if stub.sync not in (CONFLICT, STALE):
         return _refused(f"{stub.state}: nothing to resolve")
-    if stub.pins or cache.engine.busy(stub):
-        return _refused("a door is serving it right now; try again", errno.EBUSY)
     rel, keep = stub.path, stub.sync == CONFLICT and not discard
     kept = await trio.to_thread.run_sync(_keep_aside, cache, stub) if keep else None
-    # No await from here on: no door can start to read or write the old inode between the
-    # checks above and the exchange (a few metadata syscalls, on the loop).
+    # After the await, not before it: a door may have started to serve the old inode while
+    # the link was made.  No await from here on: none can start between this check and the
+    # exchange (a few metadata syscalls, on the loop; the kept link stays either way).
+    if stub.pins or cache.engine.busy(stub) or stub.superseded:
+        where = f"; its bytes are also kept at {kept}" if kept else ""
+        return _refused("a door is serving it right now; try again" + where, errno.EBUSY)
     new_ino: int | None = None
     if head is None:
         cache.tree.unlink(rel, stub.ino, stub.gen, any_data=True)
