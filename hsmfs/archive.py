@@ -39,7 +39,6 @@ import errno
 import json
 import logging
 import os
-import signal
 import stat
 import time
 from collections.abc import Iterable
@@ -48,6 +47,7 @@ from typing import Any
 
 import trio
 
+from . import crashpoint
 from .backend_s3 import ObjectInfo, ObjectVersion, S3Backend, SourceChanged, Upload, etag_of
 from .cache import StubCache
 from .errors import HsmError, ObjectChanged, ObjectMissing, to_errno
@@ -698,10 +698,9 @@ def _crash_point(step: str) -> None:
     """Tests only: ``HSMFS_TEST_CRASH_AT=<step>`` SIGKILLs this process at ``step`` of an
     upload (``marked``: the marker is durable, nothing read; ``read``: every byte read and
     sent, nothing visible; ``sent``: the upload landed, nothing recorded), the way a crash
-    would, so the recovery of each can be tested for real."""
-    if os.environ.get("HSMFS_TEST_CRASH_AT") == step:
-        log.warning("HSMFS_TEST_CRASH_AT=%s: SIGKILL", step)
-        os.kill(os.getpid(), signal.SIGKILL)
+    would, so the recovery of each can be tested for real.  The one crash-point mechanism
+    (:mod:`hsmfs.crashpoint`: a worker the holder restarted never crashes again)."""
+    crashpoint.crash_point(crashpoint.ARCHIVE, step)
 
 
 def _drop_marker(fd: int) -> None:

@@ -24,6 +24,7 @@ def notify(*fields: str) -> bool:
         address = "\0" + address[1:]  # an abstract socket
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(1.0)  # a datagram to a local socket: never worth a hung start
             s.connect(address)
             s.sendall("\n".join(fields).encode())
     except OSError as exc:
