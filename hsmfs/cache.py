@@ -849,8 +849,14 @@ class StubCache:
 
         objects = [o for o in objects if wanted(
             (key_to_relpath(o.version.key, prefix)[0] or "").rstrip("/"))]
+        # Stubs renamed away from their key's path (on the loop: the registry is its), so the
+        # listing does not make them again where they were (populate's rule, _removed_locally).
+        moved_away = {(st.version.key, st.version.etag)
+                      for st in self.registry.by_path.values()
+                      if st.version.key != prefix + st.path
+                      and key_to_relpath(st.version.key, prefix)[0] != st.path}
         steps, seen, rejected = await trio.to_thread.run_sync(
-            self._refresh_plan, objects, prefix, under, skip, shallow)
+            self._refresh_plan, objects, prefix, under, skip, shallow, moved_away)
         report = RefreshReport(len(objects), rejected=rejected)
         # Renames first (the kernel door does not see them), so that a renamed stub is not
         # taken for a removed one; then stubs whose file is gone are let go, before a new
@@ -885,8 +891,9 @@ class StubCache:
         return {s.ino: s.version for s in list(self.registry.by_ino.values())}
 
     def _refresh_plan(self, objects: list[ObjectInfoLike], prefix: str, under: str,
-                      skip: Callable[[Stub], bool], shallow: bool = False
-                      ) -> tuple[list[_Step], set[str], int]:
+                      skip: Callable[[Stub], bool], shallow: bool = False,
+                      moved_away: frozenset[tuple[str, str]] | set[tuple[str, str]]
+                      = frozenset()) -> tuple[list[_Step], set[str], int]:
         """Worker thread: look, decide, change nothing but directories.  (steps, the paths
         the scan found, refused keys)."""
         by_key = {o.version.key: o for o in objects}
@@ -903,8 +910,10 @@ class StubCache:
             f = found.pop(rel, None)
             tomb = removed.get(key)
             try:
-                step = self._plan_listed(rel, key, by_key[key], f, tomb is not None
-                                         and tomb.etag == by_key[key].version.etag, skip)
+                etag = by_key[key].version.etag
+                gone_here = ((tomb is not None and tomb.etag == etag)
+                             or (key, etag) in moved_away)
+                step = self._plan_listed(rel, key, by_key[key], f, gone_here, skip)
             except (OSError, Changed) as exc:
                 log.warning("%r changed while hsmfs looked at it (%s); left as it is", rel, exc)
                 continue

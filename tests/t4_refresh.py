@@ -100,6 +100,20 @@ def wait_for(pred, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("kind", DOORS)
+def test_sync_does_not_make_again_a_stub_the_user_renamed(kind: str, bucket: Bucket,
+                                                          moto: MotoServer,
+                                                          tmp_path: Path) -> None:
+    """``mv a b`` then ``hsmfs sync``: S3 still holds ``a`` at the version ``b`` is a copy of,
+    and the listing must not make ``a`` again (populate's rule; refresh used to undo the mv)."""
+    data = bucket.put("a.bin", blob(50 * KiB, "renamed"))
+    with door(kind, bucket, moto.endpoint, tmp_path) as d:
+        (d.root / "a.bin").rename(d.root / "b.bin")
+        sync(d.root)
+        assert not (d.root / "a.bin").exists()
+        assert cat(d.root / "b.bin") == data
+
+
 # -- sync: new, changed and deleted objects, with and without local data -----------------------
 
 @pytest.mark.parametrize("kind", DOORS)
