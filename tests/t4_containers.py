@@ -12,9 +12,10 @@ every namespace is guarded: the program is blocked until hsmfs filled the range.
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,17 +45,18 @@ def _in_namespaces(cache: Path, script: str, *, user: bool = False,
                    read_only: bool = False) -> subprocess.CompletedProcess:
     """Run ``script`` (sh) in new mount and PID namespaces where ``cache`` is bind-mounted at
     ``$CTR``; with ``user``, as uid 65534 in a user namespace of its own (root inside)."""
-    ctr = f"/tmp/hsmfs-ctr-{os.getpid()}"
+    # The mount point sits beside the cache (in the test's own directory, removed with it):
+    # the namespace's mounts die with it, a directory made on the host would not.
+    ctr = cache.parent / "ctr"
+    ctr.mkdir(exist_ok=True)
+    ctr.chmod(0o755)
     opts = "-o ro" if read_only else ""
-    inner = (f"mkdir -p {ctr} && mount --bind {opts} {cache} {ctr} && CTR={ctr} && "
-             f"export CTR && {script}")
+    inner = (f"mount --bind {opts} {cache} {ctr} && CTR={ctr} && export CTR && {script}")
     cmd = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private"]
     if user:
         cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                "unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork",
                "--propagation", "private"]
-        inner = (f"mkdir -p /tmp/ctr-$$ && mount --bind {opts} {cache} /tmp/ctr-$$ && "
-                 f"CTR=/tmp/ctr-$$ && export CTR && {script}")
     return subprocess.run([*cmd, "sh", "-c", inner], capture_output=True, timeout=60)
 
 
@@ -102,10 +104,12 @@ def test_writes_from_inside_land_as_dirty_files(bucket: Bucket, moto: MotoServer
                              'printf "new\\n" > "$CTR/new.txt"')
         assert out.returncode == 0, out.stderr.decode()
         assert (d.cache / "log.txt").read_bytes() == body + b"from the container\n"
-        states = subprocess.run(["python3", "-m", "hsmfs", "state", str(d.cache / "log.txt")],
+        states = subprocess.run([sys.executable, "-m", "hsmfs", "state", "--json",
+                                 str(d.cache / "log.txt")],
                                 capture_output=True, text=True, timeout=30)
-        assert "dirty" in states.stdout, states.stdout + states.stderr
-        archived = subprocess.run(["python3", "-m", "hsmfs", "archive", str(d.cache)],
+        assert states.returncode == 0, states.stderr
+        assert json.loads(states.stdout)[0]["state"] == "dirty", states.stdout
+        archived = subprocess.run([sys.executable, "-m", "hsmfs", "archive", str(d.cache)],
                                   capture_output=True, text=True, timeout=60)
         assert archived.returncode == 0, archived.stdout + archived.stderr
         got = bucket.client.get_object(Bucket=bucket.name, Key="log.txt")["Body"].read()

@@ -17,7 +17,7 @@ import pytest
 from conftest import Bucket, file_sha256, seeded, sha256
 from support.doors import serve_door
 
-pytestmark = [pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.needs_fuse, pytest.mark.timeout(180)]
 
 
 def test_restart_heads_only_new_and_changed_objects(bucket: Bucket, fault_proxy,

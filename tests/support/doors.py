@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +83,26 @@ def serve_door(kind: str, source: str, workdir: Path, endpoint: str, *opts: str,
         try:
             stop_process(proc, timeout=15)
         finally:  # even if it would not die: a stuck daemon's mount must not outlive the test
+            _kill_workers(log_path, cache)
             if kind == "fuse":
                 force_unmount(root)
             log.close()
+
+
+def _kill_workers(log_path: Path, cache: Path) -> None:
+    """A kernel-door worker has its own process group (hsmfs.holder), so killing the holder's
+    group does not reach it: every worker the log names is killed by PID if it outlived it,
+    and only if that PID is still an hsmfs worker of this cache (never a reused PID)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return
+    for pid in {int(p) for p in re.findall(r"worker pid (\d+) started", text)}:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue  # gone
+        if b"hsmfs.worker" in cmdline and os.fsencode(str(cache)) in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
