@@ -1,7 +1,7 @@
 """S3Backend against the real moto server over loopback HTTP, and behind a fault-injecting proxy.
 
 Nothing here is mocked: the backend speaks HTTP through boto3 to moto (its own process), or to
-``support.faultproxy.FaultProxy`` in front of moto, which answers some requests itself (503
+``hsmfs.faultproxy.FaultProxy`` in front of moto, which answers some requests itself (503
 SlowDown, 500, 403, dropped connections, cut bodies, latency, connection refused).  Every read
 compares bytes against the seeded source.  Backoff is set tiny so retries cost milliseconds.
 """
@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import seeded, sha256
-from support.faultproxy import FaultProxy
 from support.fixtures import fault_proxy  # noqa: F401 - fixture
 
 from hsmfs.backend_s3 import ObjectVersion, S3Backend
@@ -33,6 +32,7 @@ from hsmfs.errors import (
     Throttled,
     to_errno,
 )
+from hsmfs.faultproxy import FaultProxy
 
 MiB = 1024 * 1024
 ATTEMPTS = 4

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.faultproxy import FaultProxy
+
+from hsmfs.faultproxy import FaultProxy
 
 
 @pytest.fixture

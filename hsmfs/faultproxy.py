@@ -1,10 +1,14 @@
-"""A fault-injecting HTTP/1.1 forwarder to put in front of the S3 server in tests.
+"""A fault-injecting HTTP/1.1 forwarder to put in front of an S3 server.
+
+In the package (not under tests/) because ``hsmfs stress`` owns one at run time; the tests
+import this same module.
 
 Owns: one threaded stdlib HTTP server on loopback that forwards every request to an upstream
-endpoint (moto) and, on command from the test in the same process, answers some of them itself:
-an S3 error (``503 SlowDown``, ``500 InternalError``, ``403 AccessDenied``...), a dropped
-connection, a body cut short, added latency, or no listener at all (connection refused).  It
-records every request it saw and what it did with it, so tests can count S3 traffic.
+endpoint (moto) and, on command from its owner in the same process (a test, or ``hsmfs
+stress``), answers some of them itself: an S3 error (``503 SlowDown``, ``500 InternalError``,
+``403 AccessDenied``...), a dropped connection, a body cut short, added latency, or no listener
+at all (connection refused).  It records every request it saw and what it did with it, so tests
+can count S3 traffic.
 
 It is a forwarder, not a TCP pipe: it parses each request so faults hit exactly the N next
 requests that match (method and a substring of the path+query, e.g. a key or ``list-type=2``).
@@ -84,7 +88,8 @@ class _Rule:
 class FaultProxy:
     """A fault-injecting forwarder in front of ``upstream`` (``http://host:port``)."""
 
-    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0, *,
+                 record: bool = True) -> None:
         u = urlsplit(upstream)
         if u.scheme != "http" or not u.hostname or not u.port:
             raise ValueError(f"upstream must be http://HOST:PORT, got {upstream!r}")
@@ -97,6 +102,10 @@ class FaultProxy:
         self._delay_method: str | None = None
         self._delay_match: str | None = None
         self._seen: list[Seen] = []
+        # A long stress run sends millions of requests: it keeps no record (counts only).
+        self._record_seen = record
+        #: requests by what the proxy did with them (pass, fail, close, truncate, error)
+        self.actions: dict[str, int] = {}
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -225,7 +234,9 @@ class FaultProxy:
 
     def _record(self, seen: Seen) -> None:
         with self._lock:
-            self._seen.append(seen)
+            self.actions[seen.action] = self.actions.get(seen.action, 0) + 1
+            if self._record_seen:
+                self._seen.append(seen)
 
 
 class _Server(http.server.ThreadingHTTPServer):
