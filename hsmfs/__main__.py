@@ -755,6 +755,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="doors side by side (see hsmfs bench --help)", add_help=False)
     sub.add_parser("demo", help="the README's main job", add_help=False)
+    sub.add_parser("stress", help="both doors at once with faults and crashes, every byte "
+                   "checked (see hsmfs stress --help)", add_help=False)
     sub.add_parser("units", help="install the systemd units (see hsmfs units --help)",
                    add_help=False)
     return p
@@ -768,6 +770,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_bench(argv[1:])
     if argv and argv[0] == "demo":
         return _cmd_demo(argv[1:])
+    if argv and argv[0] == "stress":
+        from .stress import stress_main
+
+        return stress_main(argv[1:])
     if argv and argv[0] == "units":
         from .units import units_main
 
