@@ -8,9 +8,11 @@ Choices (measured in FUSE_BASELINE.md):
 
 * FUSE inode numbers are the backing files' own ``st_ino`` (the cache root maps to
   ``ROOT_INODE``), so both doors name a file the same way and no table must survive a restart.
-* ``keep_cache=True``: a re-read of a resident file is served by the kernel page cache and never
-  reaches Python.  Requests are 1 MiB (the mount's ``read_ahead_kb`` is raised right after
-  mounting), and entry/attribute timeouts are long (never 0).
+* ``keep_cache=True`` for a clean file: a re-read of a resident file is served by the kernel
+  page cache and never reaches Python.  A dirty one drops its pages at each open: it may be
+  written behind the mount (:func:`_keep_cache`).  Requests are 1 MiB (the mount's
+  ``read_ahead_kb`` is raised right after mounting), and entry/attribute timeouts are long
+  (never 0).
 * Nothing blocks the trio loop: every syscall that may touch the disk (stat, open, readdir,
   xattrs, pread) runs in a worker thread.  Reads first try ``preadv(RWF_NOWAIT)`` inline, which
   never blocks by definition — a page-cache hit costs no thread hop — and go to a thread only
@@ -52,7 +54,7 @@ from .errors import HsmError, Superseded, to_errno
 from .keys import STATE_DIR
 from .mounts import fuse_device
 from .mounts import mountinfo as mountinfo  # re-exported: hsmfs.bench.passfs reads it here
-from .stubfile import CONFLICT, DIRTY, X_VIEW
+from .stubfile import CLEAN, CONFLICT, DIRTY, X_VIEW
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -453,7 +455,7 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:
             await self._close_handle(fh)
             raise FUSEError(_errno_for(exc, "open", path)) from None
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=_keep_cache(h.stub))
 
     async def _open_write(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         """A write handle: its own O_RDWR fd.  O_TRUNC of a stub is the core's local
@@ -471,7 +473,7 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:
             await self._close_handle(fh)
             raise FUSEError(_errno_for(exc, "open", path)) from None
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=_keep_cache(h.stub))
 
     def _open_checked(self, path: str, inode: int, mode: int) -> int:
         """``path`` opened with ``mode``, if it still leads to ``inode`` (else ENOENT)."""
@@ -992,6 +994,17 @@ _DISK = trio.CapacityLimiter(16)
 async def _io(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a syscall that may block on the disk in a worker thread, off the trio loop."""
     return await trio.to_thread.run_sync(fn, *args, limiter=_DISK)
+
+
+def _keep_cache(stub: Stub | None) -> bool:
+    """Whether an open keeps the kernel's page cache of the inode: only for a clean copy of a
+    remote version, whose bytes cannot change unless it first becomes dirty.  A dirty file
+    (or one with no record) may be written behind the mount, through the kernel door or by
+    anything else writing the backing tree; its pages are dropped at each open
+    (close-to-open, as NFS does), or a FUSE reader would see the bytes from before such a
+    write for as long as the pages live (found by ``hsmfs stress``: a write through the
+    kernel door, then reads through the mount returning the old bytes)."""
+    return stub is not None and stub.sync == CLEAN
 
 
 def _invalidate(fn: Callable[..., Any], *args: Any) -> None:
