@@ -117,6 +117,10 @@ class Obj:
     lock: RWLock = field(default_factory=RWLock)
     dirty: bool = False
     lost: bool = False  # a write failed half-way: its bytes are unknown, nobody reads it
+    #: The bytes before the last write, and that write (door, offset, length, time): a wrong
+    #: read that returns them is named stale, which says where to look.
+    before: bytes | None = None
+    last_write: str = ""
 
     @property
     def size(self) -> int:
@@ -227,6 +231,10 @@ class Run:
             t1 = time.monotonic()
             ok = "h" in res and res["n"] == want_n and res["h"] == want_h
             where = f"{door} {op} {obj.rel} [{off}, +{n})"
+            if "h" in res and not ok and obj.before is not None:
+                stale = res["h"] == digest(obj.before[off:off + n])
+                where += (f" ({'STALE: the bytes before' if stale else 'not the bytes before'}"
+                          f" the last write, {obj.last_write})")
             self.outcome(res, ok, where, door, op, t0, t1)
             return ok
 
@@ -372,6 +380,9 @@ class Run:
                               "data": data.hex()}, self.args.hang_timeout)
             t1 = time.monotonic()
             if res.get("n") == len(data):
+                obj.before = bytes(obj.local)
+                obj.last_write = (f"{door} [{off}, +{len(data)}) at "
+                                  f"t={t0 - self.started:.1f}s-{t1 - self.started:.1f}s")
                 obj.local[off:off + len(data)] = data
                 obj.dirty = True
             else:
