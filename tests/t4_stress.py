@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import seeded
+from conftest import seeded, wait_until
 from support.doors import serve_door
+from support.heldfd import the_worker, wait_new_worker_ready
 
 pytestmark = [pytest.mark.needs_fuse, pytest.mark.needs_precontent, pytest.mark.timeout(240)]
 
@@ -77,3 +79,43 @@ def _pread(path: Path, off: int, n: int) -> bytes:
     """A range that stops short of EOF (a read past it makes the kernel refresh attributes)."""
     with open(path, "rb") as f:
         return os.pread(f.fileno(), n, off)
+
+
+def test_worker_restarts_never_stack_dead_mounts(moto, bucket, tmp_path: Path) -> None:
+    """Both doors in one daemon: the worker serves the FUSE mount, so its SIGKILL leaves the
+    mount dead, and the next worker must clear it before it mounts again.  The kernel answers
+    a stat of the mount's root from its attribute cache, so the dead mount used to look
+    alive and each restart stacked one more (found by ``hsmfs stress``: 4 dead mounts at the
+    mountpoint, one of them left after the stop, answering ENOTCONN)."""
+    data = seeded(10_000, "layers")
+    bucket.put("x.bin", data)
+    with serve_door("fuse", f"s3://{bucket.name}", tmp_path / "d", moto.endpoint,
+                    "kernel") as d:
+        for _ in range(3):
+            os.stat(d.root)  # the root's attributes are now in the kernel's cache
+            assert (d.root / "x.bin").read_bytes() == data
+            worker = the_worker(d.proc.pid, d.log_path)
+            os.kill(worker, signal.SIGKILL)
+            wait_new_worker_ready(d.log_path, worker)
+            wait_until(lambda: _answers(d.root), 30, "the new worker's mount")
+            assert _layers(d.root) == 1
+            assert (d.root / "x.bin").read_bytes() == data
+    assert _layers(d.root) == 0
+
+
+def _answers(path: Path) -> bool:
+    """A FUSE mount at ``path`` is served (statvfs always reaches the daemon)."""
+    if _layers(path) == 0:
+        return False
+    try:
+        os.statvfs(path)
+    except OSError:
+        return False
+    return True
+
+
+def _layers(path: Path) -> int:
+    """Mounts stacked at ``path``."""
+    where = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for line in f if line.split()[4] == where)
