@@ -73,16 +73,17 @@ def force_unmount(mnt: Path) -> None:
     """Remove a FUSE mount whatever its daemon's state: lazy unmount, and abort the connection
     so nothing waits on a daemon that will never answer."""
     where = str(mnt)
-    if not is_mounted(where):
-        return
-    dev = fuse_device(where)
-    subprocess.run(["fusermount3", "-u", "-z", where], capture_output=True, timeout=10)
-    if is_mounted(where):
-        subprocess.run(["umount", "-l", where], capture_output=True, timeout=10)
-    if dev is not None:
-        conn = os.path.join("/sys/fs/fuse/connections", dev.split(":")[1])
-        with contextlib.suppress(OSError), open(os.path.join(conn, "abort"), "w") as f:
-            f.write("1")
+    for _ in range(16):  # every layer: dead mounts may be stacked there
+        if not is_mounted(where):
+            return
+        dev = fuse_device(where)
+        subprocess.run(["fusermount3", "-u", "-z", where], capture_output=True, timeout=10)
+        if dev is not None:
+            conn = os.path.join("/sys/fs/fuse/connections", dev.split(":")[1])
+            with contextlib.suppress(OSError), open(os.path.join(conn, "abort"), "w") as f:
+                f.write("1")
+        elif is_mounted(where):
+            subprocess.run(["umount", "-l", where], capture_output=True, timeout=10)
 
 
 class BothDoors:
