@@ -156,6 +156,7 @@ class Stats:
         self.ops: Counter[str] = Counter()  # verified reads by op
         self.bytes: Counter[str] = Counter()  # bytes verified by door
         self.expected: Counter[str] = Counter()  # errno name -> count, while disturbed
+        self.expected_by: Counter[str] = Counter()  # "door, what was on: errno" -> count
         self.unexpected: Counter[str] = Counter()
         self.wrong = 0
         self.hangs = 0
@@ -263,6 +264,8 @@ class Run:
                                               or res.get("signal") == "SIGBUS")
                 if fine:
                     self.stats.expected[name] += 1
+                    kind = (cause or "").split(" ")[0]  # fault / worker / daemon
+                    self.stats.expected_by[f"{door}, {kind}: {name}"] += 1
                 else:
                     self.stats.unexpected[name] += 1
                     self.stats.fail(f"UNEXPECTED {name} {at} {where}: {res.get('err', '')} "
@@ -625,6 +628,7 @@ def summarize(r: Run, elapsed: float, stuck: list[str]) -> dict:
             "bytes_verified": sum(s.bytes.values()),
             "bytes_by_door": dict(s.bytes),
             "errors_expected": dict(s.expected),
+            "errors_expected_by": dict(sorted(s.expected_by.items())),
             "errors_unexpected": dict(s.unexpected),
             "wrong": s.wrong,
             "hangs": s.hangs + len(stuck),
