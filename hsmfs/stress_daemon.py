@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,22 +99,31 @@ class BothDoors:
         self.generation = 0
         self.log_path = workdir / "daemon-0.log"
         self._workers_seen: set[int] = set()
+        # stop() may run on the main thread (Ctrl-C) while the conductor restarts the daemon:
+        # once closed, no start may spawn a daemon that nobody would stop.
+        self._lock = threading.Lock()
+        self._closed = False
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 120.0) -> float:
         """Start the daemon and wait until both doors serve; seconds it took."""
-        self.generation += 1
-        self.log_path = self.workdir / f"daemon-{self.generation}.log"
         t0 = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hsmfs", "mount", "-f", self.source, str(self.mnt),
-                 "-o", ",".join(self.options)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, start_new_session=True)
+        with self._lock:
+            if self._closed:
+                raise DaemonFailed("stopped")
+            self.generation += 1
+            self.log_path = self.workdir / f"daemon-{self.generation}.log"
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "hsmfs", "mount", "-f", self.source, str(self.mnt),
+                     "-o", ",".join(self.options)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=self.env, start_new_session=True)
         deadline = t0 + timeout
         while _DAEMON_READY not in self._log():
+            if self._closed:
+                raise DaemonFailed("stopped")
             if self.proc.poll() is not None:
                 raise DaemonFailed(f"hsmfs mount exited with {self.proc.returncode} "
                                    f"(log: {self.log_path})")
@@ -127,7 +137,9 @@ class BothDoors:
     def stop(self) -> None:
         """Clean stop (unmount, SIGTERM), then SIGKILL by PID of whatever is left; the mount
         and the cover the holder puts on the cache at a stop are removed."""
-        proc = self.proc
+        with self._lock:
+            self._closed = True
+            proc = self.proc
         if proc is not None and proc.poll() is None:
             if is_mounted(str(self.mnt)):
                 subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True,
