@@ -10,7 +10,7 @@ Choices (measured in FUSE_BASELINE.md):
   ``ROOT_INODE``), so both doors name a file the same way and no table must survive a restart.
 * ``keep_cache=True`` for a clean file: a re-read of a resident file is served by the kernel
   page cache and never reaches Python.  A dirty one drops its pages at each open: it may be
-  written behind the mount (:func:`_keep_cache`).  Requests are 1 MiB (the mount's
+  written behind the mount (:meth:`Operations._keep_cache`).  Requests are 1 MiB (the mount's
   ``read_ahead_kb`` is raised right after mounting), and entry/attribute timeouts are long
   (never 0).
 * Nothing blocks the trio loop: every syscall that may touch the disk (stat, open, readdir,
@@ -54,7 +54,7 @@ from .errors import HsmError, Superseded, to_errno
 from .keys import STATE_DIR
 from .mounts import fuse_device
 from .mounts import mountinfo as mountinfo  # re-exported: hsmfs.bench.passfs reads it here
-from .stubfile import CLEAN, CONFLICT, DIRTY, X_VIEW
+from .stubfile import CLEAN, CONFLICT, DIRTY, X_VIEW, RemoteVersion
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -136,6 +136,9 @@ class Operations(pyfuse3.Operations):
         self._fds: OrderedDict[int, list[int]] = OrderedDict()  # inode -> [fd, open handles]
         self._wfds: dict[int, list[int]] = {}  # inode -> the O_RDWR fds of its write handles
         self._created: dict[int, int] = {}  # inode -> open handles of create() (see getxattr)
+        #: inode -> the clean version the kernel's cached pages of it were read from
+        #: (:meth:`_keep_cache`)
+        self._page_versions: dict[int, RemoteVersion] = {}
         self._max_fds = min(MAX_CACHED_FDS,
                             resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
         self._dirs: dict[int, tuple[str, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
@@ -455,7 +458,7 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:
             await self._close_handle(fh)
             raise FUSEError(_errno_for(exc, "open", path)) from None
-        return pyfuse3.FileInfo(fh=fh, keep_cache=_keep_cache(h.stub))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self._keep_cache(inode, h.stub))
 
     async def _open_write(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         """A write handle: its own O_RDWR fd.  O_TRUNC of a stub is the core's local
@@ -473,7 +476,24 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:
             await self._close_handle(fh)
             raise FUSEError(_errno_for(exc, "open", path)) from None
-        return pyfuse3.FileInfo(fh=fh, keep_cache=_keep_cache(h.stub))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self._keep_cache(inode, h.stub))
+
+    def _keep_cache(self, inode: int, stub: Stub | None) -> bool:
+        """Whether an open keeps the kernel's page cache of the inode: only for a clean copy
+        of the same remote version its pages were read from.  A dirty file (or one with no
+        record) may be written behind the mount, through the kernel door or by anything else
+        writing the backing tree, with no word to this door; so its pages are dropped at
+        each open (close-to-open, as NFS does), and so are a clean file's when its version
+        is not the one they were read from (written behind the mount, then archived).
+        Before, every open kept them, and reads through the mount returned the bytes from
+        before a write through the kernel door (found by ``hsmfs stress``)."""
+        version = stub.version if stub is not None and stub.sync == CLEAN else None
+        keep = version is not None and self._page_versions.get(inode) == version
+        if version is None:
+            self._page_versions.pop(inode, None)
+        else:
+            self._page_versions[inode] = version
+        return keep
 
     def _open_checked(self, path: str, inode: int, mode: int) -> int:
         """``path`` opened with ``mode``, if it still leads to ``inode`` (else ENOENT)."""
@@ -994,17 +1014,6 @@ _DISK = trio.CapacityLimiter(16)
 async def _io(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a syscall that may block on the disk in a worker thread, off the trio loop."""
     return await trio.to_thread.run_sync(fn, *args, limiter=_DISK)
-
-
-def _keep_cache(stub: Stub | None) -> bool:
-    """Whether an open keeps the kernel's page cache of the inode: only for a clean copy of a
-    remote version, whose bytes cannot change unless it first becomes dirty.  A dirty file
-    (or one with no record) may be written behind the mount, through the kernel door or by
-    anything else writing the backing tree; its pages are dropped at each open
-    (close-to-open, as NFS does), or a FUSE reader would see the bytes from before such a
-    write for as long as the pages live (found by ``hsmfs stress``: a write through the
-    kernel door, then reads through the mount returning the old bytes)."""
-    return stub is not None and stub.sync == CLEAN
 
 
 def _invalidate(fn: Callable[..., Any], *args: Any) -> None:

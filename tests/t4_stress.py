@@ -119,3 +119,28 @@ def _layers(path: Path) -> int:
     where = str(path.resolve())
     with open("/proc/self/mountinfo") as f:
         return sum(1 for line in f if line.split()[4] == where)
+
+
+def test_fuse_reader_sees_a_kernel_door_write_once_archived(moto, bucket,
+                                                            tmp_path: Path) -> None:
+    """The mount cached a clean file's pages; a write through the kernel door made it dirty
+    and ``hsmfs archive`` clean again (S3 now holds the new bytes).  The next open through the
+    mount must read the archived bytes, not the pages cached before the write: a clean file
+    keeps its pages only while it is the same version they were read from."""
+    data = bytearray(seeded(200_000, "archived"))
+    bucket.put("x.bin", bytes(data))
+    with serve_door("fuse", f"s3://{bucket.name}", tmp_path / "d", moto.endpoint,
+                    "kernel") as d:
+        mounted, backing = d.root / "x.bin", d.cache / "x.bin"
+        assert backing.read_bytes() == data
+        for _ in range(2):
+            assert _pread(mounted, 0, 60_000) == data[:60_000]
+        with open(backing, "r+b") as f:
+            f.seek(5000)
+            f.write(b"A" * 10)
+        data[5000:5010] = b"A" * 10
+        out = subprocess.run([sys.executable, "-m", "hsmfs", "archive", str(backing)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert bucket.client.get_object(Bucket=bucket.name, Key="x.bin")["Body"].read() == data
+        assert _pread(mounted, 0, 60_000) == data[:60_000]
