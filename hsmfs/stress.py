@@ -326,7 +326,8 @@ class Run:
     def do_fault(self, rnd: random.Random, hands: Reader) -> None:
         kind = rnd.choice(FAULTS)
         # Cold files first, so the readers' next reads need S3 while the fault is on.
-        self.release(rnd.sample(list(self.objects.values()), 4))
+        cold = rnd.sample(list(self.objects.values()), 4)
+        self.release(cold)
         with self.stats.window(f"fault {kind}"):
             p = self.proxy
             if kind in ("503", "500", "403"):
@@ -342,6 +343,12 @@ class Run:
                 p.set_delay(rnd.uniform(50, 400))
             else:
                 p.fail_next(1, status=503, code="SlowDown")
+            # And one read of a cold file through each door, so every window meets a fetch
+            # (the readers' own may all hit resident bytes).
+            for door in DOORS:
+                obj = rnd.choice(cold)
+                self.access(hands, door, obj, rnd.choice(("read", "pread", "mmap")),
+                            *pick_range(rnd, obj.size))
             self.stop.wait(rnd.uniform(0.5, 2.5))
             p.restore()
         with self.stats.lock:
