@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import __version__, sdnotify
+from . import __version__, sdnotify, startprogress
 from .config import Options, build_options, options_help, split_options
 from .errors import HsmError
 from .keys import STATE_DIR
@@ -146,19 +146,31 @@ def _start(opts: Options) -> int:
             log.info("ready: %s", summary)
             sdnotify.ready(summary)  # systemd Type=notify (hsmfs-serve@.service)
 
+        drawer = _draw_progress_here(served)
         try:
             return _run_daemon(opts, ready)
         except Exception as exc:
             print(f"hsmfs: {_failure_line(opts, exc, served.is_set())}", file=sys.stderr)
             return 1
+        finally:
+            served.set()
+            if drawer is not None:
+                drawer.join(2.0)
     log_file = opts.log_file or os.path.join(_state_dir(opts), LOG_FILE)
     read_end, write_end = os.pipe()
+    # A progress bar only where someone sees it: on a pipe or file, no pipe for it at all.
+    progress_r, progress_w = os.pipe() if sys.stderr.isatty() else (None, None)
     pid = os.fork()
     if pid:
         os.close(write_end)
-        return _wait_ready(read_end, pid, log_file)
+        if progress_w is not None:
+            os.close(progress_w)
+        return _wait_ready(read_end, pid, log_file, progress_r)
     # Child: detach from the terminal and the caller's session (mount(8) waits for us to exit).
     os.close(read_end)
+    if progress_r is not None:
+        os.close(progress_r)
+        os.environ[startprogress.ENV_FD] = str(progress_w)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -193,16 +205,53 @@ def _start(opts: Options) -> int:
         os._exit(code)
 
 
-def _wait_ready(read_end: int, pid: int, log_file: str) -> int:
+def _draw_progress_here(served: threading.Event) -> threading.Thread | None:
+    """Foreground on a terminal: the start's progress line, drawn by a thread of this
+    process until the door serves (:mod:`hsmfs.startprogress`)."""
+    if not sys.stderr.isatty():
+        return None
+    progress_r, progress_w = os.pipe()
+    os.environ[startprogress.ENV_FD] = str(progress_w)  # read by the daemon (or its worker)
+
+    def draw() -> None:
+        import select
+
+        line = startprogress.ProgressLine()
+        try:
+            while not served.is_set():
+                r, _, _ = select.select([progress_r], [], [], 0.25)
+                if r:
+                    chunk = os.read(progress_r, 4096)
+                    if not chunk:
+                        break
+                    line.feed(chunk)
+        finally:
+            line.clear()
+            os.close(progress_r)
+
+    t = threading.Thread(target=draw, name="progress", daemon=True)
+    t.start()
+    return t
+
+
+def _wait_ready(read_end: int, pid: int, log_file: str, progress_r: int | None = None) -> int:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)  # the first child exits at once (double fork)
     deadline = time.monotonic() + READY_TIMEOUT_S
     buf = b""
     import select
 
+    line = startprogress.ProgressLine()
+    watched = [read_end] + ([progress_r] if progress_r is not None else [])
     while time.monotonic() < deadline:
-        r, _, _ = select.select([read_end], [], [], 1.0)
-        if not r:
+        r, _, _ = select.select(watched, [], [], 1.0)
+        if progress_r in r:
+            chunk = os.read(progress_r, 4096)
+            if chunk:
+                line.feed(chunk)
+            else:
+                watched.remove(progress_r)  # every writer closed it: the start is over
+        if read_end not in r:
             continue
         chunk = os.read(read_end, 4096)
         if not chunk:
@@ -210,7 +259,10 @@ def _wait_ready(read_end: int, pid: int, log_file: str) -> int:
         buf += chunk
         if buf.endswith(b"\n"):
             break
+    line.clear()
     os.close(read_end)
+    if progress_r is not None:
+        os.close(progress_r)
     if buf.startswith(b"ok"):
         print(f"hsmfs: {buf[3:].decode().strip()}", file=sys.stderr)
         return 0

@@ -65,6 +65,7 @@ from .keys import STATE_DIR, key_to_relpath, place
 from .ranges import RangeMap
 from .registry import STAGING_DIR, Changed, Found, Registry, Tree
 from .siblings import SiblingReadAhead
+from .startprogress import StartProgress
 from .state import Intent, Pin, Stub
 from .stubfile import (
     CLEAN,
@@ -395,8 +396,8 @@ class StubCache:
             lambda: {f.rel: self._size_checked(f) for f in self.tree.scan()})
 
     async def populate(self, objects: Iterable[ObjectInfoLike] | None,
-                       prefix: str = "", *, found: dict[str, Found] | None = None
-                       ) -> PopulateReport:
+                       prefix: str = "", *, found: dict[str, Found] | None = None,
+                       progress: StartProgress | None = None) -> PopulateReport:
         """Make the backing tree mirror a listing (or, with ``objects`` None, adopt the tree as
         it is: a restarted worker needs no S3 to guard what exists).
 
@@ -412,13 +413,17 @@ class StubCache:
         entries are popped as they are placed: no second copy of 100,000 entries).
 
         For a start only, before any door serves: a serving daemon uses :meth:`refresh`
-        (which says why this is not safe to call again)."""
+        (which says why this is not safe to call again).  ``progress``: the start's counters,
+        bumped per file placed (:mod:`hsmfs.startprogress`)."""
         listed = None if objects is None or isinstance(objects, list) else list(objects)
         return await trio.to_thread.run_sync(
-            self._populate_sync, objects if listed is None else listed, prefix, found)
+            self._populate_sync, objects if listed is None else listed, prefix, found,
+            progress or StartProgress(None))
 
     def _populate_sync(self, objects: list[ObjectInfoLike] | None, prefix: str,
-                       found: dict[str, Found] | None = None) -> PopulateReport:
+                       found: dict[str, Found] | None = None,
+                       progress: StartProgress | None = None) -> PopulateReport:
+        progress = progress or StartProgress(None)
         if found is None:
             found = {f.rel: self._size_checked(f) for f in self.tree.scan()}
         if objects is None:
@@ -428,10 +433,13 @@ class StubCache:
         for key, reason in layout.rejected:
             log.warning("skipping object %r: key %s", key, reason)
         n = dict(created=0, kept=0, replaced=0, removed=0, stale=0, conflicts=0)
+        progress.to_place = len(layout.files)
+        progress.phase = "populating"
         for d in sorted(layout.dirs, key=lambda p: p.count("/")):
             self.tree.mkdir(d)
         away = self._removed_locally(found, by_key, prefix)
         for rel, key in sorted(layout.files.items()):
+            progress.placed += 1
             info = by_key[key]
             f = found.pop(rel, None)
             if f is None and key in away:

@@ -28,6 +28,7 @@ from .config import Options
 from .errors import HsmError, to_errno
 from .keys import STATE_DIR, key_to_relpath
 from .mounts import unmount_after
+from .startprogress import StartProgress
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ PAGES_AHEAD = 8
 
 async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend | None = None,
                        wanted: Callable[[Any], bool] | None = None,
-                       decide_after: trio.Event | None = None) -> list[ObjectInfo]:
+                       decide_after: trio.Event | None = None,
+                       progress: StartProgress | None = None) -> list[ObjectInfo]:
     """The listing, in S3's order, with each object's mode from HEAD when asked.
 
     Pages are taken as they arrive: the listing runs in a thread that hands each page to the
@@ -66,11 +68,14 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     prefix); ``wanted(version)``: whether that object needs a HEAD (only objects the tree does
     not hold at that version: a HEAD per object per start or refresh period would cost more
     than the listing); ``decide_after``: ``wanted`` can be asked only once this event is set
-    (at start, when the tree scan it reads is done; objects listed before wait, as indices).
+    (at start, when the tree scan it reads is done; objects listed before wait, as indices);
+    ``progress``: the start's counters (:mod:`hsmfs.startprogress`), bumped as pages and HEADs
+    come back.
 
     Nothing is persisted: a death anywhere in here leaves the tree as it was."""
     source = lister or backend
     infos: list[ObjectInfo] = []
+    counts = progress or StartProgress(None)
     head = opts.cache.head_for_mode
     page_send, page_recv = trio.open_memory_channel[list[Any]](PAGES_AHEAD)
     # Indices into ``infos``: a HEAD's answer replaces the listed entry in place.
@@ -103,9 +108,13 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
                     # Changed or gone between LIST and HEAD: keep the listed version; its reads
                     # will report the change.  The mode falls back to the default.
                     log.info("HEAD %r: %s; using the listing", v.key, exc)
+                counts.heads_done += 1
 
     def needs_head(i: int) -> bool:
-        return wanted is None or wanted(infos[i].version)
+        if wanted is None or wanted(infos[i].version):
+            counts.heads_wanted += 1
+            return True
+        return False
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(list_all)
@@ -117,6 +126,7 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
         async with head_send:
             with page_recv:
                 async for page in page_recv:
+                    counts.listed += len(page)
                     for v in page:
                         infos.append(ObjectInfo(v))
                         if not head or v.key.endswith("/"):
@@ -138,8 +148,9 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     return infos
 
 
-async def start_listing(cache: StubCache, backend: S3Backend,
-                        opts: Options) -> tuple[list[ObjectInfo], dict[str, Any]]:
+async def start_listing(cache: StubCache, backend: S3Backend, opts: Options,
+                        progress: StartProgress | None = None
+                        ) -> tuple[list[ObjectInfo], dict[str, Any]]:
     """At start: list S3 while the tree is scanned, and HEAD only objects whose path does not
     already hold a stub of the listed ETag (the mode is on the stub already; a restart over a
     tree that holds every version asks nothing).  Returns the listing and the scan, for
@@ -169,7 +180,8 @@ async def start_listing(cache: StubCache, backend: S3Backend,
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(scan)
-        objects = await list_objects(backend, opts, wanted=wanted, decide_after=scanned)
+        objects = await list_objects(backend, opts, wanted=wanted, decide_after=scanned,
+                                     progress=progress)
     log.info("listed %d objects in %.1f s (tree scanned in %.1f s: %d files)", len(objects),
              time.monotonic() - started, scan_s, len(found))
     return objects, found
@@ -287,6 +299,9 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
         cache.listeners.append(kernel)
     objects: list[ObjectInfo] | None = None
     found: dict[str, Any] | None = None
+    # The command waiting for this start draws these counts (on a terminal only).
+    progress = StartProgress.from_environ()
+    progress.start()
     if _restarted_worker():
         # A worker restarted by the holder adopts the tree as it is: guarding what exists
         # needs no S3 (which may be what just failed), and a listing could replace files that
@@ -299,8 +314,9 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                  "looked up", opts.cache.cache_dir)
     else:
         log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
-        objects, found = await start_listing(cache, backend, opts)
-    report = await cache.populate(objects, opts.s3.prefix, found=found)
+        objects, found = await start_listing(cache, backend, opts, progress)
+    report = await cache.populate(objects, opts.s3.prefix, found=found, progress=progress)
+    progress.phase = "guarding" if kernel is not None else "mounting"
     # Populate made its own records of what it kept: the listing and the scan (~100,000
     # entries each at scale) go now, not with the daemon.
     listed = None if objects is None else len(objects)
@@ -427,6 +443,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                    f"{report.stale} stale, {report.conflicts} conflicts, "
                    f"{len(report.rejected)} refused keys")
         log.info("serving: %s", summary)
+        progress.finish()
         ready(summary)
         await stop.wait()
         log.info("stopping")
