@@ -61,7 +61,7 @@ from .config import CacheConfig
 from .errors import HsmError, ObjectChanged, Superseded
 from .fetch import Counters, FetchEngine, Fetcher, NoRoom
 from .handles import handle_of, open_handle
-from .keys import STATE_DIR, key_to_relpath, place
+from .keys import STATE_DIR, Decision, PlacementStream, key_to_relpath, place
 from .ranges import RangeMap
 from .registry import STAGING_DIR, Changed, Found, Registry, Tree
 from .siblings import SiblingReadAhead
@@ -95,7 +95,7 @@ from .stubfile import (
     write_sync,
     write_view,
 )
-from .tombstones import Tombstone, Tombstones
+from .tombstones import Tombstones
 
 if TYPE_CHECKING:
     from .evict import Evictor
@@ -242,6 +242,63 @@ class _Step:
     def __post_init__(self) -> None:
         if self.stub is not None and self.version is None:
             self.version = self.stub.version
+
+
+class ListingCut(Exception):
+    """A streamed listing ended without its end mark: what it did not name is unknown, not
+    deleted.  The listing's own failure is the one to report (this one is not an HsmError)."""
+
+
+class _AwayHere:
+    """Keys whose path holds no file because a program moved or removed the stub here: a
+    start's listing must not make them again (that would undo the user's ``mv`` or ``rm``).
+
+    * renamed: a file elsewhere in the tree carries a record of that key and version;
+    * removed: a tombstone of that key and version (:mod:`hsmfs.tombstones`).
+
+    Asked per key as the listing arrives.  The removal log is compacted once the listing is
+    whole: a tombstone of an older version than S3's is dropped (another host wrote the object
+    since: its bytes are made again here, and never deleted from S3), and so is one whose
+    object is gone.  Blocking (the removal log)."""
+
+    def __init__(self, cache: StubCache, found: dict[str, Found], prefix: str) -> None:
+        self.cache = cache
+        self.moved = {(f.record.version.key, f.record.version.etag) for f in found.values()
+                      if f.record is not None
+                      and key_to_relpath(f.record.version.key, prefix)[0] != f.rel}
+        self.readable = True
+        try:
+            self.tombs = cache.tombstones.load()
+        except OSError as exc:
+            log.warning("cannot read the removal log: %s; removed stubs may come back", exc)
+            self.tombs, self.readable = {}, False
+        self.now: dict[str, str] = {}  # a tombstoned key -> the ETag S3 lists now
+
+    def listed(self, info: ObjectInfoLike) -> None:
+        if info.version.key in self.tombs:
+            self.now[info.version.key] = info.version.etag
+
+    def here_no_more(self, key: str, info: ObjectInfoLike) -> bool:
+        etag = info.version.etag
+        if (key, etag) in self.moved:
+            return True
+        t = self.tombs.get(key)
+        if t is None:
+            return False
+        if t.etag != etag:
+            log.warning("%r was removed here as version %s, but S3 now holds %s (written "
+                        "elsewhere): it is made again, and not deleted from S3", t.path,
+                        t.etag, etag)
+            return False
+        return True
+
+    def compact(self) -> None:
+        if not self.readable:
+            return
+        try:
+            self.cache.tombstones.compact(lambda t: self.now.get(t.key) == t.etag)
+        except OSError as exc:
+            log.warning("cannot rewrite the removal log: %s", exc)
 
 
 def _below(rel: str, under: str) -> bool:
@@ -420,41 +477,83 @@ class StubCache:
             self._populate_sync, objects if listed is None else listed, prefix, found,
             progress or StartProgress(None))
 
-    def _populate_sync(self, objects: list[ObjectInfoLike] | None, prefix: str,
+    async def populate_listing(self, batches: trio.MemoryReceiveChannel[list[ObjectInfoLike]],
+                               prefix: str, *, found: dict[str, Found],
+                               progress: StartProgress | None = None) -> PopulateReport:
+        """:meth:`populate`, fed by a listing that still arrives: ``batches`` carry it in S3's
+        order, then one empty batch that says it is whole.  A channel closed before that (the
+        listing failed or was cancelled) ends this with :class:`ListingCut` before anything is
+        removed: a path the listing did not name is a remote delete only in a whole listing.
+        What was placed until then is complete, stub by stub, as after a death."""
+
+        def objects() -> Iterator[ObjectInfoLike]:
+            while True:
+                try:
+                    batch = trio.from_thread.run(batches.receive)
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    raise ListingCut("the listing ended before it was whole") from None
+                if not batch:
+                    return
+                yield from batch
+
+        return await trio.to_thread.run_sync(self._populate_sync, objects(), prefix, found,
+                                             progress or StartProgress(None))
+
+    def _populate_sync(self, objects: Iterable[ObjectInfoLike] | None, prefix: str,
                        found: dict[str, Found] | None = None,
                        progress: StartProgress | None = None) -> PopulateReport:
+        """Place a listing taken in S3's order, one object at a time: each stub is made as
+        soon as :class:`PlacementStream` decides its key, so a start makes stubs while the
+        listing still arrives (``objects`` may be an iterator fed by it).  A list is sorted
+        first: one algorithm for both.
+
+        A death anywhere leaves stubs made so far complete (each is made in staging and
+        renamed) and nothing else changed; the next start lists again and places the rest (a
+        restarted worker does too, until one was ready: ``HSMFS_WORKER_TREE_READY``).  The
+        removal log is compacted only at the end: a death before leaves entries that the next
+        start drops, harmless meanwhile."""
         progress = progress or StartProgress(None)
         if found is None:
             found = {f.rel: self._size_checked(f) for f in self.tree.scan()}
         if objects is None:
             return self._adopt_tree(found)
-        by_key = {o.version.key: o for o in objects}
-        layout = place(by_key, prefix)
-        for key, reason in layout.rejected:
-            log.warning("skipping object %r: key %s", key, reason)
+        if isinstance(objects, list):
+            objects = sorted(objects, key=lambda o: o.version.key)
+        away = _AwayHere(self, found, prefix)
+        stream = PlacementStream(prefix)
+        waiting: dict[str, ObjectInfoLike] = {}  # listed, not yet decided
         n = dict(created=0, kept=0, replaced=0, removed=0, stale=0, conflicts=0)
-        progress.to_place = len(layout.files)
+        rejected: list[tuple[str, str]] = []
+        dirs = 0
         progress.phase = "populating"
-        for d in sorted(layout.dirs, key=lambda p: p.count("/")):
-            self.tree.mkdir(d)
-        away = self._removed_locally(found, by_key, prefix)
-        for rel, key in sorted(layout.files.items()):
-            progress.placed += 1
-            info = by_key[key]
-            f = found.pop(rel, None)
-            if f is None and key in away:
-                continue  # renamed or removed here: archive --delete makes S3 follow
-            try:
-                outcome = self._place_object(rel, key, info, f)
-            except (OSError, Changed) as exc:
-                # An application changed or removed the file since the scan: leave it as it
-                # is now; the next start (or refresh) decides again.
-                log.warning("%r changed while hsmfs looked at it (%s); left as it is", rel, exc)
-                continue
-            if outcome:
-                n[outcome] += 1
-                if outcome == "created":
-                    crashpoint.crash_point(crashpoint.POPULATE, "created")
+
+        def apply(decisions: list[Decision]) -> None:
+            nonlocal dirs
+            for d in decisions:
+                if d.kind == "dir":
+                    self.tree.mkdir(d.rel)
+                    dirs += 1
+                elif d.kind == "rejected":
+                    waiting.pop(d.key, None)
+                    log.warning("skipping object %r: key %s", d.key, d.reason)
+                    rejected.append((d.key, d.reason))
+                else:
+                    outcome = self._place_listed(d.rel, d.key, waiting.pop(d.key), found, away)
+                    if outcome:
+                        n[outcome] += 1
+                        if outcome == "created":
+                            crashpoint.crash_point(crashpoint.POPULATE, "created")
+
+        for info in objects:
+            waiting[info.version.key] = info
+            away.listed(info)
+            apply(stream.add(info.version.key))
+            progress.placed += 1  # of progress.listed (a bar, not an account: see there)
+        apply(stream.finish())
+        if not stream.ordered:
+            log.warning("the listing was not in key order (S3 and Ceph list in UTF-8 order): "
+                        "an object beside a directory of the same name may have been placed "
+                        "as a file, and the objects under that name skipped")
         for f in found.values():
             if f.record is None:
                 continue
@@ -466,51 +565,28 @@ class StubCache:
             except (OSError, Changed) as exc:
                 log.warning("%r changed while hsmfs looked at it (%s); left as it is", f.rel,
                             exc)
+        away.compact()
         report = PopulateReport(n["created"], n["kept"], n["replaced"], n["removed"],
-                                layout.rejected, len(layout.dirs), n["stale"], n["conflicts"])
+                                rejected, dirs, n["stale"], n["conflicts"])
         log.info("populated %s: %d new, %d kept, %d replaced, %d removed, %d stale, "
                  "%d conflicts, %d refused", self.cfg.cache_dir, report.created, report.kept,
                  report.replaced, report.removed, report.stale, report.conflicts,
-                 len(layout.rejected))
+                 len(rejected))
         return report
 
-    def _removed_locally(self, found: dict[str, Found], by_key: dict[str, ObjectInfoLike],
-                         prefix: str) -> set[str]:
-        """Keys whose path holds no file because a program moved or removed the stub here:
-        a listing must not make them again (that would undo the user's ``mv`` or ``rm``).
-
-        * renamed: a file elsewhere in the tree carries a record of that key and version;
-        * removed: a tombstone of that key and version (:mod:`hsmfs.tombstones`).
-
-        A tombstone of an older version than S3's is dropped (another host wrote the object
-        since: its bytes are made again here, and never deleted from S3), and so is one whose
-        object is gone.  Blocking (the removal log)."""
-        away = set()
-        for f in found.values():
-            if f.record is None:
-                continue
-            v = f.record.version
-            info = by_key.get(v.key)
-            if info is not None and info.version.etag == v.etag \
-                    and key_to_relpath(v.key, prefix)[0] != f.rel:
-                away.add(v.key)
-
-        def keep(t: Tombstone) -> bool:
-            info = by_key.get(t.key)
-            if info is None:
-                return False  # gone from S3: nothing left to delete
-            if info.version.etag != t.etag:
-                log.warning("%r was removed here as version %s, but S3 now holds %s (written "
-                            "elsewhere): it is made again, and not deleted from S3", t.path,
-                            t.etag, info.version.etag)
-                return False
-            return True
-
+    def _place_listed(self, rel: str, key: str, info: ObjectInfoLike, found: dict[str, Found],
+                      away: _AwayHere) -> str | None:
+        """One decided file of a start's listing; the outcome's counter."""
+        f = found.pop(rel, None)
+        if f is None and away.here_no_more(key, info):
+            return None  # renamed or removed here: archive --delete makes S3 follow
         try:
-            away |= set(self.tombstones.compact(keep))
-        except OSError as exc:
-            log.warning("cannot read the removal log: %s; removed stubs may come back", exc)
-        return away
+            return self._place_object(rel, key, info, f)
+        except (OSError, Changed) as exc:
+            # An application changed or removed the file since the scan: leave it as it is
+            # now; the next start (or refresh) decides again.
+            log.warning("%r changed while hsmfs looked at it (%s); left as it is", rel, exc)
+            return None
 
     def _place_object(self, rel: str, key: str, info: ObjectInfoLike,
                       f: Found | None) -> str | None:

@@ -16,6 +16,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -23,7 +24,7 @@ import trio
 from . import control, metrics
 from .archive import Archiver, Writeback
 from .backend_s3 import ObjectInfo, S3Backend
-from .cache import Intent, RefreshReport, StubCache, describe
+from .cache import Intent, PopulateReport, RefreshReport, StubCache, describe
 from .config import Options
 from .errors import HsmError, to_errno
 from .keys import STATE_DIR, key_to_relpath
@@ -53,16 +54,23 @@ PAGES_AHEAD = 8
 async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend | None = None,
                        wanted: Callable[[Any], bool] | None = None,
                        decide_after: trio.Event | None = None,
-                       progress: StartProgress | None = None) -> list[ObjectInfo]:
+                       progress: StartProgress | None = None,
+                       emit: trio.MemorySendChannel[list[ObjectInfo]] | None = None
+                       ) -> list[ObjectInfo]:
     """The listing, in S3's order, with each object's mode from HEAD when asked.
 
     Pages are taken as they arrive: the listing runs in a thread that hands each page to the
     loop through a bounded channel, and the objects that need a HEAD go at once to
     ``max_connections - 1`` worker tasks fed by a bounded channel, so HEADs overlap the
     listing and at most ``max_connections`` requests (and that many tasks) exist at a time,
-    whatever the bucket size.  The result is one compact list (one :class:`ObjectInfo` per
-    object): the caller needs all of it (a path the listing does not name is a remote delete,
-    and ``a`` is refused as a file only once no ``a/...`` key follows).
+    whatever the bucket size.
+
+    ``emit`` (a start): each object is handed on, in listing order, as soon as it and every
+    object before it are settled (HEAD back, or none needed), in batches, then one empty batch
+    once the listing is whole; the channel is closed in any case, so a consumer that gets no
+    empty batch knows the listing was cut.  Nothing is kept: the returned list is empty.
+    Without ``emit`` (a refresh) the result is the whole listing, as one compact list (one
+    :class:`ObjectInfo` per object).
 
     ``lister``: the backend to list with (a refresh of a subtree lists under a longer
     prefix); ``wanted(version)``: whether that object needs a HEAD (only objects the tree does
@@ -74,7 +82,7 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
 
     Nothing is persisted: a death anywhere in here leaves the tree as it was."""
     source = lister or backend
-    infos: list[ObjectInfo] = []
+    infos: list[ObjectInfo | None] = []  # None: handed on already
     counts = progress or StartProgress(None)
     head = opts.cache.head_for_mode
     page_send, page_recv = trio.open_memory_channel[list[Any]](PAGES_AHEAD)
@@ -84,6 +92,25 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     # urllib3's pool (max_connections) overflows and each HEAD past it opens a new connection.
     workers = max(opts.s3.max_connections - 1, 1)
     limiter = trio.CapacityLimiter(workers)
+    unsettled: set[int] = set()  # waiting for the scan's decision or for a HEAD
+    handed = 0  # infos[:handed] went to ``emit``
+    hand_lock = trio.Lock()
+
+    async def hand_on() -> None:
+        # Every settled object at the front, in order; from the page loop and the HEAD tasks.
+        nonlocal handed
+        if emit is None:
+            return
+        async with hand_lock:
+            batch: list[ObjectInfo] = []
+            while handed < len(infos) and handed not in unsettled:
+                info = infos[handed]
+                assert info is not None
+                batch.append(info)
+                infos[handed] = None
+                handed += 1
+            if batch:
+                await emit.send(batch)
 
     def pump() -> None:
         # In a thread: botocore's parsing holds it, not the loop.  A closed receiver (the loop
@@ -101,7 +128,7 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     async def head_worker(recv: trio.MemoryReceiveChannel[int]) -> None:
         async with recv:
             async for i in recv:
-                v = infos[i].version
+                v = infos[i].version  # type: ignore[union-attr]  # unsettled: not handed on
                 try:
                     infos[i] = await trio.to_thread.run_sync(backend.head, v, limiter=limiter)
                 except HsmError as exc:
@@ -109,60 +136,75 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
                     # will report the change.  The mode falls back to the default.
                     log.info("HEAD %r: %s; using the listing", v.key, exc)
                 counts.heads_done += 1
+                unsettled.discard(i)
+                await hand_on()
 
-    def needs_head(i: int) -> bool:
-        if wanted is None or wanted(infos[i].version):
+    async def decide(i: int) -> None:
+        info = infos[i]
+        assert info is not None
+        if wanted is None or wanted(info.version):
             counts.heads_wanted += 1
-            return True
-        return False
+            await head_send.send(i)  # unsettled until its HEAD is back
+        else:
+            unsettled.discard(i)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(list_all)
-        if head:
-            for _ in range(workers):
-                nursery.start_soon(head_worker, head_recv.clone())
-        head_recv.close()
-        waiting: list[int] = []  # listed before ``decide_after``: decided once it is set
-        async with head_send:
-            with page_recv:
-                async for page in page_recv:
-                    counts.listed += len(page)
-                    for v in page:
-                        infos.append(ObjectInfo(v))
-                        if not head or v.key.endswith("/"):
-                            continue  # no HEAD asked, or a directory marker
-                        if decide_after is not None and not decide_after.is_set():
-                            waiting.append(len(infos) - 1)
-                        elif needs_head(len(infos) - 1):
-                            await head_send.send(len(infos) - 1)
-                    if waiting and decide_after is not None and decide_after.is_set():
-                        for i in waiting:
-                            if needs_head(i):
-                                await head_send.send(i)
-                        waiting.clear()
-            if waiting and decide_after is not None:
-                await decide_after.wait()
-                for i in waiting:
-                    if needs_head(i):
-                        await head_send.send(i)
-    return infos
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(list_all)
+            if head:
+                for _ in range(workers):
+                    nursery.start_soon(head_worker, head_recv.clone())
+            head_recv.close()
+            waiting: list[int] = []  # listed before ``decide_after``: decided once it is set
+            async with head_send:
+                with page_recv:
+                    async for page in page_recv:
+                        counts.listed += len(page)
+                        for v in page:
+                            infos.append(ObjectInfo(v))
+                            if not head or v.key.endswith("/"):
+                                continue  # no HEAD asked, or a directory marker
+                            unsettled.add(len(infos) - 1)
+                            if decide_after is not None and not decide_after.is_set():
+                                waiting.append(len(infos) - 1)
+                            else:
+                                await decide(len(infos) - 1)
+                        if waiting and decide_after is not None and decide_after.is_set():
+                            for i in waiting:
+                                await decide(i)
+                            waiting.clear()
+                        await hand_on()
+                if waiting and decide_after is not None:
+                    await decide_after.wait()
+                    for i in waiting:
+                        await decide(i)
+            counts.listing_done = True
+        if emit is not None:
+            await hand_on()
+            await emit.send([])  # the listing is whole
+    finally:
+        if emit is not None:
+            emit.close()
+    return [] if emit is not None else infos  # type: ignore[return-value]  # none handed on
 
 
-async def start_listing(cache: StubCache, backend: S3Backend, opts: Options,
-                        progress: StartProgress | None = None
-                        ) -> tuple[list[ObjectInfo], dict[str, Any]]:
-    """At start: list S3 while the tree is scanned, and HEAD only objects whose path does not
+async def start_populate(cache: StubCache, backend: S3Backend, opts: Options,
+                         progress: StartProgress | None = None) -> tuple[PopulateReport, int]:
+    """A start: list S3 while the tree is scanned, and make the tree follow the listing as it
+    arrives (:meth:`StubCache.populate_listing`); HEAD only objects whose path does not
     already hold a stub of the listed ETag (the mode is on the stub already; a restart over a
-    tree that holds every version asks nothing).  Returns the listing and the scan, for
-    :meth:`StubCache.populate`.
+    tree that holds every version asks nothing).  Returns populate's report and how many
+    objects were listed.
 
     The scan persists one thing: a clean file found changed (length or mtime) is recorded
     dirty, durably, before anything looks at it (``StubCache._size_checked``), as populate's
-    own scan always did; a death after that leaves it dirty, which is true.  The listing
-    persists nothing."""
+    own scan always did; a death after that leaves it dirty, which is true.  Populate starts
+    once the scan is done (it needs all of it) and places each object the listing settles;
+    a listing that fails ends it before anything is removed (the failure is the listing's)."""
     found: dict[str, Any] = {}
     scanned = trio.Event()
     prefix = opts.s3.prefix
+    counts = progress or StartProgress(None)
 
     started = time.monotonic()
     scan_s = 0.0
@@ -178,13 +220,19 @@ async def start_listing(cache: StubCache, backend: S3Backend, opts: Options,
         f = found.get(rel) if rel else None
         return f is None or f.record is None or f.record.version.etag != version.etag
 
+    send, recv = trio.open_memory_channel[list[ObjectInfo]](PAGES_AHEAD)
+    scanned_files = 0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(scan)
-        objects = await list_objects(backend, opts, wanted=wanted, decide_after=scanned,
-                                     progress=progress)
-    log.info("listed %d objects in %.1f s (tree scanned in %.1f s: %d files)", len(objects),
-             time.monotonic() - started, scan_s, len(found))
-    return objects, found
+        nursery.start_soon(partial(list_objects, backend, opts, wanted=wanted,
+                                   decide_after=scanned, progress=counts, emit=send))
+        await scanned.wait()
+        scanned_files = len(found)
+        with recv:
+            report = await cache.populate_listing(recv, prefix, found=found, progress=counts)
+    log.info("listed %d objects and placed them in %.1f s (tree scanned in %.1f s: %d files)",
+             counts.listed, time.monotonic() - started, scan_s, scanned_files)
+    return report, counts.listed
 
 
 class Refresher:
@@ -297,11 +345,11 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     if kernel is not None:
         kernel.attach(cache)
         cache.listeners.append(kernel)
-    objects: list[ObjectInfo] | None = None
-    found: dict[str, Any] | None = None
     # The command waiting for this start draws these counts (on a terminal only).
     progress = StartProgress.from_environ()
     progress.start()
+    report: PopulateReport | None = None
+    listed: int | None = None
     if _restarted_worker():
         # A worker restarted by the holder adopts the tree as it is: guarding what exists
         # needs no S3 (which may be what just failed), and a listing could replace files that
@@ -314,13 +362,10 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                  "looked up", opts.cache.cache_dir)
     else:
         log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
-        objects, found = await start_listing(cache, backend, opts, progress)
-    report = await cache.populate(objects, opts.s3.prefix, found=found, progress=progress)
+        report, listed = await start_populate(cache, backend, opts, progress)
+    if report is None:
+        report = await cache.populate(None, opts.s3.prefix)  # adopt the tree as it is
     progress.phase = "guarding" if kernel is not None else "mounting"
-    # Populate made its own records of what it kept: the listing and the scan (~100,000
-    # entries each at scale) go now, not with the daemon.
-    listed = None if objects is None else len(objects)
-    objects = found = None
     archiver = Archiver(cache, backend, opts.s3.prefix)
     ops = None
     lazy = None

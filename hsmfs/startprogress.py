@@ -42,11 +42,11 @@ class StartProgress:
         self.fd = fd
         self.started = time.monotonic()
         self.phase = "listing"
+        self.listing_done = False
         self.listed = 0
         self.heads_wanted = 0
         self.heads_done = 0
-        self.to_place = 0
-        self.placed = 0
+        self.placed = 0  # listed objects populate has taken (of ``listed``)
         # send() and close() from two threads: never write to an fd number closed (and maybe
         # reused by another open) under the writer.
         self._lock = threading.Lock()
@@ -65,9 +65,10 @@ class StartProgress:
         return cls(fd)
 
     def snapshot(self) -> dict[str, object]:
-        return {"phase": self.phase, "listed": self.listed, "heads_wanted": self.heads_wanted,
-                "heads_done": self.heads_done, "to_place": self.to_place,
-                "placed": self.placed, "elapsed": round(time.monotonic() - self.started, 1)}
+        return {"phase": self.phase, "listing_done": self.listing_done, "listed": self.listed,
+                "heads_wanted": self.heads_wanted, "heads_done": self.heads_done,
+                "to_place": self.listed, "placed": self.placed,
+                "elapsed": round(time.monotonic() - self.started, 1)}
 
     def send(self) -> None:
         """One report now; the reports end for good once nobody reads them."""
@@ -112,17 +113,19 @@ class StartProgress:
 
 
 def render(p: dict[str, object], width: int) -> str:
-    """One line for a report: counts always, a bar for the phase whose total is known."""
+    """One line for a report: counts always, a bar once the total is known (the listing is
+    whole: stubs are made while it still arrives, so their total grows until then)."""
     listed = int(p.get("listed", 0))  # type: ignore[arg-type]
-    parts = [f"listed {listed:,} objects" if p.get("phase") != "listing"
-             else f"listing: {listed:,} objects"]
+    whole = bool(p.get("listing_done"))
+    parts = [f"listed {listed:,} objects" if whole else f"listing: {listed:,} objects"]
     wanted = int(p.get("heads_wanted", 0))  # type: ignore[arg-type]
     if wanted:
         parts.append(f"HEAD {int(p.get('heads_done', 0)):,}/{wanted:,}")  # type: ignore[arg-type]
     done, total = 0, 0
     if p.get("phase") == "populating":
-        done, total = int(p.get("placed", 0)), int(p.get("to_place", 0))  # type: ignore[arg-type]
-        parts.append(f"stubs {done:,}/{total:,}")
+        done = int(p.get("placed", 0))  # type: ignore[arg-type]
+        total = int(p.get("to_place", 0)) if whole else 0  # type: ignore[arg-type]
+        parts.append(f"stubs {done:,}/{total:,}" if total else f"stubs {done:,}")
     elif p.get("phase") == "guarding":
         parts.append("guarding the stubs")
     text = "hsmfs: " + " · ".join(parts) + f" · {float(p.get('elapsed', 0)):.0f} s"  # type: ignore[arg-type]
