@@ -638,6 +638,15 @@ class StubCache:
         except (OSError, Changed):
             return f
         try:
+            if record.sync == CLEAN and f.size == record.version.size == record.owed \
+                    and _holds_exactly(fd, record.version):
+                # Every byte local and S3's (the MD5 is the ETag): the mtime was moved by a
+                # fill that died before it put it back (or by a write of the same bytes).
+                # Nothing local to keep: the clean point is put back, the file stays clean.
+                os.utime(fd, (os.fstat(fd).st_atime, record.version.mtime))
+                log.info("%r: its mtime moved, its bytes are its version's (a fill cut short "
+                         "by a crash): clean, the version's mtime put back", f.rel)
+                return dataclasses.replace(f, mtime=record.version.mtime)
             if owed < record.owed:
                 write_owed(fd, owed)
             write_sync(fd, sync, durable=True)
@@ -2024,6 +2033,24 @@ class StubCache:
 #: mtimes are compared to this precision (LastModified has whole seconds; some filesystems
 #: keep microseconds of a float timestamp).
 MTIME_SLACK_S = 1e-3
+
+
+def _holds_exactly(fd: int, version: RemoteVersion) -> bool:
+    """Whether ``fd`` holds every byte of ``version`` and they are S3's: no hole below its size
+    and the MD5 of the bytes is its ETag.  Only a single-part ETag is an MD5 (a multipart one,
+    "...-N", depends on a part size nobody recorded): for the others the answer is no, and
+    the caller keeps the safe one (the file holds local changes).  One read of the file."""
+    from .backend_s3 import etag_of  # the one MD5-of-a-file rule (archive's crash recovery)
+
+    etag = version.etag.strip('"')
+    if len(etag) != 32 or any(c not in "0123456789abcdef" for c in etag.lower()):
+        return False
+    try:
+        if version.size and os.lseek(fd, 0, os.SEEK_HOLE) < version.size:
+            return False
+        return etag_of(fd, version.size, 0).strip('"').lower() == etag.lower()
+    except OSError:
+        return False
 
 
 def _writable(fd: int) -> bool:

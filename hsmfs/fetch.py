@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from . import crashpoint
 from .config import CacheConfig
 from .errors import (
     BackendUnavailable,
@@ -338,6 +339,8 @@ class FetchEngine:
             raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
                             f"fetcher returned {got} bytes")
         self._write_gaps(stub, flight.start, data, gaps)
+        # Written, the mtime moved, not put back yet (StubCache._size_checked's answer).
+        crashpoint.crash_point(crashpoint.FILL, "written")
         self.host.filled(stub, completes)
 
     def _buffer(self, size: int) -> memoryview:
