@@ -242,6 +242,12 @@ class Archiver:
 
     # -- one file ----------------------------------------------------------------------------
 
+    def is_archiving(self, ino: int, gen: int) -> bool:
+        """An archive of that file is under way: S3 may hold its upload before its record
+        says so (a refresh must not take the new ETag for another host's write)."""
+        lock = self._locks.get((ino, gen))
+        return lock is not None and lock.locked()
+
     async def archive_file(self, rel: str, *, dry_run: bool = False) -> dict[str, Any]:
         key = self.prefix + rel
         if len(key.encode()) > KEY_MAX:

@@ -234,22 +234,12 @@ class S3Backend:
         for page in self.list_pages():
             yield from page
 
-    def list_pages(self) -> Iterator[list[ObjectVersion]]:
+    def list_pages(self, prefix: str | None = None) -> Iterator[list[ObjectVersion]]:
         """The listing one page (up to 1,000 objects) at a time, as each response arrives:
-        a caller can work on a page while the next one is asked for."""
-        token: str | None = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": self.cfg.prefix}
-            if token:
-                kw["ContinuationToken"] = token
-            page = self._call(f"list {self.cfg.prefix!r}",
-                              lambda kw=kw: self._client.list_objects_v2(**kw))
-            yield [ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
-                                 mtime=obj["LastModified"].timestamp())
-                   for obj in page.get("Contents", [])]
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
+        a caller can work on a page while the next one is asked for.  ``prefix``: a full key
+        prefix below the backend's (``hsmfs sync PATH`` lists a subtree), else the backend's."""
+        for page in self._pages(self.cfg.prefix if prefix is None else prefix):
+            yield _listed(page)
 
     def list_dir(self, prefix: str) -> tuple[list[ObjectVersion], list[str]]:
         """One directory of the bucket (``-o lazy``): ListObjectsV2 with ``Prefix=prefix`` (a
@@ -258,19 +248,25 @@ class S3Backend:
         keys of the subdirectories, ending in "/")."""
         objects: list[ObjectVersion] = []
         prefixes: list[str] = []
+        for page in self._pages(prefix, delimiter="/"):
+            objects.extend(_listed(page))
+            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+        return objects, prefixes
+
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        """ListObjectsV2's answers under ``prefix``, page after page (each call retried)."""
         token: str | None = None
         while True:
-            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": prefix, "Delimiter": "/"}
+            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": prefix}
+            if delimiter:
+                kw["Delimiter"] = delimiter
             if token:
                 kw["ContinuationToken"] = token
             page = self._call(f"list {prefix!r}",
                               lambda kw=kw: self._client.list_objects_v2(**kw))
-            objects.extend(ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
-                                         mtime=obj["LastModified"].timestamp())
-                           for obj in page.get("Contents", []))
-            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+            yield page
             if not page.get("IsTruncated"):
-                return objects, prefixes
+                return
             token = page["NextContinuationToken"]
 
     def head(self, version: ObjectVersion) -> ObjectInfo:
@@ -894,6 +890,13 @@ def _error_code(body: bytes) -> str:
     except ET.ParseError:
         return ""
     return (node.text or "") if node is not None else ""
+
+
+def _listed(page: dict[str, Any]) -> list[ObjectVersion]:
+    """The objects of one ListObjectsV2 answer, keys as stored in S3."""
+    return [ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
+                          mtime=obj["LastModified"].timestamp())
+            for obj in page.get("Contents", [])]
 
 
 def _version_of(key: str, resp: dict[str, Any]) -> ObjectVersion:

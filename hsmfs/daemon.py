@@ -7,7 +7,6 @@ Must not: parse argv (``__main__`` does), or know how a door works inside.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import inspect
 import logging
@@ -51,7 +50,7 @@ class KernelDoor(Protocol):
 PAGES_AHEAD = 8
 
 
-async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend | None = None,
+async def list_objects(backend: S3Backend, opts: Options, *, under: str | None = None,
                        wanted: Callable[[Any], bool] | None = None,
                        decide_after: trio.Event | None = None,
                        progress: StartProgress | None = None,
@@ -72,16 +71,16 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     Without ``emit`` (a refresh) the result is the whole listing, as one compact list (one
     :class:`ObjectInfo` per object).
 
-    ``lister``: the backend to list with (a refresh of a subtree lists under a longer
-    prefix); ``wanted(version)``: whether that object needs a HEAD (only objects the tree does
-    not hold at that version: a HEAD per object per start or refresh period would cost more
-    than the listing); ``decide_after``: ``wanted`` can be asked only once this event is set
-    (at start, when the tree scan it reads is done; objects listed before wait, as indices);
+    ``under``: the full key prefix to list (a refresh of a subtree lists under a longer
+    prefix than the backend's); ``wanted(version)``: whether that object needs a HEAD (only
+    objects the tree does not hold at that version: a HEAD per object per start or refresh
+    period would cost more than the listing); ``decide_after``: ``wanted`` can be asked only
+    once this event is set (at start, when the tree scan it reads is done; objects listed
+    before wait, as indices);
     ``progress``: the start's counters (:mod:`hsmfs.startprogress`), bumped as pages and HEADs
     come back.
 
     Nothing is persisted: a death anywhere in here leaves the tree as it was."""
-    source = lister or backend
     infos: list[ObjectInfo | None] = []  # None: handed on already
     counts = progress or StartProgress(None)
     head = opts.cache.head_for_mode
@@ -115,7 +114,7 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     def pump() -> None:
         # In a thread: botocore's parsing holds it, not the loop.  A closed receiver (the loop
         # side failed or was cancelled) ends the listing early.
-        for page in source.list_pages():
+        for page in backend.list_pages(under):
             try:
                 trio.from_thread.run(page_send.send, page)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -262,37 +261,37 @@ class Refresher:
     def _archiving(self, stub: Any) -> bool:
         """An archive of the file is under way: S3 may hold its upload before its record
         says so, and the listing may show it (the archiver's per-file lock, by inode)."""
-        lock = self.archiver._locks.get((stub.ino, stub.gen))
-        return lock is not None and lock.locked()
+        return self.archiver.is_archiving(stub.ino, stub.gen)
+
+    def _failed(self, exc: BaseException) -> None:
+        stats = self.cache.refresh_stats
+        stats.failures += 1
+        stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
 
     async def sync(self, rel: str = "") -> RefreshReport:
         async with self.lock:
             if self.lazy is not None:
+                report = RefreshReport(0)
                 try:
-                    report = await self.lazy.refresh(rel, wanted=self._wanted,
-                                                     busy=self._archiving)
+                    await self.lazy.refresh(rel, wanted=self._wanted, busy=self._archiving,
+                                            into=report)
                 except Exception as exc:
-                    stats = self.cache.refresh_stats
-                    stats.failures += 1
-                    stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
+                    self._failed(exc)
                     raise
-                if self.ops is not None and report.changes:
-                    await self.ops.namespace_changed(report.changes)
+                finally:
+                    # The directories refreshed before a failure changed the tree: the FUSE
+                    # door must still drop what it cached of them.
+                    if self.ops is not None and report.changes:
+                        await self.ops.namespace_changed(report.changes)
                 return report
             held = self.cache.versions()  # before the listing: what it may predate
             try:
-                lister = self.backend
-                if rel:
-                    # The backend lists under its own prefix; a subtree lists under a longer
-                    # one (a client of its own: one more connection pool for one listing).
-                    sub = dataclasses.replace(self.opts.s3, prefix=self.opts.s3.prefix + rel)
-                    lister = await trio.to_thread.run_sync(S3Backend, sub)
-                objects = await list_objects(self.backend, self.opts, lister=lister,
+                # A subtree lists under a longer prefix than the backend's.
+                objects = await list_objects(self.backend, self.opts,
+                                             under=self.opts.s3.prefix + rel if rel else None,
                                              wanted=self._wanted)
             except Exception as exc:
-                stats = self.cache.refresh_stats
-                stats.failures += 1
-                stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
+                self._failed(exc)
                 raise
             report = await self.cache.refresh(objects, self.opts.s3.prefix, rel, held=held,
                                               busy=self._archiving)

@@ -308,16 +308,19 @@ class LazyNamespace:
             os.close(top)
         return out
 
-    async def refresh(self, rel: str, *, wanted: Any, busy: Any) -> RefreshReport:
+    async def refresh(self, rel: str, *, wanted: Any, busy: Any,
+                      into: RefreshReport | None = None) -> RefreshReport:
         """A refresh of the listed directories at or below ``rel`` only: each is listed again
         (Delimiter=/) and its files reconciled by the refresh's rules
         (:meth:`StubCache.refresh`, ``shallow``); its new subdirectories are made (listed at
         their first lookup).  A directory not listed stays so: a refresh never makes the
-        bucket eager.  ``rel`` a file: that file only, from its directory's listing."""
+        bucket eager.  ``rel`` a file: that file only, from its directory's listing.
+        ``into``: the report to add to, which keeps what the directories refreshed before a
+        failure changed (the caller still tells the FUSE door)."""
         from .backend_s3 import ObjectInfo
         from .cache import RefreshReport
 
-        report = RefreshReport(0)
+        report = into if into is not None else RefreshReport(0)
         is_file = rel and not await trio.to_thread.run_sync(self._is_dir, rel)
         dirs = [os.path.dirname(rel)] if is_file else \
             await trio.to_thread.run_sync(self._listed_under, rel)
