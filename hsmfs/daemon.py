@@ -580,16 +580,26 @@ def _state(cache: StubCache, path: str) -> dict[str, Any]:
     return row
 
 
+def _errno_said(exc: BaseException) -> str:
+    """A failure as the command line shows it: the errno a program would get, and why."""
+    return f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"
+
+
+async def _make_resident(cache: StubCache, stub: Any) -> None:
+    """The whole file, through the same engine as any read (``restore``, ``pin``)."""
+    pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
+    pin.release()
+
+
 async def _restore(cache: StubCache, path: str) -> dict[str, Any]:
-    """Make a file resident (the whole file, through the same engine as any read)."""
+    """Make a file resident."""
     stub = cache.stub_at(path)
     if stub is None:
         return {"path": path, "error": "not a stub of this cache"}
     try:
-        pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
-        pin.release()
+        await _make_resident(cache, stub)
     except Exception as exc:
-        return {"path": path, "error": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+        return {"path": path, "error": _errno_said(exc)}
     return _state(cache, path)
 
 
@@ -614,7 +624,7 @@ async def _release(cache: StubCache, rel: str, dry_run: bool) -> dict[str, Any]:
         done = await cache.release(stub, dry_run=dry_run)
     except Exception as exc:
         return {"path": rel, "result": "failed",
-                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+                "detail": _errno_said(exc)}
     row: dict[str, Any] = {"path": rel, "result": done.result, "detail": done.detail,
                            "resident_bytes": done.resident_bytes, "freed": done.freed}
     if done.errno:
@@ -638,7 +648,7 @@ async def _resolve(cache: StubCache, backend: S3Backend, ops: Any, rel: str, kee
         done = await resolve(cache, stub, head, keep_local=keep_local, discard=discard)
     except Exception as exc:
         return {"path": rel, "result": "failed",
-                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+                "detail": _errno_said(exc)}
     if done.inodes is not None and ops is not None:
         old, new = done.inodes
         await ops.namespace_changed([Change(REFRESHED if new else REMOVED, rel, old, new)])
@@ -655,11 +665,10 @@ async def _pin(cache: StubCache, rel: str, pinned: bool) -> dict[str, Any]:
     try:
         await cache.set_pinned(stub, pinned)
         if pinned and not stub.local and stub.fetchable:
-            pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
-            pin.release()
+            await _make_resident(cache, stub)
     except Exception as exc:
         return {"path": rel, "result": "failed",
-                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+                "detail": _errno_said(exc)}
     state, resident = cache.state_of(stub)
     return {"path": rel, "result": "pinned" if pinned else "unpinned", "state": state,
             "resident_bytes": resident, "size": stub.size}
