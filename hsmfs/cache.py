@@ -1741,17 +1741,24 @@ class StubCache:
         moves to ``partial``, or, when every owed byte is local, to ``resident`` with the
         guard's ignore mask.  Persists only the view: residency is the extents themselves,
         so a crash at any point leaves exactly the bytes written as resident."""
-        if stub.sync == CLEAN:
-            # A fill's pwrite moved the mtime; a clean copy keeps its version's (what `ls`,
-            # make and rsync must see, and how a start tells a program's write from a fill).
-            with contextlib.suppress(OSError):
-                fd = self.writable_fd(stub)
-                os.utime(fd, (os.fstat(fd).st_atime, stub.version.mtime))
+        self.put_back_mtime(stub)
         if completes:
             self._mark_local(stub)
         elif stub.residency == STUB and stub.sync == CLEAN:
             with contextlib.suppress(OSError):
                 write_view(self.writable_fd(stub), PARTIAL)
+
+    def put_back_mtime(self, stub: Stub) -> None:
+        """Worker thread, after a fill wrote bytes, or after a failed one punched back what it
+        wrote: a fill's pwrite (or punch) moved the mtime; a clean copy keeps its version's
+        (what `ls`, make and rsync must see, and how a start tells a program's write from a
+        fill).  The version's, not the one seen before the write: flights of one file land
+        concurrently, and a flight that failed must not put back the mtime another one's
+        pwrite had just moved."""
+        if stub.sync == CLEAN:
+            with contextlib.suppress(OSError, HsmError):
+                fd = self.writable_fd(stub)
+                os.utime(fd, (os.fstat(fd).st_atime, stub.version.mtime))
 
     async def make_room(self, stub: Stub, nbytes: int, speculative: bool = False) -> int:
         """Before a flight lands ``nbytes`` in ``stub``: the evictor frees room under
