@@ -317,8 +317,18 @@ def _cmd_state(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print(f"{r['state']:<9} {r['resident_bytes']:>12}/{r['size']:<12} {r['path']}"
-                  + ("  pinned" if r.get("pinned") else ""))
+                  + ("  pinned" if r.get("pinned") else "") + _error_text(r.get("error")))
     return code
+
+
+def _error_text(error: object) -> str:
+    """The last failure (user.hsm.error) as ``hsmfs state`` prints it after the path."""
+    if not isinstance(error, dict) or not error:
+        return ""
+    words = [str(error.get("cause", "?")), str(error.get("errno", "?"))]
+    if error.get("http"):
+        words.append(f"HTTP {error['http']}")
+    return f"  last error: {' '.join(words)} at {error.get('time', '?')}"
 
 
 def _locate(path: str) -> tuple[str, str, bool] | None:
