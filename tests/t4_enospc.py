@@ -214,8 +214,9 @@ def test_cache_full_while_populating(door: str, bucket: Bucket, moto: MotoServer
             assert_nothing_half_written(d, "big3.bin", len(big3))
             before = error_view(d.cache / "big3.bin")
         # The kernel door's stop covers the cache dir; a start under a cover reaches the tree
-        # through a helper run with ``python -I``, which needs hsmfs installed (not the case
-        # for a worktree).  The cover is not what this test is about: lift it first.
+        # through a helper run with ``python -I``, which imports the *installed* hsmfs (none,
+        # or another tree's, when this runs from a worktree).  The cover is not what this
+        # test is about: lift it first.
         from hsmfs.cover import uncover
 
         with contextlib.suppress(OSError):

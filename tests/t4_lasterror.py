@@ -17,6 +17,7 @@ happens.  (Its survival across a restart is in tests/t4_enospc.py.)
 
 from __future__ import annotations
 
+import calendar
 import errno
 import json
 import os
@@ -90,7 +91,7 @@ def test_last_error_through_both_doors(door: str, bucket: Bucket, fault_proxy,
         assert value is not None, d.log()
         w = words(value)
         assert (w["cause"], w["errno"], w["http"]) == ("denied", "EPERM", "403"), value
-        when = time.mktime(time.strptime(w["time"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        when = calendar.timegm(time.strptime(w["time"], "%Y-%m-%dT%H:%M:%SZ"))
         assert started - 2 <= when <= time.time() + 1, value
         assert view(d.cache / "a.bin") == value  # persisted on the backing file
         stats = d.stats()
