@@ -176,7 +176,10 @@ def test_cache_full_while_populating(door: str, bucket: Bucket, moto: MotoServer
             assert_nothing_half_written(d, "big.bin", len(big))
             view = error_view(d.root / "big.bin")
             assert view is not None and "cause=cache_full" in view and "errno=ENOSPC" in view, view
-            assert d.stats()["errors"].get("cache_full", 0) >= 1
+            stats = d.stats()
+            assert stats["errors"].get("cache_full", 0) >= 1, stats["errors"]
+            if door == "kernel":  # answered FAN_DENY_ERRNO(ENOSPC), and nothing else
+                assert set(stats["kernel"]["denied"]) == {"ENOSPC"}, stats["kernel"]["denied"]
             # Resident files keep reading while the disk is full.
             assert read_file(d.root / "keep.bin")["sha"] == sha256(keep)
             # Again: still ENOSPC (nothing wedged), still nothing claimed.
