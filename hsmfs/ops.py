@@ -52,7 +52,8 @@ from .errors import HsmError, Superseded, to_errno
 from .keys import STATE_DIR
 from .mounts import fuse_device
 from .mounts import mountinfo as mountinfo  # re-exported: hsmfs.bench.passfs reads it here
-from .stubfile import CONFLICT, DIRTY, X_ERROR, X_VIEW
+from .stubfile import CONFLICT, DIRTY, X_VIEW
+from .stubfile import X_ERROR as XATTR_ERROR
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -1027,7 +1028,7 @@ def _identity_view(stub: Stub) -> dict[str, str]:
     if stub.error is not None:
         # The last failure, from memory: fresher than the backing xattr, which a full disk
         # or the write rate limit may have kept from being written.
-        view[X_ERROR] = stub.error
+        view[XATTR_ERROR] = stub.error
     return view
 
 
