@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -53,11 +54,27 @@ def _state_dir(opts: Options) -> str:
     return d
 
 
+def _write_pid_file(pid_path: str) -> None:
+    """``hsmfs stop``'s way to the daemon.  A full cache disk must not stop a start (resident
+    files still read, and freeing space resumes fills): without room for it the file is
+    left out, with a warning, and the daemon stops with SIGTERM or its mount's unmount."""
+    try:
+        with open(pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(pid_path)  # never an empty or cut pid file
+        logging.getLogger("hsmfs").warning(
+            "cache disk full: no pid file (%s); `hsmfs stop` will not find this daemon "
+            "(pid %d): stop it with SIGTERM or by unmounting", exc.strerror, os.getpid())
+
+
 def _run_daemon(opts: Options, ready: Callable[[str], None]) -> int:
     """Run the daemon in this process until it is stopped."""
     pid_path = os.path.join(_state_dir(opts), PID_FILE)
-    with open(pid_path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    _write_pid_file(pid_path)
     try:
         if opts.kernel is not None:
             # This process becomes the holder: only hsmfs.worker's light half is imported.
@@ -352,8 +369,18 @@ def _cmd_state(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print(f"{r['state']:<9} {r['resident_bytes']:>12}/{r['size']:<12} {r['path']}"
-                  + ("  pinned" if r.get("pinned") else ""))
+                  + ("  pinned" if r.get("pinned") else "") + _error_text(r.get("error")))
     return code
+
+
+def _error_text(error: object) -> str:
+    """The last failure (user.hsm.error) as ``hsmfs state`` prints it after the path."""
+    if not isinstance(error, dict) or not error:
+        return ""
+    words = [str(error.get("cause", "?")), str(error.get("errno", "?"))]
+    if error.get("http"):
+        words.append(f"HTTP {error['http']}")
+    return f"  last error: {' '.join(words)} at {error.get('time', '?')}"
 
 
 def _locate(path: str) -> tuple[str, str, bool] | None:

@@ -58,7 +58,7 @@ import trio
 
 from . import crashpoint
 from .config import CacheConfig
-from .errors import HsmError, ObjectChanged, Superseded
+from .errors import HsmError, ObjectChanged, Superseded, cause_of, to_errno
 from .fetch import Counters, FetchEngine, Fetcher, NoRoom
 from .handles import handle_of, open_handle
 from .keys import STATE_DIR, Decision, PlacementStream, key_to_relpath, place
@@ -76,12 +76,14 @@ from .stubfile import (
     RESIDENT,
     STALE,
     STUB,
+    X_ERROR,
     X_VIEW,
     Record,
     RemoteVersion,
     VersionLike,
     data_extents,
     describe,
+    format_error,
     generation,
     has_data,
     legacy_identity,
@@ -89,6 +91,7 @@ from .stubfile import (
     read_pinned,
     read_record,
     scan_resident_bytes,
+    write_error,
     write_owed,
     write_pinned,
     write_releasing,
@@ -344,6 +347,10 @@ class StubCache:
         self.refresh_stats = RefreshStats()
         #: ``-o cache_size``: asked for room before every flight (None: unlimited).
         self.evictor: Evictor | None = None
+        #: ``user.hsm.error`` writes: a token bucket shared by every file, so a storm of
+        #: failures over many files is not a storm of metadata writes (note_failure).
+        self._error_tokens = float(ERROR_WRITE_BURST)
+        self._error_tokens_at = time.monotonic()
         self.tree.prepare()
         self.tombstones = Tombstones(self.root_fd)
 
@@ -761,6 +768,7 @@ class StubCache:
                         ranges=ranges, local=ranges.covers(0, record.owed),
                         pinned=read_pinned(fd))
             self._write_view_if_changed(fd, stub)
+            self._adopt_error(fd, stub)
             self.registry.add(stub)
             for listener in self.listeners:
                 listener.on_stub(fd, stub.local)
@@ -883,6 +891,21 @@ class StubCache:
         self.registry.unlink_path(stub)
         log.info("%r no longer leads to the stub of %r (inode %d); programs holding it are "
                  "still served", stub.path, stub.version.key, stub.ino)
+
+    def _adopt_error(self, fd: int, stub: Stub) -> None:
+        """``user.hsm.error`` survives a restart (it is history, with its time), except on a
+        file found resident: nothing is left to fetch, so it is removed (the view put right
+        at start).  Kept in memory only so a later success knows to remove it; never read to
+        decide anything else (a forged value costs at most that removal)."""
+        with contextlib.suppress(OSError):
+            try:
+                value = os.getxattr(fd, X_ERROR).decode(errors="replace")
+            except OSError:
+                return
+            if stub.local:
+                write_error(fd, None)
+            else:
+                stub.error = value
 
     def _write_view_if_changed(self, fd: int, stub: Stub) -> None:
         with contextlib.suppress(OSError):
@@ -1307,8 +1330,13 @@ class StubCache:
         stub.used_at = time.monotonic()
         try:
             await self._ensure(stub, start, stop, intent, fd)
-        except BaseException:
+        except BaseException as exc:
             pin.release()
+            if isinstance(exc, (HsmError, OSError)):
+                # Before the door answers: a program that gets the errno and then reads
+                # user.hsm.error finds this failure, not an older one.
+                with trio.CancelScope(shield=True):
+                    await self.note_failure(stub, exc)
             raise
         return pin
 
@@ -1370,6 +1398,9 @@ class StubCache:
                 raise
             await self._writable(stub, fd)
             await self.engine.fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
+        if stub.error is not None:
+            # A reader's miss was served: whatever failed before is over for this file.
+            await trio.to_thread.run_sync(self._clear_failure, stub)
         if not whole:
             self._read_ahead(stub, stop)
 
@@ -1834,17 +1865,24 @@ class StubCache:
         moves to ``partial``, or, when every owed byte is local, to ``resident`` with the
         guard's ignore mask.  Persists only the view: residency is the extents themselves,
         so a crash at any point leaves exactly the bytes written as resident."""
-        if stub.sync == CLEAN:
-            # A fill's pwrite moved the mtime; a clean copy keeps its version's (what `ls`,
-            # make and rsync must see, and how a start tells a program's write from a fill).
-            with contextlib.suppress(OSError):
-                fd = self.writable_fd(stub)
-                os.utime(fd, (os.fstat(fd).st_atime, stub.version.mtime))
+        self.put_back_mtime(stub)
         if completes:
             self._mark_local(stub)
         elif stub.residency == STUB and stub.sync == CLEAN:
             with contextlib.suppress(OSError):
                 write_view(self.writable_fd(stub), PARTIAL)
+
+    def put_back_mtime(self, stub: Stub) -> None:
+        """Worker thread, after a fill wrote bytes, or after a failed one punched back what it
+        wrote: a fill's pwrite (or punch) moved the mtime; a clean copy keeps its version's
+        (what `ls`, make and rsync must see, and how a start tells a program's write from a
+        fill).  The version's, not the one seen before the write: flights of one file land
+        concurrently, and a flight that failed must not put back the mtime another one's
+        pwrite had just moved."""
+        if stub.sync == CLEAN:
+            with contextlib.suppress(OSError, HsmError):
+                fd = self.writable_fd(stub)
+                os.utime(fd, (os.fstat(fd).st_atime, stub.version.mtime))
 
     async def make_room(self, stub: Stub, nbytes: int, speculative: bool = False) -> int:
         """Before a flight lands ``nbytes`` in ``stub``: the evictor frees room under
@@ -1905,8 +1943,53 @@ class StubCache:
         stub.local = True
         for listener in self.listeners:
             listener.on_resident(fd)
+        if stub.error is not None:
+            # Every owed byte is local: nothing left to fail.  Before the fd is closed (a
+            # closed stub.fd under a listener's mark gave EBADF: the fill failed with EIO).
+            self._clear_failure(stub)
         # A resident file is read through the doors' own fds; keep no descriptor for it.
         self._close_fd(stub)
+
+    # -- the last failure: user.hsm.error (docs/design.md, "The last failure") ---------------
+
+    async def note_failure(self, stub: Stub, exc: BaseException) -> None:
+        """A program is about to be given ``exc`` for ``stub``: publish it as
+        ``user.hsm.error`` (memory, for the FUSE door's getxattr, and the backing file's
+        xattr, for the kernel door and ``hsmfs state``).  Never raises.
+
+        Only on change: the same (cause, errno, HTTP status) again within
+        :data:`ERROR_REFRESH` seconds writes nothing, and every file's writes share one token
+        bucket (:data:`ERROR_WRITES_PER_S`), beyond which only memory is updated.  So a storm
+        of failures costs at most one small xattr write per file per minute."""
+        sig = (cause_of(exc), to_errno(exc), http_status(exc))
+        now = time.monotonic()
+        if sig == stub.error_sig and now - stub.error_at < ERROR_REFRESH:
+            return
+        stub.error_sig, stub.error_at = sig, now
+        stub.error = value = format_error(*sig, time.time())
+        self._error_tokens = min(float(ERROR_WRITE_BURST), self._error_tokens
+                                 + (now - self._error_tokens_at) * ERROR_WRITES_PER_S)
+        self._error_tokens_at = now
+        if self._error_tokens < 1:
+            self.counters.error_views_skipped += 1
+            return
+        self._error_tokens -= 1
+        self.counters.error_views_written += 1
+        await trio.to_thread.run_sync(self._publish_error, stub, value)
+
+    def _publish_error(self, stub: Stub, value: str | None) -> None:
+        """Worker thread: write (None: remove) the xattr.  A view: a failure to write it (a
+        full disk may refuse a new xattr block) leaves memory, which the FUSE door shows."""
+        try:
+            write_error(self.writable_fd(stub), value)
+        except (OSError, HsmError) as err:
+            log.debug("cannot publish user.hsm.error on %r: %s", stub.path, err)
+
+    def _clear_failure(self, stub: Stub) -> None:
+        """Worker thread: the file was served after a failure (a reader's miss landed, or
+        every owed byte is local): the failure is over, its view goes."""
+        stub.error, stub.error_sig, stub.error_at = None, None, 0.0
+        self._publish_error(stub, None)
 
     def _write_view(self, stub: Stub) -> None:
         with contextlib.suppress(OSError, Superseded):
@@ -2011,6 +2094,8 @@ class StubCache:
             "prefetched_bytes": c.prefetched_bytes,
             "sibling_prefetches": c.sibling_prefetches,
             "readahead_no_room": c.readahead_no_room,
+            "error_views_written": c.error_views_written,
+            "error_views_skipped": c.error_views_skipped,
             "errors": dict(c.errors),
             "stubs": len(stubs),
             "resident_files": sum(1 for s in stubs if s.local),
@@ -2028,6 +2113,33 @@ class StubCache:
         if callable(backend_stats):
             out.update(backend_stats())
         return out
+
+
+#: user.hsm.error: the same failure of one file is published again at most this often (s).
+ERROR_REFRESH = 60.0
+#: user.hsm.error: xattr writes per second over all files (and the burst allowed).
+ERROR_WRITES_PER_S = 20.0
+ERROR_WRITE_BURST = 100
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind a failure, if it carries one: a ``status`` attribute on the
+    exception or on one it was raised from (the backend's lean-path error), or botocore's
+    response metadata.  None for failures that had no response (refused, timed out, local)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        status = getattr(cur, "status", None)
+        if isinstance(status, int) and status >= 100:
+            return status
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 #: mtimes are compared to this precision (LastModified has whole seconds; some filesystems

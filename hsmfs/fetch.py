@@ -47,7 +47,7 @@ from .logsetup import failure_fields
 from .ranges import RangeMap, Span
 from .readahead import page_ceil, page_floor
 from .state import Stub
-from .stubfile import VersionLike
+from .stubfile import VersionLike, punch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ class FillHost(Protocol):
 
     def filled(self, stub: Stub, completes: bool) -> None:
         """Worker thread: bytes landed (every owed byte is now local if ``completes``)."""
+        ...
+
+    def put_back_mtime(self, stub: Stub) -> None:
+        """Worker thread: bytes were written to ``stub`` (or punched back after a failed
+        write): put its mtime back where a clean copy keeps it."""
         ...
 
     async def make_room(self, stub: Stub, nbytes: int, speculative: bool) -> int:
@@ -119,6 +124,8 @@ class Counters:
     prefetched_bytes: int = 0
     sibling_prefetches: int = 0  # files fetched by directory read-ahead
     readahead_no_room: int = 0  # read-ahead flights that gave way to -o cache_size
+    error_views_written: int = 0  # user.hsm.error xattrs written (StubCache.note_failure)
+    error_views_skipped: int = 0  # ... not written: the shared rate limit (memory only)
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -372,9 +379,32 @@ class FetchEngine:
                 while offset < end:
                     offset += os.pwrite(fd, view[offset - base:end - base], offset)
         except OSError as exc:
+            self._undo_gaps(stub, fd, gaps, size)
+            self.host.put_back_mtime(stub)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFull(f"cache disk full writing {stub.path!r}: {exc}") from exc
             raise
+
+    @staticmethod
+    def _undo_gaps(stub: Stub, fd: int, gaps: list[Span], size: int) -> None:
+        """A write of the gaps failed part-way (ENOSPC, EDQUOT, EIO): punch them back to holes
+        (the caller puts the mtime back).  The range is not claimed in memory either way, but the
+        extents are the residency truth at the next start (or when the range map is read
+        again): a half-written block would be data there, its unwritten tail zeros served as
+        the object's bytes; and a pwrite moved the mtime, which a start reads as a program's
+        write (a clean file recorded dirty).  The flight owns its gaps (they were holes and
+        nothing else writes them until it ends), so punching them cannot touch anyone's
+        bytes; a gap that reaches the end of the file is punched to the end of its block."""
+        try:
+            block = os.fstat(fd).st_blksize or 4096
+            for gap in gaps:
+                stop = gap.stop
+                if stop >= size:
+                    stop = -(-stop // block) * block
+                punch(fd, gap.start, stop)
+        except OSError as exc:
+            log.error("cannot punch back the part-written gaps of %r (%s): the next start may "
+                      "count them resident", stub.path, exc)
 
     async def prefetch(self, stub: Stub, start: int, stop: int) -> None:
         """Read-ahead of ``[start, stop)`` in the background (never waited for)."""

@@ -1024,3 +1024,42 @@ def test_to_errno_of_any_oserror_stays_in_the_deny_set(code):
                          ids=lambda e: type(e).__name__)
 def test_to_errno_fails_closed_with_eio(exc):
     assert to_errno(exc) == errno.EIO
+
+
+# -- user.hsm.error (issue 13, item 3) ------------------------------------------------------------
+
+async def test_last_error_is_written_once_per_failure_and_rate_limited_over_files(h):
+    """A storm of one failure on one file writes its xattr once; failures over many files share
+    one bucket (memory only beyond it, which the FUSE door shows); a served miss removes it."""
+    from hsmfs.cache import ERROR_WRITE_BURST
+    from hsmfs.stubfile import X_ERROR
+
+    f = h.fetcher
+    n = ERROR_WRITE_BURST + 20
+    for i in range(n):
+        f.put(f"d/{i:03}", seeded(2 * C, f"storm{i}"))
+    cache = h.cache(small_file=0)
+    await cache.populate(f.listing())
+    f.fail = BackendUnavailable("S3 down")
+    async with serving(cache, f):
+        for _ in range(10):
+            with pytest.raises(BackendUnavailable):
+                await cache.ensure(cache.stub_at("d/000"), 0, 4096)
+        assert cache.counters.error_views_written == 1
+        first = xattr(h.path("d/000"), X_ERROR)
+        assert first is not None and first.startswith(b"cause=unavailable errno=EIO time=")
+        for i in range(1, n):
+            with pytest.raises(BackendUnavailable):
+                await cache.ensure(cache.stub_at(f"d/{i:03}"), 0, 4096)
+        written = cache.counters.error_views_written
+        skipped = cache.counters.error_views_skipped
+        assert written + skipped == n and skipped >= 15, (written, skipped)  # ~20/s refill
+        assert all(s.error for s in cache.stubs())  # memory has every one
+        on_disk = sum(xattr(h.path(f"d/{i:03}"), X_ERROR) is not None for i in range(n))
+        assert on_disk == written
+        # Served: gone from memory and disk.
+        f.fail = None
+        await cache.ensure(cache.stub_at("d/000"), 0, 4096)
+        assert cache.stub_at("d/000").error is None
+        assert xattr(h.path("d/000"), X_ERROR) is None
+        await settle(cache)
