@@ -5,9 +5,10 @@ The tests make the namespaces the way runtimes do, with ``unshare(1)``: a new mo
 where the cache is bind-mounted at a ``/data``-like path, a new PID namespace, and a user
 namespace created by an unprivileged uid.  The last test runs podman itself (Debian's, which
 scripts/setup.sh installs) with the README's ``-v`` recipe.  Docker cannot be run here: there is
-a client but no daemon, and no registry to pull an image from (podman runs a root directory).  The kernel door's marks are
-on the inodes (or the filesystem), not on a path or a mount, so every bind mount of the tree in
-every namespace is guarded: the program is blocked until hsmfs filled the range.
+a client but no daemon, and no registry to pull an image from (podman runs a root directory).
+The kernel door's marks are on the inodes (or the filesystem), not on a path or a mount, so
+every bind mount of the tree in every namespace is guarded: the program is blocked until hsmfs
+filled the range.
 """
 
 from __future__ import annotations
