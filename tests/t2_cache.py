@@ -18,6 +18,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -1031,7 +1032,7 @@ def test_to_errno_fails_closed_with_eio(exc):
 async def test_last_error_is_written_once_per_failure_and_rate_limited_over_files(h):
     """A storm of one failure on one file writes its xattr once; failures over many files share
     one bucket (memory only beyond it, which the FUSE door shows); a served miss removes it."""
-    from hsmfs.cache import ERROR_WRITE_BURST
+    from hsmfs.cache import ERROR_WRITE_BURST, ERROR_WRITES_PER_S
     from hsmfs.stubfile import X_ERROR
 
     f = h.fetcher
@@ -1048,12 +1049,20 @@ async def test_last_error_is_written_once_per_failure_and_rate_limited_over_file
         assert cache.counters.error_views_written == 1
         first = xattr(h.path("d/000"), X_ERROR)
         assert first is not None and first.startswith(b"cause=unavailable errno=EIO time=")
+        started = time.monotonic()
         for i in range(1, n):
             with pytest.raises(BackendUnavailable):
                 await cache.ensure(cache.stub_at(f"d/{i:03}"), 0, 4096)
+        elapsed = time.monotonic() - started
         written = cache.counters.error_views_written
         skipped = cache.counters.error_views_skipped
-        assert written + skipped == n and skipped >= 15, (written, skipped)  # ~20/s refill
+        # The bucket: a burst, then ERROR_WRITES_PER_S; a slow (loaded) machine refills more
+        # while the loop runs, so the bound is the elapsed time's, not a fixed count.
+        assert written + skipped == n, (written, skipped)
+        assert written <= ERROR_WRITE_BURST + 1 + ERROR_WRITES_PER_S * elapsed + 1, \
+            (written, skipped, elapsed)
+        if elapsed < 0.5:
+            assert skipped > 0, (written, skipped, elapsed)
         assert all(s.error for s in cache.stubs())  # memory has every one
         on_disk = sum(xattr(h.path(f"d/{i:03}"), X_ERROR) is not None for i in range(n))
         assert on_disk == written
