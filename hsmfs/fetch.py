@@ -42,7 +42,7 @@ from .errors import (
     Superseded,
     cause_of,
 )
-from .logsetup import failure_fields
+from .logsetup import failure_fields, http_status
 from .ranges import RangeMap, Span
 from .readahead import page_ceil, page_floor
 from .state import Stub
@@ -321,9 +321,9 @@ class FetchEngine:
         if not isinstance(exc, (HsmError, OSError)):
             log.exception("unexpected failure fetching %r", stub.version.key)
         else:
-            log.log(level, "%sfetch of %r [%d, %d) failed (%s): %s",
+            log.log(level, "%sfetch of %r [%d, %d) failed (%s, %s): %s",
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
-                    cause, exc, extra=failure_fields(
+                    cause, http_status(exc), exc, extra=failure_fields(
                         "prefetch_failed" if prefetch else "fetch_failed", stub.version.key,
                         flight.start, flight.stop, exc))
 
