@@ -50,6 +50,12 @@ from .stubfile import VersionLike
 
 log = logging.getLogger(__name__)
 
+#: A failure of the same object for the same cause within this many seconds of its logged line
+#: is logged at DEBUG (still counted): one application read through FUSE is two requests when
+#: it fails (the kernel's read-ahead, then its synchronous retry of the page), and a program
+#: that retries in a loop would otherwise write a line per try.  DESIGN §5: logged once.
+FAILURE_QUIET_S = 2.0
+
 
 class NoRoom(Exception):
     """A read-ahead flight gave way: under ``-o cache_size`` there was no room for it without
@@ -132,6 +138,8 @@ class FetchEngine:
         self._inflight: dict[tuple[int, int], list[Flight]] = {}
         self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
         self.nursery: trio.Nursery | None = None
+        #: (key, cause) -> when its failure was last logged loud (see FAILURE_QUIET_S).
+        self._logged: dict[tuple[str, str], float] = {}
         # One GET buffer per worker thread (at most ``concurrency`` x ``max_request`` bytes);
         # trio retires idle worker threads, and their buffers with them.
         self._buffers = threading.local()
@@ -318,6 +326,8 @@ class FetchEngine:
         self.counters.errors[cause] += 1
         # A superseded file is retried through the reader's own fd: not a failure it sees.
         level = logging.INFO if prefetch or isinstance(exc, Superseded) else logging.ERROR
+        if level >= logging.ERROR and self._repeated(stub.version.key, cause):
+            level = logging.DEBUG
         if not isinstance(exc, (HsmError, OSError)):
             log.exception("unexpected failure fetching %r", stub.version.key)
         else:
@@ -326,6 +336,18 @@ class FetchEngine:
                     cause, http_status(exc), exc, extra=failure_fields(
                         "prefetch_failed" if prefetch else "fetch_failed", stub.version.key,
                         flight.start, flight.stop, exc))
+
+    def _repeated(self, key: str, cause: str) -> bool:
+        """Whether a failure of ``key`` for ``cause`` was logged loud less than
+        :data:`FAILURE_QUIET_S` ago; else this one is, from now."""
+        now = trio.current_time()
+        last = self._logged.get((key, cause))
+        if last is not None and now - last < FAILURE_QUIET_S:
+            return True
+        if len(self._logged) > 1024:  # keep it small: only recent lines matter
+            self._logged = {k: t for k, t in self._logged.items() if now - t < FAILURE_QUIET_S}
+        self._logged[(key, cause)] = now
+        return False
 
     def _fetch_and_fill(self, stub: Stub, flight: Flight, gaps: list[Span],
                         completes: bool) -> None:
