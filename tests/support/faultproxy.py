@@ -167,7 +167,8 @@ class FaultProxy:
     def truncate_next(self, n: int, keep: int = 0, *, method: str | None = "GET",
                       match: str | None = None) -> None:
         """Forward the next ``n`` matching requests but send only ``keep`` bytes of each body
-        (after the full ``Content-Length``), then close the connection."""
+        (after the full ``Content-Length``), then close the connection.  An answer whose body
+        is no longer than ``keep`` (a PUT's) is cut inside its status line instead."""
         self._add(_Rule("truncate", n, method, match, keep=keep))
 
     def reset_next(self, n: int, keep: int = 0, *, method: str | None = "GET",
@@ -332,9 +333,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if delay and proxy._stopping.wait(delay):
             self.close_connection = True
             return
-        if rule is not None and rule.action == "stall" and proxy._stopping.wait(rule.stall_s):
-            self.close_connection = True
-            return
+        if rule is not None and rule.action == "stall":
+            proxy._record(Seen(method, path, "stall"))  # now: the client gives up before
+            if proxy._stopping.wait(rule.stall_s):
+                self.close_connection = True
+                return
         if rule is not None and rule.action == "close":
             proxy._record(Seen(method, path, "close"))
             self._drop()
@@ -351,8 +354,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if rule is not None and rule.action in ("truncate", "reset"):
             proxy._record(Seen(method, path, rule.action, status))
-            self._send(status, reason, headers, payload, declared=len(payload),
-                       send=payload[: rule.keep] if method != "HEAD" else b"")
+            if len(payload) <= rule.keep:
+                # Nothing of the body to cut (a PUT's empty answer): cut the status line, so
+                # the request landed upstream and its answer is lost all the same.
+                with contextlib.suppress(OSError):
+                    self.wfile.write(b"HTTP/1.1 ")
+            else:
+                self._send(status, reason, headers, payload, declared=len(payload),
+                           send=payload[: rule.keep] if method != "HEAD" else b"")
             self._drop(reset=rule.action == "reset")
             return
         if rule is not None and rule.action == "rewrite":
