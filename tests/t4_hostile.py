@@ -43,25 +43,32 @@ def _header(headers: list[tuple[str, str]], name: str, value: str | None) -> lis
     return out if value is None else [*out, (name, value)]
 
 
-def _lie_listing(key: str, delta: int) -> Callable[[Answer], Answer]:
-    """A ListObjectsV2 page whose <Size> for ``key`` is off by ``delta``."""
+def _lie_listing(deltas: dict[str, int]) -> Callable[[Answer], Answer]:
+    """A ListObjectsV2 page whose <Size> of each key is off by its delta (one rule: the
+    proxy applies one rule per request)."""
     def rewrite(answer: Answer) -> Answer:
         status, headers, body = answer
-        pattern = re.compile(rb"(<Key>" + re.escape(key.encode()) + rb"</Key>.*?<Size>)(\d+)",
-                             re.S)
-        body = pattern.sub(lambda m: m[1] + str(int(m[2]) + delta).encode(), body, count=1)
+        for key, delta in deltas.items():
+            pattern = re.compile(rb"(<Key>" + re.escape(key.encode())
+                                 + rb"</Key>.*?<Size>)(\d+)", re.S)
+            body = pattern.sub(lambda m, d=delta: m[1] + str(int(m[2]) + d).encode(), body,
+                               count=1)
         return status, headers, body
     return rewrite
 
 
-def _shift_range(answer: Answer) -> Answer:
-    """The right bytes' length, but a Content-Range 4 KiB further on."""
-    status, headers, body = answer
-    value = dict((k.lower(), v) for k, v in headers).get("content-range", "")
-    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", value)
-    assert m, value
-    a, b, total = (int(x) for x in m.groups())
-    return status, _header(headers, "Content-Range", f"bytes {a + 4096}-{b + 4096}/{total}"), body
+def _shifted_range(data: bytes) -> Callable[[Answer], Answer]:
+    """A server answering another range than the one asked for (4 KiB further on): as many
+    bytes as asked, and a Content-Range that says which they are."""
+    def rewrite(answer: Answer) -> Answer:
+        status, headers, _body = answer
+        value = dict((k.lower(), v) for k, v in headers).get("content-range", "")
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", value)
+        assert m, value
+        a, b, total = (int(x) for x in m.groups())
+        return (status, _header(headers, "Content-Range", f"bytes {a + 4096}-{b + 4096}/{total}"),
+                data[a + 4096:b + 4097])
+    return rewrite
 
 
 def _whole_object(data: bytes) -> Callable[[Answer], Answer]:
@@ -93,14 +100,14 @@ def test_lying_answers_give_eio_and_one_line(door: str, lean: str, bucket: Bucke
     data = {lie: bucket.put(f"lies/{lie}.bin", seeded(SIZE, lie)) for lie in LIES}
     honest = bucket.put("lies/honest.bin", seeded(SIZE, "honest"))
     # The listing lies from the start (the daemon lists once, before it is ready).
-    fault_proxy.rewrite_next(FOREVER, _lie_listing("lies/listing_bigger.bin", 4096),
-                             match="list-type=2")
-    fault_proxy.rewrite_next(FOREVER, _lie_listing("lies/listing_smaller.bin", -4096),
+    fault_proxy.rewrite_next(FOREVER, _lie_listing({"lies/listing_bigger.bin": 4096,
+                                                    "lies/listing_smaller.bin": -4096}),
                              match="list-type=2")
     with serve_door(door, f"s3://{bucket.name}", tmp_path, fault_proxy.endpoint, *RANGED,
                     f"lean_get={lean}") as d:
         fault_proxy.restore()  # the listing is done; now the GETs lie
-        fault_proxy.rewrite_next(FOREVER, _shift_range, match="/lies/content_range.bin")
+        fault_proxy.rewrite_next(FOREVER, _shifted_range(data["content_range"]),
+                                 match="/lies/content_range.bin")
         fault_proxy.rewrite_next(FOREVER, _whole_object(data["status_200"]),
                                  match="/lies/status_200.bin")
         fault_proxy.rewrite_next(FOREVER, _other_etag, match="/lies/etag.bin")
