@@ -29,15 +29,14 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Bucket, MotoServer, seeded, uncover_under
 from support.doors import DOORS, Served, serve_door
-from support.faultmatrix import FAULTS, OPS, Fault, Op, expected, logged, strerror
+from support.faultmatrix import FAULTS, LATENCY_MS, OPS, Fault, Op, expected, logged, strerror
 from support.faultproxy import FaultProxy
 
 #: The client's read timeout and retries: a stall of STALL_S is past it, and a persistent
 #: fault costs RETRIES + 1 attempts (full-jitter backoff from 0.1 s).
-TIMEOUT_S = 0.4
+TIMEOUT_S = 0.5
 RETRIES = 1
-STALL_S = 1.0
-LATENCY_MS = 300
+STALL_S = 1.2
 #: A fault armed "for good" (until the cell clears it).
 FOREVER = 1000
 #: Each operation's own bound (a hang is a failure, never a stuck test).

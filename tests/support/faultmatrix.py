@@ -17,6 +17,10 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+#: The added latency of the "latency" row: well below the tests' read timeout (0.5 s), so
+#: it must end with the right bytes even on a loaded machine.
+LATENCY_MS = 150
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -36,7 +40,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault("changed", "412 PreconditionFailed", "EIO", False, "HTTP 412", "changed"),
     Fault("reset", "connection reset mid-body", "EIO", True, "HTTP 206", "short_body"),
     Fault("truncated", "body cut short (clean close)", "EIO", True, "HTTP 206", "short_body"),
-    Fault("latency", "0.3 s added latency", None, False, "", ""),
+    Fault("latency", f"{LATENCY_MS} ms added latency", None, False, "", ""),
     Fault("stall", "stall past the read timeout", "EAGAIN", True, "no HTTP answer",
           "throttled"),
     Fault("gone", "S3 gone (connection refused)", "EIO", True, "no HTTP answer",
