@@ -24,6 +24,10 @@ class HsmError(Exception):
     """
 
     cause = "error"
+    #: The HTTP status of the S3 answer that caused it (set by hsmfs.backend_s3: 503, 404,
+    #: 206 for a body cut short...), None when no answer came (timeout, refused, reset before
+    #: the status line).  The failure's log line names it (DESIGN §5).
+    status: int | None = None
 
 
 class ObjectMissing(HsmError):
@@ -69,6 +73,14 @@ class ShortBody(HsmError):
     cause = "short_body"
 
 
+class BadResponse(HsmError):
+    """S3 answered something other than what was asked: a Content-Range that is not the
+    requested range, a 200 (the whole object) to a ranged GET, a 2xx other than 206.  Its
+    bytes are never used."""
+
+    cause = "bad_response"
+
+
 class CacheFull(HsmError):
     """The local cache disk is full while populating."""
 
@@ -97,7 +109,7 @@ def to_errno(exc: BaseException) -> int:
     """Map any failure to the errno an application sees, from :data:`DENY_ERRNOS` only."""
     match exc:
         case (ObjectMissing() | ObjectChanged() | Superseded() | BackendUnavailable()
-              | ShortBody()):
+              | ShortBody() | BadResponse()):
             # Unaware programs treat any read error as fatal; EIO is the honest "data not
             # available" and what a failing disk would give them.
             return errno.EIO

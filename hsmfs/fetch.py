@@ -43,13 +43,20 @@ from .errors import (
     Superseded,
     cause_of,
 )
-from .logsetup import failure_fields
+from .logsetup import failure_fields, http_status
 from .ranges import RangeMap, Span
 from .readahead import page_ceil, page_floor
 from .state import Stub
 from .stubfile import VersionLike, punch
 
 log = logging.getLogger(__name__)
+
+#: A failed flight of an object that started less than this many seconds after a failure of
+#: that object for the same cause was logged is logged at DEBUG (still counted): one
+#: application read through FUSE is two requests when it fails (the kernel's read-ahead, then
+#: at once its synchronous retry of the page: each pays the whole retry budget), and a program
+#: that retries in a loop would otherwise write a line per try.  DESIGN §5: logged once.
+FAILURE_QUIET_S = 2.0
 
 
 class NoRoom(Exception):
@@ -110,6 +117,7 @@ class Flight:
     chunks: list[int]  # the chunk indices this flight owns in ``_inflight``
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    started: float = 0.0  # trio.current_time() when it took off
 
 
 @dataclass
@@ -140,6 +148,8 @@ class FetchEngine:
         self._inflight: dict[tuple[int, int], list[Flight]] = {}
         self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
         self.nursery: trio.Nursery | None = None
+        #: (key, cause) -> when its failure was last logged loud (see FAILURE_QUIET_S).
+        self._logged: dict[tuple[str, str], float] = {}
         # One GET buffer per worker thread (at most ``concurrency`` x ``max_request`` bytes);
         # trio retires idle worker threads, and their buffers with them.
         self._buffers = threading.local()
@@ -265,6 +275,7 @@ class FetchEngine:
 
     async def _fly(self, stub: Stub, flight: Flight, prefetch: bool) -> None:
         """Run one flight to the end.  Never raises: the error is kept for every waiter."""
+        flight.started = trio.current_time()
         try:
             assert stub.ranges is not None
             # Write only what is missing: resident bytes inside the span may hold an
@@ -326,14 +337,28 @@ class FetchEngine:
         self.counters.errors[cause] += 1
         # A superseded file is retried through the reader's own fd: not a failure it sees.
         level = logging.INFO if prefetch or isinstance(exc, Superseded) else logging.ERROR
+        if level >= logging.ERROR and self._repeated(stub.version.key, cause, flight.started):
+            level = logging.DEBUG
         if not isinstance(exc, (HsmError, OSError)):
             log.exception("unexpected failure fetching %r", stub.version.key)
         else:
-            log.log(level, "%sfetch of %r [%d, %d) failed (%s): %s",
+            log.log(level, "%sfetch of %r [%d, %d) failed (%s, %s): %s",
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
-                    cause, exc, extra=failure_fields(
+                    cause, http_status(exc), exc, extra=failure_fields(
                         "prefetch_failed" if prefetch else "fetch_failed", stub.version.key,
                         flight.start, flight.stop, exc))
+
+    def _repeated(self, key: str, cause: str, started: float) -> bool:
+        """Whether a failure of ``key`` for ``cause`` was logged loud less than
+        :data:`FAILURE_QUIET_S` before this flight started; else this one is, from now."""
+        now = trio.current_time()
+        last = self._logged.get((key, cause))
+        if last is not None and started - last < FAILURE_QUIET_S:
+            return True
+        if len(self._logged) > 1024:  # keep it small: only recent lines matter
+            self._logged = {k: t for k, t in self._logged.items() if now - t < FAILURE_QUIET_S}
+        self._logged[(key, cause)] = now
+        return False
 
     def _fetch_and_fill(self, stub: Stub, flight: Flight, gaps: list[Span],
                         completes: bool) -> None:
