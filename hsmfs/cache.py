@@ -58,7 +58,7 @@ import trio
 
 from . import crashpoint
 from .config import CacheConfig
-from .errors import HsmError, ObjectChanged, Superseded, cause_of, to_errno
+from .errors import HsmError, ObjectChanged, Superseded, cause_of, status_of, to_errno
 from .fetch import Counters, FetchEngine, Fetcher, NoRoom
 from .handles import handle_of, open_handle
 from .keys import STATE_DIR, Decision, PlacementStream, key_to_relpath, place
@@ -1961,7 +1961,7 @@ class StubCache:
         :data:`ERROR_REFRESH` seconds writes nothing, and every file's writes share one token
         bucket (:data:`ERROR_WRITES_PER_S`), beyond which only memory is updated.  So a storm
         of failures costs at most one small xattr write per file per minute."""
-        sig = (cause_of(exc), to_errno(exc), http_status(exc))
+        sig = (cause_of(exc), to_errno(exc), status_of(exc))
         now = time.monotonic()
         if sig == stub.error_sig and now - stub.error_at < ERROR_REFRESH:
             return
@@ -2120,26 +2120,6 @@ ERROR_REFRESH = 60.0
 #: user.hsm.error: xattr writes per second over all files (and the burst allowed).
 ERROR_WRITES_PER_S = 20.0
 ERROR_WRITE_BURST = 100
-
-
-def http_status(exc: BaseException) -> int | None:
-    """The HTTP status behind a failure, if it carries one: a ``status`` attribute on the
-    exception or on one it was raised from (the backend's lean-path error), or botocore's
-    response metadata.  None for failures that had no response (refused, timed out, local)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        status = getattr(cur, "status", None)
-        if isinstance(status, int) and status >= 100:
-            return status
-        response = getattr(cur, "response", None)
-        if isinstance(response, dict):
-            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(code, int):
-                return code
-        cur = cur.__cause__ or cur.__context__
-    return None
 
 
 #: mtimes are compared to this precision (LastModified has whole seconds; some filesystems

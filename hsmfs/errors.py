@@ -134,6 +134,26 @@ def to_errno(exc: BaseException) -> int:
             return errno.EIO
 
 
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status behind a failure: :attr:`HsmError.status`, or a ``status`` on an
+    exception it was raised from (the backend's lean-path error), or botocore's response
+    metadata.  None for failures that had no answer (refused, timed out, local)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        status = getattr(cur, "status", None)
+        if isinstance(status, int) and status >= 100:
+            return status
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def cause_of(exc: BaseException) -> str:
     """The counter key for a failure."""
     if isinstance(exc, HsmError):

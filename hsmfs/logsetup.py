@@ -19,6 +19,7 @@ from .errors import (
     ObjectMissing,
     Throttled,
     cause_of,
+    status_of,
     to_errno,
 )
 
@@ -133,14 +134,14 @@ def failure_fields(event: str, key: str, start: int, stop: int,
     """The structured fields of a failure line (``log.error(..., extra=...)``): what failed,
     on which object and range, why, and the errno the doors answer for it."""
     return {"event": event, "key": key, "range": [start, stop], "cause": cause_of(exc),
-            "status": getattr(exc, "status", None),
+            "status": status_of(exc),
             "errno": errno.errorcode.get(to_errno(exc), str(to_errno(exc)))}
 
 
 def http_status(exc: BaseException) -> str:
     """The failure's HTTP status as its log line shows it: ``HTTP 503``, or ``no HTTP
     answer`` (refused, reset or timed out before a status line; a local failure)."""
-    status = getattr(exc, "status", None)
+    status = status_of(exc)
     return f"HTTP {status}" if status else "no HTTP answer"
 
 
