@@ -109,13 +109,14 @@ def to_errno(exc: BaseException) -> int:
     """Map any failure to the errno an application sees, from :data:`DENY_ERRNOS` only."""
     match exc:
         case (ObjectMissing() | ObjectChanged() | Superseded() | BackendUnavailable()
-              | ShortBody() | BadResponse()):
+              | ShortBody() | BadResponse() | Throttled()):
             # Unaware programs treat any read error as fatal; EIO is the honest "data not
-            # available" and what a failing disk would give them.
+            # available" and what a failing disk would give them.  Throttling too, though
+            # DESIGN §5 gave it EAGAIN: the fault matrix showed Python's io take EAGAIN from
+            # a regular file for "non-blocking, no data yet" and return None, or the bytes
+            # read so far as if they were the whole file, raising nothing (a silent short
+            # read).  HSM-aware programs tell throttling apart by user.hsm.error's cause.
             return errno.EIO
-        case Throttled():
-            # HSM-aware callers may back off and retry; EAGAIN says exactly that.
-            return errno.EAGAIN
         case AccessDenied():
             return errno.EPERM
         case CacheFull():

@@ -43,6 +43,7 @@ from hsmfs.errors import (
     DENY_ERRNOS,
     AccessDenied,
     BackendUnavailable,
+    BadResponse,
     CacheFull,
     FileBusy,
     HsmError,
@@ -980,7 +981,8 @@ ERRNO_OF = {
     ObjectChanged: errno.EIO,
     BackendUnavailable: errno.EIO,
     ShortBody: errno.EIO,
-    Throttled: errno.EAGAIN,
+    BadResponse: errno.EIO,  # S3 answered another range or a 200 to a range: never used
+    Throttled: errno.EIO,  # not EAGAIN: Python's io reads EAGAIN as "no data yet"
     AccessDenied: errno.EPERM,
     CacheFull: errno.ENOSPC,
     QuotaExceeded: errno.EDQUOT,

@@ -33,7 +33,7 @@ class Fault:
 
 
 FAULTS: tuple[Fault, ...] = (
-    Fault("slowdown", "503 SlowDown", "EAGAIN", True, "HTTP 503", "throttled"),
+    Fault("slowdown", "503 SlowDown", "EIO", True, "HTTP 503", "throttled"),
     Fault("internal", "500 InternalError", "EIO", True, "HTTP 500", "unavailable"),
     Fault("denied", "403 AccessDenied", "EPERM", False, "HTTP 403", "denied"),
     Fault("missing", "404 NoSuchKey", "EIO", False, "HTTP 404", "missing"),
@@ -41,7 +41,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault("reset", "connection reset mid-body", "EIO", True, "HTTP 206", "short_body"),
     Fault("truncated", "body cut short (clean close)", "EIO", True, "HTTP 206", "short_body"),
     Fault("latency", f"{LATENCY_MS} ms added latency", None, False, "", ""),
-    Fault("stall", "stall past the read timeout", "EAGAIN", True, "no HTTP answer",
+    Fault("stall", "stall past the read timeout", "EIO", True, "no HTTP answer",
           "throttled"),
     Fault("gone", "S3 gone (connection refused)", "EIO", True, "no HTTP answer",
           "unavailable"),
@@ -84,11 +84,6 @@ def expected(fault: Fault, door: str, op: Op) -> str:
         # A page fault the FUSE daemon answered with an error: the kernel sends SIGBUS.
         # (The kernel door fills at open: the open itself fails with the errno.)
         return f"SIGBUS ({fault.errno})"
-    if op.name == "pyread" and door == "fuse" and fault.errno == "EAGAIN":
-        # Python's buffered read() takes EAGAIN for "non-blocking, no data yet": it returns
-        # None (or, past resident bytes, a short result) and raises nothing.  The kernel
-        # door's EAGAIN comes at open() (open_fill), which raises BlockingIOError.
-        return "read() returns None (EAGAIN)"
     if op.name == "sqlite3":
         # sqlite3 names no errno: a read error is SQLITE_IOERR, "disk I/O error"; an open
         # error (the kernel door fills at open) SQLITE_CANTOPEN.
