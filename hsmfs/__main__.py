@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import __version__, sdnotify
+from . import __version__, sdnotify, startprogress
 from .config import Options, build_options, options_help, split_options
 from .errors import HsmError
 from .keys import STATE_DIR
@@ -53,11 +54,27 @@ def _state_dir(opts: Options) -> str:
     return d
 
 
+def _write_pid_file(pid_path: str) -> None:
+    """``hsmfs stop``'s way to the daemon.  A full cache disk must not stop a start (resident
+    files still read, and freeing space resumes fills): without room for it the file is
+    left out, with a warning, and the daemon stops with SIGTERM or its mount's unmount."""
+    try:
+        with open(pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(pid_path)  # never an empty or cut pid file
+        logging.getLogger("hsmfs").warning(
+            "cache disk full: no pid file (%s); `hsmfs stop` will not find this daemon "
+            "(pid %d): stop it with SIGTERM or by unmounting", exc.strerror, os.getpid())
+
+
 def _run_daemon(opts: Options, ready: Callable[[str], None]) -> int:
     """Run the daemon in this process until it is stopped."""
     pid_path = os.path.join(_state_dir(opts), PID_FILE)
-    with open(pid_path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    _write_pid_file(pid_path)
     try:
         if opts.kernel is not None:
             # This process becomes the holder: only hsmfs.worker's light half is imported.
@@ -146,19 +163,31 @@ def _start(opts: Options) -> int:
             log.info("ready: %s", summary)
             sdnotify.ready(summary)  # systemd Type=notify (hsmfs-serve@.service)
 
+        drawer = _draw_progress_here(served)
         try:
             return _run_daemon(opts, ready)
         except Exception as exc:
             print(f"hsmfs: {_failure_line(opts, exc, served.is_set())}", file=sys.stderr)
             return 1
+        finally:
+            served.set()
+            if drawer is not None:
+                drawer.join(2.0)
     log_file = opts.log_file or os.path.join(_state_dir(opts), LOG_FILE)
     read_end, write_end = os.pipe()
+    # A progress bar only where someone sees it: on a pipe or file, no pipe for it at all.
+    progress_r, progress_w = os.pipe() if sys.stderr.isatty() else (None, None)
     pid = os.fork()
     if pid:
         os.close(write_end)
-        return _wait_ready(read_end, pid, log_file)
+        if progress_w is not None:
+            os.close(progress_w)
+        return _wait_ready(read_end, pid, log_file, progress_r)
     # Child: detach from the terminal and the caller's session (mount(8) waits for us to exit).
     os.close(read_end)
+    if progress_r is not None:
+        os.close(progress_r)
+        os.environ[startprogress.ENV_FD] = str(progress_w)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -193,16 +222,53 @@ def _start(opts: Options) -> int:
         os._exit(code)
 
 
-def _wait_ready(read_end: int, pid: int, log_file: str) -> int:
+def _draw_progress_here(served: threading.Event) -> threading.Thread | None:
+    """Foreground on a terminal: the start's progress line, drawn by a thread of this
+    process until the door serves (:mod:`hsmfs.startprogress`)."""
+    if not sys.stderr.isatty():
+        return None
+    progress_r, progress_w = os.pipe()
+    os.environ[startprogress.ENV_FD] = str(progress_w)  # read by the daemon (or its worker)
+
+    def draw() -> None:
+        import select
+
+        line = startprogress.ProgressLine()
+        try:
+            while not served.is_set():
+                r, _, _ = select.select([progress_r], [], [], 0.25)
+                if r:
+                    chunk = os.read(progress_r, 4096)
+                    if not chunk:
+                        break
+                    line.feed(chunk)
+        finally:
+            line.clear()
+            os.close(progress_r)
+
+    t = threading.Thread(target=draw, name="progress", daemon=True)
+    t.start()
+    return t
+
+
+def _wait_ready(read_end: int, pid: int, log_file: str, progress_r: int | None = None) -> int:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)  # the first child exits at once (double fork)
     deadline = time.monotonic() + READY_TIMEOUT_S
     buf = b""
     import select
 
+    line = startprogress.ProgressLine()
+    watched = [read_end] + ([progress_r] if progress_r is not None else [])
     while time.monotonic() < deadline:
-        r, _, _ = select.select([read_end], [], [], 1.0)
-        if not r:
+        r, _, _ = select.select(watched, [], [], 1.0)
+        if progress_r in r:
+            chunk = os.read(progress_r, 4096)
+            if chunk:
+                line.feed(chunk)
+            else:
+                watched.remove(progress_r)  # every writer closed it: the start is over
+        if read_end not in r:
             continue
         chunk = os.read(read_end, 4096)
         if not chunk:
@@ -210,7 +276,10 @@ def _wait_ready(read_end: int, pid: int, log_file: str) -> int:
         buf += chunk
         if buf.endswith(b"\n"):
             break
+    line.clear()
     os.close(read_end)
+    if progress_r is not None:
+        os.close(progress_r)
     if buf.startswith(b"ok"):
         print(f"hsmfs: {buf[3:].decode().strip()}", file=sys.stderr)
         return 0
@@ -300,8 +369,18 @@ def _cmd_state(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print(f"{r['state']:<9} {r['resident_bytes']:>12}/{r['size']:<12} {r['path']}"
-                  + ("  pinned" if r.get("pinned") else ""))
+                  + ("  pinned" if r.get("pinned") else "") + _error_text(r.get("error")))
     return code
+
+
+def _error_text(error: object) -> str:
+    """The last failure (user.hsm.error) as ``hsmfs state`` prints it after the path."""
+    if not isinstance(error, dict) or not error:
+        return ""
+    words = [str(error.get("cause", "?")), str(error.get("errno", "?"))]
+    if error.get("http"):
+        words.append(f"HTTP {error['http']}")
+    return f"  last error: {' '.join(words)} at {error.get('time', '?')}"
 
 
 def _locate(path: str) -> tuple[str, str, bool] | None:

@@ -50,8 +50,9 @@ import trio
 from . import crashpoint
 from .backend_s3 import ObjectInfo, ObjectVersion, S3Backend, SourceChanged, Upload, etag_of
 from .cache import StubCache
-from .errors import HsmError, ObjectChanged, ObjectMissing, to_errno
+from .errors import HsmError, ObjectChanged, ObjectMissing, cause_of, to_errno
 from .keys import STATE_DIR, key_to_relpath
+from .logsetup import http_status
 from .ranges import RangeMap
 from .state import Intent, Pin, Stub
 from .stubfile import (
@@ -191,6 +192,9 @@ class Archiver:
                     rows[rel] = await self.archive_file(rel, dry_run=dry_run)
                 except (HsmError, OSError) as exc:
                     rows[rel] = _failed(rel, exc)
+                    # The one line of this failure (DESIGN §5), like a failed fetch's.
+                    log.error("archive of %r failed (%s, %s): %s", rel, cause_of(exc),
+                              http_status(exc), exc)
 
         async with trio.open_nursery() as nursery:
             # Overlapping PATHs name a file once: one row, one archive.
@@ -241,6 +245,12 @@ class Archiver:
         return out
 
     # -- one file ----------------------------------------------------------------------------
+
+    def is_archiving(self, ino: int, gen: int) -> bool:
+        """An archive of that file is under way: S3 may hold its upload before its record
+        says so (a refresh must not take the new ETag for another host's write)."""
+        lock = self._locks.get((ino, gen))
+        return lock is not None and lock.locked()
 
     async def archive_file(self, rel: str, *, dry_run: bool = False) -> dict[str, Any]:
         key = self.prefix + rel

@@ -76,6 +76,7 @@ from .config import S3Config
 from .errors import (
     AccessDenied,
     BackendUnavailable,
+    BadResponse,
     HsmError,
     ObjectChanged,
     ObjectMissing,
@@ -234,22 +235,12 @@ class S3Backend:
         for page in self.list_pages():
             yield from page
 
-    def list_pages(self) -> Iterator[list[ObjectVersion]]:
+    def list_pages(self, prefix: str | None = None) -> Iterator[list[ObjectVersion]]:
         """The listing one page (up to 1,000 objects) at a time, as each response arrives:
-        a caller can work on a page while the next one is asked for."""
-        token: str | None = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": self.cfg.prefix}
-            if token:
-                kw["ContinuationToken"] = token
-            page = self._call(f"list {self.cfg.prefix!r}",
-                              lambda kw=kw: self._client.list_objects_v2(**kw))
-            yield [ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
-                                 mtime=obj["LastModified"].timestamp())
-                   for obj in page.get("Contents", [])]
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
+        a caller can work on a page while the next one is asked for.  ``prefix``: a full key
+        prefix below the backend's (``hsmfs sync PATH`` lists a subtree), else the backend's."""
+        for page in self._pages(self.cfg.prefix if prefix is None else prefix):
+            yield _listed(page)
 
     def list_dir(self, prefix: str) -> tuple[list[ObjectVersion], list[str]]:
         """One directory of the bucket (``-o lazy``): ListObjectsV2 with ``Prefix=prefix`` (a
@@ -258,19 +249,25 @@ class S3Backend:
         keys of the subdirectories, ending in "/")."""
         objects: list[ObjectVersion] = []
         prefixes: list[str] = []
+        for page in self._pages(prefix, delimiter="/"):
+            objects.extend(_listed(page))
+            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+        return objects, prefixes
+
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        """ListObjectsV2's answers under ``prefix``, page after page (each call retried)."""
         token: str | None = None
         while True:
-            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": prefix, "Delimiter": "/"}
+            kw: dict[str, Any] = {"Bucket": self.cfg.bucket, "Prefix": prefix}
+            if delimiter:
+                kw["Delimiter"] = delimiter
             if token:
                 kw["ContinuationToken"] = token
             page = self._call(f"list {prefix!r}",
                               lambda kw=kw: self._client.list_objects_v2(**kw))
-            objects.extend(ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
-                                         mtime=obj["LastModified"].timestamp())
-                           for obj in page.get("Contents", []))
-            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+            yield page
             if not page.get("IsTruncated"):
-                return objects, prefixes
+                return
             token = page["NextContinuationToken"]
 
     def head(self, version: ObjectVersion) -> ObjectInfo:
@@ -281,13 +278,13 @@ class S3Backend:
             lambda: self._client.head_object(Bucket=self.cfg.bucket, Key=version.key,
                                              IfMatch=version.etag),
         )
-        mode = None
-        raw = resp.get("Metadata", {}).get("mode")
-        if raw is not None:
-            try:
-                mode = int(raw)
-            except ValueError:
-                log.warning("ignoring malformed x-amz-meta-mode %r on %r", raw, version.key)
+        answered = resp.get("ETag")
+        if answered and answered != version.etag:
+            # A server (or a proxy) that ignored If-Match: this HEAD describes another
+            # version, whose metadata must not dress the listed one.
+            raise _status(ObjectChanged(f"head {version.key!r}: ETag {answered} != "
+                                        f"{version.etag}"), 200)
+        mode = _mode_of(version.key, resp)
         mtime = version.mtime
         raw_mtime = resp.get("Metadata", {}).get("mtime")
         if raw_mtime is not None:
@@ -345,7 +342,9 @@ class S3Backend:
             resp = self._client.get_object(**kw)
             body = resp["Body"]
             try:
-                return _take_body(what, version, resp.get("ETag"), len(buf),
+                status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                _check_range(what, version, start, len(buf), status, resp.get("ContentRange"))
+                return _take_body(what, version, resp.get("ETag"), len(buf), status,
                                   lambda: _read_body_into(body, buf))
             except BaseException:
                 body.close()  # mid-stream or refused: the connection cannot be reused
@@ -712,6 +711,12 @@ def _outcome(exc: BaseException) -> str:
 
 def classify_status(what: str, status: int, code: str) -> HsmError | _Retryable:
     """An S3 error response (HTTP status, XML ``Code``) as a domain error, or as retryable."""
+    final = _classify_status(what, status, code)
+    _status(final.final if isinstance(final, _Retryable) else final, status)
+    return final
+
+
+def _classify_status(what: str, status: int, code: str) -> HsmError | _Retryable:
     detail = f"{what}: HTTP {status} {code}"
     if status == 412 or code == "PreconditionFailed":
         return ObjectChanged(f"{detail}: object changed since its stub was made")
@@ -850,31 +855,73 @@ class _LeanGet:
         try:
             if resp.status >= 300:
                 raise _HttpError(resp.status, _error_code(resp.read(64 * 1024)))
+            _check_range(what, version, start, len(buf), resp.status,
+                         resp.headers.get("Content-Range"))
             length = resp.headers.get("Content-Length")
             if length is not None and int(length) != len(buf):
-                raise _Retryable(ShortBody(f"{what}: {resp.status} with {length} bytes"))
-            return _take_body(what, version, resp.headers.get("ETag"), len(buf),
+                raise _Retryable(_status(
+                    ShortBody(f"{what}: {resp.status} with {length} bytes"), resp.status))
+            return _take_body(what, version, resp.headers.get("ETag"), len(buf), resp.status,
                               lambda: _read_urllib3_into(resp, buf))
         finally:
             _finish(resp)
 
 
-def _take_body(what: str, version: ObjectVersion, etag: str | None, want: int,
+def _take_body(what: str, version: ObjectVersion, etag: str | None, want: int, status: int,
                read: Callable[[], int]) -> int:
     """The rules for a GET's answer, whichever path sent it: the ETag is the stub's, and the
     body is exactly ``want`` bytes.  A timeout mid-body is throttling; a body cut off
-    mid-stream is a short body (DESIGN §5: EIO, not EAGAIN).  Both are worth another try."""
+    mid-stream is a short body (DESIGN §5: EIO, not EAGAIN).  Both are worth another try.
+    Each error carries the answer's ``status`` (the log line names it)."""
     if etag and etag != version.etag:
-        raise ObjectChanged(f"{what}: ETag {etag} != {version.etag}")
+        raise _status(ObjectChanged(f"{what}: ETag {etag} != {version.etag}"), status)
     try:
         got = read()
     except botocore.exceptions.ReadTimeoutError as exc:
-        raise _Retryable(Throttled(f"{what}: body read timed out: {exc}")) from exc
+        raise _Retryable(_status(Throttled(f"{what}: body read timed out: {exc}"),
+                                 status)) from exc
     except (botocore.exceptions.ResponseStreamingError, ConnectionError) as exc:
-        raise _Retryable(ShortBody(f"{what}: body read failed: {exc}")) from exc
+        raise _Retryable(_status(ShortBody(f"{what}: body read failed: {exc}"),
+                                 status)) from exc
     if got != want:
-        raise _Retryable(ShortBody(f"{what}: got {got} bytes"))
+        raise _Retryable(_status(ShortBody(f"{what}: got {got} bytes"), status))
     return got
+
+
+def _status(exc: HsmError, status: int | None) -> HsmError:
+    """``exc`` carrying the HTTP status of the answer it came from."""
+    exc.status = status or None
+    return exc
+
+
+def _check_range(what: str, version: ObjectVersion, start: int, want: int, status: int,
+                 content_range: str | None) -> None:
+    """A ranged GET's answer must be that range of that object: ``206`` with
+    ``Content-Range: bytes START-END/SIZE`` naming exactly the bytes asked for and the
+    listed size.  A total that is not the listed size is another object than the stub's
+    (a listing that lied, or a new version): :class:`ObjectChanged`.  Anything else is
+    :class:`BadResponse` (its bytes would land at the wrong offsets).  A ``200`` (the whole
+    object: a server that ignored Range) is taken only when the range asked for is the whole
+    object, where the two are the same bytes."""
+    if status == 200 and start == 0 and want == version.size:
+        return
+    if status != 206:
+        raise _status(BadResponse(f"{what}: HTTP {status} to a ranged GET"), status)
+    unit, _, spec = (content_range or "").partition(" ")
+    first, _, rest = spec.partition("-")
+    last, _, total = rest.partition("/")
+    try:
+        span = (int(first), int(last))
+        size = None if total == "*" else int(total)
+    except ValueError:
+        raise _status(BadResponse(f"{what}: Content-Range {content_range!r}"),
+                      status) from None
+    if size is not None and size != version.size:
+        raise _status(ObjectChanged(f"{what}: Content-Range {content_range!r}: the object "
+                                    f"is {size} bytes, not the listed {version.size}"), status)
+    if unit != "bytes" or span != (start, start + want - 1):
+        raise _status(BadResponse(f"{what}: Content-Range {content_range!r} is not the "
+                                  f"range asked for"), status)
 
 
 def _finish(resp: urllib3.BaseHTTPResponse) -> None:
@@ -896,6 +943,13 @@ def _error_code(body: bytes) -> str:
     return (node.text or "") if node is not None else ""
 
 
+def _listed(page: dict[str, Any]) -> list[ObjectVersion]:
+    """The objects of one ListObjectsV2 answer, keys as stored in S3."""
+    return [ObjectVersion(key=obj["Key"], etag=obj["ETag"], size=int(obj["Size"]),
+                          mtime=obj["LastModified"].timestamp())
+            for obj in page.get("Contents", [])]
+
+
 def _version_of(key: str, resp: dict[str, Any]) -> ObjectVersion:
     """The version a HEAD (or GET) answer describes."""
     modified = resp.get("LastModified")
@@ -903,15 +957,29 @@ def _version_of(key: str, resp: dict[str, Any]) -> ObjectVersion:
                          modified.timestamp() if modified is not None else 0.0, _vid(resp))
 
 
+#: The permission bits an object's ``x-amz-meta-mode`` may give a file: never setuid,
+#: setgid or sticky (an object store is not a place a set-id program may come from).
+MODE_BITS = 0o777
+
+
 def _mode_of(key: str, resp: dict[str, Any]) -> int | None:
+    """s3fs's ``x-amz-meta-mode`` (decimal ``st_mode``) without set-id bits, or None (the
+    file gets ``file_mode``) when it is not a plain decimal number of a regular file's mode.
+    Set-id and sticky bits are dropped, with one warning: metadata is the uploader's claim,
+    not ours to honour."""
     raw = resp.get("Metadata", {}).get("mode")
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        log.warning("ignoring malformed x-amz-meta-mode %r on %r", raw, key)
+    text = raw.strip()
+    if not text.isdigit() or int(text) >= 1 << 32 or (int(text) & 0o170000
+                                                      not in (0, 0o100000)):
+        log.warning("ignoring malformed x-amz-meta-mode %r on %r", raw[:64], key)
         return None
+    mode = int(text)
+    if mode & ~MODE_BITS & 0o7777:
+        log.warning("dropping setuid/setgid/sticky bits of x-amz-meta-mode %o on %r",
+                    mode & 0o7777, key)
+    return mode & ~0o7777 | mode & MODE_BITS  # st_mode still: the type bits stay
 
 
 def _vid(resp: dict[str, Any]) -> str | None:

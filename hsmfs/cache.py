@@ -58,13 +58,14 @@ import trio
 
 from . import crashpoint
 from .config import CacheConfig
-from .errors import HsmError, ObjectChanged, Superseded
+from .errors import HsmError, ObjectChanged, Superseded, cause_of, status_of, to_errno
 from .fetch import Counters, FetchEngine, Fetcher, NoRoom
 from .handles import handle_of, open_handle
-from .keys import STATE_DIR, key_to_relpath, place
+from .keys import STATE_DIR, Decision, PlacementStream, key_to_relpath, place
 from .ranges import RangeMap
 from .registry import STAGING_DIR, Changed, Found, Registry, Tree
 from .siblings import SiblingReadAhead
+from .startprogress import StartProgress
 from .state import Intent, Pin, Stub
 from .stubfile import (
     CLEAN,
@@ -75,12 +76,14 @@ from .stubfile import (
     RESIDENT,
     STALE,
     STUB,
+    X_ERROR,
     X_VIEW,
     Record,
     RemoteVersion,
     VersionLike,
     data_extents,
     describe,
+    format_error,
     generation,
     has_data,
     legacy_identity,
@@ -88,13 +91,14 @@ from .stubfile import (
     read_pinned,
     read_record,
     scan_resident_bytes,
+    write_error,
     write_owed,
     write_pinned,
     write_releasing,
     write_sync,
     write_view,
 )
-from .tombstones import Tombstone, Tombstones
+from .tombstones import Tombstones
 
 if TYPE_CHECKING:
     from .evict import Evictor
@@ -243,6 +247,63 @@ class _Step:
             self.version = self.stub.version
 
 
+class ListingCut(Exception):
+    """A streamed listing ended without its end mark: what it did not name is unknown, not
+    deleted.  The listing's own failure is the one to report (this one is not an HsmError)."""
+
+
+class _AwayHere:
+    """Keys whose path holds no file because a program moved or removed the stub here: a
+    start's listing must not make them again (that would undo the user's ``mv`` or ``rm``).
+
+    * renamed: a file elsewhere in the tree carries a record of that key and version;
+    * removed: a tombstone of that key and version (:mod:`hsmfs.tombstones`).
+
+    Asked per key as the listing arrives.  The removal log is compacted once the listing is
+    whole: a tombstone of an older version than S3's is dropped (another host wrote the object
+    since: its bytes are made again here, and never deleted from S3), and so is one whose
+    object is gone.  Blocking (the removal log)."""
+
+    def __init__(self, cache: StubCache, found: dict[str, Found], prefix: str) -> None:
+        self.cache = cache
+        self.moved = {(f.record.version.key, f.record.version.etag) for f in found.values()
+                      if f.record is not None
+                      and key_to_relpath(f.record.version.key, prefix)[0] != f.rel}
+        self.readable = True
+        try:
+            self.tombs = cache.tombstones.load()
+        except OSError as exc:
+            log.warning("cannot read the removal log: %s; removed stubs may come back", exc)
+            self.tombs, self.readable = {}, False
+        self.now: dict[str, str] = {}  # a tombstoned key -> the ETag S3 lists now
+
+    def listed(self, info: ObjectInfoLike) -> None:
+        if info.version.key in self.tombs:
+            self.now[info.version.key] = info.version.etag
+
+    def here_no_more(self, key: str, info: ObjectInfoLike) -> bool:
+        etag = info.version.etag
+        if (key, etag) in self.moved:
+            return True
+        t = self.tombs.get(key)
+        if t is None:
+            return False
+        if t.etag != etag:
+            log.warning("%r was removed here as version %s, but S3 now holds %s (written "
+                        "elsewhere): it is made again, and not deleted from S3", t.path,
+                        t.etag, etag)
+            return False
+        return True
+
+    def compact(self) -> None:
+        if not self.readable:
+            return
+        try:
+            self.cache.tombstones.compact(lambda t: self.now.get(t.key) == t.etag)
+        except OSError as exc:
+            log.warning("cannot rewrite the removal log: %s", exc)
+
+
 def _below(rel: str, under: str) -> bool:
     return not under or rel == under or rel.startswith(under + "/")
 
@@ -286,6 +347,10 @@ class StubCache:
         self.refresh_stats = RefreshStats()
         #: ``-o cache_size``: asked for room before every flight (None: unlimited).
         self.evictor: Evictor | None = None
+        #: ``user.hsm.error`` writes: a token bucket shared by every file, so a storm of
+        #: failures over many files is not a storm of metadata writes (note_failure).
+        self._error_tokens = float(ERROR_WRITE_BURST)
+        self._error_tokens_at = time.monotonic()
         self.tree.prepare()
         self.tombstones = Tombstones(self.root_fd)
 
@@ -395,8 +460,8 @@ class StubCache:
             lambda: {f.rel: self._size_checked(f) for f in self.tree.scan()})
 
     async def populate(self, objects: Iterable[ObjectInfoLike] | None,
-                       prefix: str = "", *, found: dict[str, Found] | None = None
-                       ) -> PopulateReport:
+                       prefix: str = "", *, found: dict[str, Found] | None = None,
+                       progress: StartProgress | None = None) -> PopulateReport:
         """Make the backing tree mirror a listing (or, with ``objects`` None, adopt the tree as
         it is: a restarted worker needs no S3 to guard what exists).
 
@@ -412,41 +477,90 @@ class StubCache:
         entries are popped as they are placed: no second copy of 100,000 entries).
 
         For a start only, before any door serves: a serving daemon uses :meth:`refresh`
-        (which says why this is not safe to call again)."""
+        (which says why this is not safe to call again).  ``progress``: the start's counters,
+        bumped per file placed (:mod:`hsmfs.startprogress`)."""
         listed = None if objects is None or isinstance(objects, list) else list(objects)
         return await trio.to_thread.run_sync(
-            self._populate_sync, objects if listed is None else listed, prefix, found)
+            self._populate_sync, objects if listed is None else listed, prefix, found,
+            progress or StartProgress(None))
 
-    def _populate_sync(self, objects: list[ObjectInfoLike] | None, prefix: str,
-                       found: dict[str, Found] | None = None) -> PopulateReport:
+    async def populate_listing(self, batches: trio.MemoryReceiveChannel[list[ObjectInfoLike]],
+                               prefix: str, *, found: dict[str, Found],
+                               progress: StartProgress | None = None) -> PopulateReport:
+        """:meth:`populate`, fed by a listing that still arrives: ``batches`` carry it in S3's
+        order, then one empty batch that says it is whole.  A channel closed before that (the
+        listing failed or was cancelled) ends this with :class:`ListingCut` before anything is
+        removed: a path the listing did not name is a remote delete only in a whole listing.
+        What was placed until then is complete, stub by stub, as after a death."""
+
+        def objects() -> Iterator[ObjectInfoLike]:
+            while True:
+                try:
+                    batch = trio.from_thread.run(batches.receive)
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    raise ListingCut("the listing ended before it was whole") from None
+                if not batch:
+                    return
+                yield from batch
+
+        return await trio.to_thread.run_sync(self._populate_sync, objects(), prefix, found,
+                                             progress or StartProgress(None))
+
+    def _populate_sync(self, objects: Iterable[ObjectInfoLike] | None, prefix: str,
+                       found: dict[str, Found] | None = None,
+                       progress: StartProgress | None = None) -> PopulateReport:
+        """Place a listing taken in S3's order, one object at a time: each stub is made as
+        soon as :class:`PlacementStream` decides its key, so a start makes stubs while the
+        listing still arrives (``objects`` may be an iterator fed by it).  A list is sorted
+        first: one algorithm for both.
+
+        A death anywhere leaves stubs made so far complete (each is made in staging and
+        renamed) and nothing else changed; the next start lists again and places the rest (a
+        restarted worker does too, until one was ready: ``HSMFS_WORKER_TREE_READY``).  The
+        removal log is compacted only at the end: a death before leaves entries that the next
+        start drops, harmless meanwhile."""
+        progress = progress or StartProgress(None)
         if found is None:
             found = {f.rel: self._size_checked(f) for f in self.tree.scan()}
         if objects is None:
             return self._adopt_tree(found)
-        by_key = {o.version.key: o for o in objects}
-        layout = place(by_key, prefix)
-        for key, reason in layout.rejected:
-            log.warning("skipping object %r: key %s", key, reason)
+        if isinstance(objects, list):
+            objects = sorted(objects, key=lambda o: o.version.key)
+        away = _AwayHere(self, found, prefix)
+        stream = PlacementStream(prefix)
+        waiting: dict[str, ObjectInfoLike] = {}  # listed, not yet decided
         n = dict(created=0, kept=0, replaced=0, removed=0, stale=0, conflicts=0)
-        for d in sorted(layout.dirs, key=lambda p: p.count("/")):
-            self.tree.mkdir(d)
-        away = self._removed_locally(found, by_key, prefix)
-        for rel, key in sorted(layout.files.items()):
-            info = by_key[key]
-            f = found.pop(rel, None)
-            if f is None and key in away:
-                continue  # renamed or removed here: archive --delete makes S3 follow
-            try:
-                outcome = self._place_object(rel, key, info, f)
-            except (OSError, Changed) as exc:
-                # An application changed or removed the file since the scan: leave it as it
-                # is now; the next start (or refresh) decides again.
-                log.warning("%r changed while hsmfs looked at it (%s); left as it is", rel, exc)
-                continue
-            if outcome:
-                n[outcome] += 1
-                if outcome == "created":
-                    crashpoint.crash_point(crashpoint.POPULATE, "created")
+        rejected: list[tuple[str, str]] = []
+        dirs = 0
+        progress.phase = "populating"
+
+        def apply(decisions: list[Decision]) -> None:
+            nonlocal dirs
+            for d in decisions:
+                if d.kind == "dir":
+                    self.tree.mkdir(d.rel)
+                    dirs += 1
+                elif d.kind == "rejected":
+                    waiting.pop(d.key, None)
+                    log.warning("skipping object %r: key %s", d.key, d.reason)
+                    rejected.append((d.key, d.reason))
+                else:
+                    outcome = self._place_listed(d.rel, d.key, waiting.pop(d.key), found, away)
+                    if outcome:
+                        n[outcome] += 1
+                        if outcome == "created":
+                            crashpoint.crash_point(crashpoint.POPULATE, "created")
+
+        for info in objects:
+            waiting[info.version.key] = info
+            away.listed(info)
+            apply(stream.add(info.version.key))
+            progress.placed += 1  # of progress.listed (a bar, not an account: see there)
+        apply(stream.finish())
+        if not stream.ordered:
+            log.warning("the listing was not in key order (S3 and Ceph list in UTF-8 order): "
+                        "an object beside a directory of the same name may have been placed "
+                        "as a file, and the objects under that name skipped")
         for f in found.values():
             if f.record is None:
                 continue
@@ -458,51 +572,28 @@ class StubCache:
             except (OSError, Changed) as exc:
                 log.warning("%r changed while hsmfs looked at it (%s); left as it is", f.rel,
                             exc)
+        away.compact()
         report = PopulateReport(n["created"], n["kept"], n["replaced"], n["removed"],
-                                layout.rejected, len(layout.dirs), n["stale"], n["conflicts"])
+                                rejected, dirs, n["stale"], n["conflicts"])
         log.info("populated %s: %d new, %d kept, %d replaced, %d removed, %d stale, "
                  "%d conflicts, %d refused", self.cfg.cache_dir, report.created, report.kept,
                  report.replaced, report.removed, report.stale, report.conflicts,
-                 len(layout.rejected))
+                 len(rejected))
         return report
 
-    def _removed_locally(self, found: dict[str, Found], by_key: dict[str, ObjectInfoLike],
-                         prefix: str) -> set[str]:
-        """Keys whose path holds no file because a program moved or removed the stub here:
-        a listing must not make them again (that would undo the user's ``mv`` or ``rm``).
-
-        * renamed: a file elsewhere in the tree carries a record of that key and version;
-        * removed: a tombstone of that key and version (:mod:`hsmfs.tombstones`).
-
-        A tombstone of an older version than S3's is dropped (another host wrote the object
-        since: its bytes are made again here, and never deleted from S3), and so is one whose
-        object is gone.  Blocking (the removal log)."""
-        away = set()
-        for f in found.values():
-            if f.record is None:
-                continue
-            v = f.record.version
-            info = by_key.get(v.key)
-            if info is not None and info.version.etag == v.etag \
-                    and key_to_relpath(v.key, prefix)[0] != f.rel:
-                away.add(v.key)
-
-        def keep(t: Tombstone) -> bool:
-            info = by_key.get(t.key)
-            if info is None:
-                return False  # gone from S3: nothing left to delete
-            if info.version.etag != t.etag:
-                log.warning("%r was removed here as version %s, but S3 now holds %s (written "
-                            "elsewhere): it is made again, and not deleted from S3", t.path,
-                            t.etag, info.version.etag)
-                return False
-            return True
-
+    def _place_listed(self, rel: str, key: str, info: ObjectInfoLike, found: dict[str, Found],
+                      away: _AwayHere) -> str | None:
+        """One decided file of a start's listing; the outcome's counter."""
+        f = found.pop(rel, None)
+        if f is None and away.here_no_more(key, info):
+            return None  # renamed or removed here: archive --delete makes S3 follow
         try:
-            away |= set(self.tombstones.compact(keep))
-        except OSError as exc:
-            log.warning("cannot read the removal log: %s; removed stubs may come back", exc)
-        return away
+            return self._place_object(rel, key, info, f)
+        except (OSError, Changed) as exc:
+            # An application changed or removed the file since the scan: leave it as it is
+            # now; the next start (or refresh) decides again.
+            log.warning("%r changed while hsmfs looked at it (%s); left as it is", rel, exc)
+            return None
 
     def _place_object(self, rel: str, key: str, info: ObjectInfoLike,
                       f: Found | None) -> str | None:
@@ -554,6 +645,15 @@ class StubCache:
         except (OSError, Changed):
             return f
         try:
+            if record.sync == CLEAN and f.size == record.version.size == record.owed \
+                    and _holds_exactly(fd, record.version):
+                # Every byte local and S3's (the MD5 is the ETag): the mtime was moved by a
+                # fill that died before it put it back (or by a write of the same bytes).
+                # Nothing local to keep: the clean point is put back, the file stays clean.
+                os.utime(fd, (os.fstat(fd).st_atime, record.version.mtime))
+                log.info("%r: its mtime moved, its bytes are its version's (a fill cut short "
+                         "by a crash): clean, the version's mtime put back", f.rel)
+                return dataclasses.replace(f, mtime=record.version.mtime)
             if owed < record.owed:
                 write_owed(fd, owed)
             write_sync(fd, sync, durable=True)
@@ -668,6 +768,7 @@ class StubCache:
                         ranges=ranges, local=ranges.covers(0, record.owed),
                         pinned=read_pinned(fd))
             self._write_view_if_changed(fd, stub)
+            self._adopt_error(fd, stub)
             self.registry.add(stub)
             for listener in self.listeners:
                 listener.on_stub(fd, stub.local)
@@ -790,6 +891,21 @@ class StubCache:
         self.registry.unlink_path(stub)
         log.info("%r no longer leads to the stub of %r (inode %d); programs holding it are "
                  "still served", stub.path, stub.version.key, stub.ino)
+
+    def _adopt_error(self, fd: int, stub: Stub) -> None:
+        """``user.hsm.error`` survives a restart (it is history, with its time), except on a
+        file found resident: nothing is left to fetch, so it is removed (the view put right
+        at start).  Kept in memory only so a later success knows to remove it; never read to
+        decide anything else (a forged value costs at most that removal)."""
+        with contextlib.suppress(OSError):
+            try:
+                value = os.getxattr(fd, X_ERROR).decode(errors="replace")
+            except OSError:
+                return
+            if stub.local:
+                write_error(fd, None)
+            else:
+                stub.error = value
 
     def _write_view_if_changed(self, fd: int, stub: Stub) -> None:
         with contextlib.suppress(OSError):
@@ -1214,8 +1330,13 @@ class StubCache:
         stub.used_at = time.monotonic()
         try:
             await self._ensure(stub, start, stop, intent, fd)
-        except BaseException:
+        except BaseException as exc:
             pin.release()
+            if isinstance(exc, (HsmError, OSError)):
+                # Before the door answers: a program that gets the errno and then reads
+                # user.hsm.error finds this failure, not an older one.
+                with trio.CancelScope(shield=True):
+                    await self.note_failure(stub, exc)
             raise
         return pin
 
@@ -1277,6 +1398,9 @@ class StubCache:
                 raise
             await self._writable(stub, fd)
             await self.engine.fetch(stub, start, stop, wait=True, whole_chunks=whole_chunks)
+        if stub.error is not None:
+            # A reader's miss was served: whatever failed before is over for this file.
+            await trio.to_thread.run_sync(self._clear_failure, stub)
         if not whole:
             self._read_ahead(stub, stop)
 
@@ -1741,17 +1865,24 @@ class StubCache:
         moves to ``partial``, or, when every owed byte is local, to ``resident`` with the
         guard's ignore mask.  Persists only the view: residency is the extents themselves,
         so a crash at any point leaves exactly the bytes written as resident."""
-        if stub.sync == CLEAN:
-            # A fill's pwrite moved the mtime; a clean copy keeps its version's (what `ls`,
-            # make and rsync must see, and how a start tells a program's write from a fill).
-            with contextlib.suppress(OSError):
-                fd = self.writable_fd(stub)
-                os.utime(fd, (os.fstat(fd).st_atime, stub.version.mtime))
+        self.put_back_mtime(stub)
         if completes:
             self._mark_local(stub)
         elif stub.residency == STUB and stub.sync == CLEAN:
             with contextlib.suppress(OSError):
                 write_view(self.writable_fd(stub), PARTIAL)
+
+    def put_back_mtime(self, stub: Stub) -> None:
+        """Worker thread, after a fill wrote bytes, or after a failed one punched back what it
+        wrote: a fill's pwrite (or punch) moved the mtime; a clean copy keeps its version's
+        (what `ls`, make and rsync must see, and how a start tells a program's write from a
+        fill).  The version's, not the one seen before the write: flights of one file land
+        concurrently, and a flight that failed must not put back the mtime another one's
+        pwrite had just moved."""
+        if stub.sync == CLEAN:
+            with contextlib.suppress(OSError, HsmError):
+                fd = self.writable_fd(stub)
+                os.utime(fd, (os.fstat(fd).st_atime, stub.version.mtime))
 
     async def make_room(self, stub: Stub, nbytes: int, speculative: bool = False) -> int:
         """Before a flight lands ``nbytes`` in ``stub``: the evictor frees room under
@@ -1812,8 +1943,53 @@ class StubCache:
         stub.local = True
         for listener in self.listeners:
             listener.on_resident(fd)
+        if stub.error is not None:
+            # Every owed byte is local: nothing left to fail.  Before the fd is closed (a
+            # closed stub.fd under a listener's mark gave EBADF: the fill failed with EIO).
+            self._clear_failure(stub)
         # A resident file is read through the doors' own fds; keep no descriptor for it.
         self._close_fd(stub)
+
+    # -- the last failure: user.hsm.error (docs/design.md, "The last failure") ---------------
+
+    async def note_failure(self, stub: Stub, exc: BaseException) -> None:
+        """A program is about to be given ``exc`` for ``stub``: publish it as
+        ``user.hsm.error`` (memory, for the FUSE door's getxattr, and the backing file's
+        xattr, for the kernel door and ``hsmfs state``).  Never raises.
+
+        Only on change: the same (cause, errno, HTTP status) again within
+        :data:`ERROR_REFRESH` seconds writes nothing, and every file's writes share one token
+        bucket (:data:`ERROR_WRITES_PER_S`), beyond which only memory is updated.  So a storm
+        of failures costs at most one small xattr write per file per minute."""
+        sig = (cause_of(exc), to_errno(exc), status_of(exc))
+        now = time.monotonic()
+        if sig == stub.error_sig and now - stub.error_at < ERROR_REFRESH:
+            return
+        stub.error_sig, stub.error_at = sig, now
+        stub.error = value = format_error(*sig, time.time())
+        self._error_tokens = min(float(ERROR_WRITE_BURST), self._error_tokens
+                                 + (now - self._error_tokens_at) * ERROR_WRITES_PER_S)
+        self._error_tokens_at = now
+        if self._error_tokens < 1:
+            self.counters.error_views_skipped += 1
+            return
+        self._error_tokens -= 1
+        self.counters.error_views_written += 1
+        await trio.to_thread.run_sync(self._publish_error, stub, value)
+
+    def _publish_error(self, stub: Stub, value: str | None) -> None:
+        """Worker thread: write (None: remove) the xattr.  A view: a failure to write it (a
+        full disk may refuse a new xattr block) leaves memory, which the FUSE door shows."""
+        try:
+            write_error(self.writable_fd(stub), value)
+        except (OSError, HsmError) as err:
+            log.debug("cannot publish user.hsm.error on %r: %s", stub.path, err)
+
+    def _clear_failure(self, stub: Stub) -> None:
+        """Worker thread: the file was served after a failure (a reader's miss landed, or
+        every owed byte is local): the failure is over, its view goes."""
+        stub.error, stub.error_sig, stub.error_at = None, None, 0.0
+        self._publish_error(stub, None)
 
     def _write_view(self, stub: Stub) -> None:
         with contextlib.suppress(OSError, Superseded):
@@ -1918,6 +2094,8 @@ class StubCache:
             "prefetched_bytes": c.prefetched_bytes,
             "sibling_prefetches": c.sibling_prefetches,
             "readahead_no_room": c.readahead_no_room,
+            "error_views_written": c.error_views_written,
+            "error_views_skipped": c.error_views_skipped,
             "errors": dict(c.errors),
             "stubs": len(stubs),
             "resident_files": sum(1 for s in stubs if s.local),
@@ -1937,9 +2115,34 @@ class StubCache:
         return out
 
 
+#: user.hsm.error: the same failure of one file is published again at most this often (s).
+ERROR_REFRESH = 60.0
+#: user.hsm.error: xattr writes per second over all files (and the burst allowed).
+ERROR_WRITES_PER_S = 20.0
+ERROR_WRITE_BURST = 100
+
+
 #: mtimes are compared to this precision (LastModified has whole seconds; some filesystems
 #: keep microseconds of a float timestamp).
 MTIME_SLACK_S = 1e-3
+
+
+def _holds_exactly(fd: int, version: RemoteVersion) -> bool:
+    """Whether ``fd`` holds every byte of ``version`` and they are S3's: no hole below its size
+    and the MD5 of the bytes is its ETag.  Only a single-part ETag is an MD5 (a multipart one,
+    "...-N", depends on a part size nobody recorded): for the others the answer is no, and
+    the caller keeps the safe one (the file holds local changes).  One read of the file."""
+    from .backend_s3 import etag_of  # the one MD5-of-a-file rule (archive's crash recovery)
+
+    etag = version.etag.strip('"')
+    if len(etag) != 32 or any(c not in "0123456789abcdef" for c in etag.lower()):
+        return False
+    try:
+        if version.size and os.lseek(fd, 0, os.SEEK_HOLE) < version.size:
+            return False
+        return etag_of(fd, version.size, 0).strip('"').lower() == etag.lower()
+    except OSError:
+        return False
 
 
 def _writable(fd: int) -> bool:

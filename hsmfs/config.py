@@ -380,7 +380,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _o("log", "FILE", "CACHE/.hsmfs/hsmfs.log", "where the daemon logs (stderr with -f)",
        layer="top", field="log_file", literal_default=False),
     _o("log_format", "text|json", "text", "json: one JSON object per log line (time, level, "
-       "message; event, key, range, cause, errno on failures)", layer="top",
+       "message; event, key, range, cause, HTTP status, errno on failures)", layer="top",
        parse=_log_format),
     _o("foreground", "", "off", "stay in the foreground (as -f)", layer="top", parse=_on),
     _o("metrics", "HOST:PORT", "off", "serve Prometheus metrics at http://HOST:PORT/metrics "

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 RELEASE = "HSMFS_TEST_CRASH_RELEASE"  # leased, punched-only, punched, released
 REFRESH = "HSMFS_TEST_CRASH_REFRESH"  # applied[:n], exchanged
 POPULATE = "HSMFS_TEST_CRASH_POPULATE"  # created[:n], staged[:n] (guarded, not linked in)
+FILL = "HSMFS_TEST_CRASH_FILL"  # written (a fill's bytes, before its mtime is put back)
 ARCHIVE = "HSMFS_TEST_CRASH_AT"  # marked, read, sent (hsmfs/archive.py)
 GROUP = "HSMFS_TEST_CRASH_GROUP"
 

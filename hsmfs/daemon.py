@@ -7,7 +7,6 @@ Must not: parse argv (``__main__`` does), or know how a door works inside.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import inspect
 import logging
@@ -16,6 +15,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -23,11 +23,12 @@ import trio
 from . import control, metrics
 from .archive import Archiver, Writeback
 from .backend_s3 import ObjectInfo, S3Backend
-from .cache import Intent, RefreshReport, StubCache, describe
+from .cache import Intent, PopulateReport, RefreshReport, StubCache, describe
 from .config import Options
 from .errors import HsmError, to_errno
 from .keys import STATE_DIR, key_to_relpath
 from .mounts import unmount_after
+from .startprogress import StartProgress
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +50,39 @@ class KernelDoor(Protocol):
 PAGES_AHEAD = 8
 
 
-async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend | None = None,
+async def list_objects(backend: S3Backend, opts: Options, *, under: str | None = None,
                        wanted: Callable[[Any], bool] | None = None,
-                       decide_after: trio.Event | None = None) -> list[ObjectInfo]:
+                       decide_after: trio.Event | None = None,
+                       progress: StartProgress | None = None,
+                       emit: trio.MemorySendChannel[list[ObjectInfo]] | None = None
+                       ) -> list[ObjectInfo]:
     """The listing, in S3's order, with each object's mode from HEAD when asked.
 
     Pages are taken as they arrive: the listing runs in a thread that hands each page to the
     loop through a bounded channel, and the objects that need a HEAD go at once to
     ``max_connections - 1`` worker tasks fed by a bounded channel, so HEADs overlap the
     listing and at most ``max_connections`` requests (and that many tasks) exist at a time,
-    whatever the bucket size.  The result is one compact list (one :class:`ObjectInfo` per
-    object): the caller needs all of it (a path the listing does not name is a remote delete,
-    and ``a`` is refused as a file only once no ``a/...`` key follows).
+    whatever the bucket size.
 
-    ``lister``: the backend to list with (a refresh of a subtree lists under a longer
-    prefix); ``wanted(version)``: whether that object needs a HEAD (only objects the tree does
-    not hold at that version: a HEAD per object per start or refresh period would cost more
-    than the listing); ``decide_after``: ``wanted`` can be asked only once this event is set
-    (at start, when the tree scan it reads is done; objects listed before wait, as indices).
+    ``emit`` (a start): each object is handed on, in listing order, as soon as it and every
+    object before it are settled (HEAD back, or none needed), in batches, then one empty batch
+    once the listing is whole; the channel is closed in any case, so a consumer that gets no
+    empty batch knows the listing was cut.  Nothing is kept: the returned list is empty.
+    Without ``emit`` (a refresh) the result is the whole listing, as one compact list (one
+    :class:`ObjectInfo` per object).
+
+    ``under``: the full key prefix to list (a refresh of a subtree lists under a longer
+    prefix than the backend's); ``wanted(version)``: whether that object needs a HEAD (only
+    objects the tree does not hold at that version: a HEAD per object per start or refresh
+    period would cost more than the listing); ``decide_after``: ``wanted`` can be asked only
+    once this event is set (at start, when the tree scan it reads is done; objects listed
+    before wait, as indices);
+    ``progress``: the start's counters (:mod:`hsmfs.startprogress`), bumped as pages and HEADs
+    come back.
 
     Nothing is persisted: a death anywhere in here leaves the tree as it was."""
-    source = lister or backend
-    infos: list[ObjectInfo] = []
+    infos: list[ObjectInfo | None] = []  # None: handed on already
+    counts = progress or StartProgress(None)
     head = opts.cache.head_for_mode
     page_send, page_recv = trio.open_memory_channel[list[Any]](PAGES_AHEAD)
     # Indices into ``infos``: a HEAD's answer replaces the listed entry in place.
@@ -79,11 +91,30 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     # urllib3's pool (max_connections) overflows and each HEAD past it opens a new connection.
     workers = max(opts.s3.max_connections - 1, 1)
     limiter = trio.CapacityLimiter(workers)
+    unsettled: set[int] = set()  # waiting for the scan's decision or for a HEAD
+    handed = 0  # infos[:handed] went to ``emit``
+    hand_lock = trio.Lock()
+
+    async def hand_on() -> None:
+        # Every settled object at the front, in order; from the page loop and the HEAD tasks.
+        nonlocal handed
+        if emit is None:
+            return
+        async with hand_lock:
+            batch: list[ObjectInfo] = []
+            while handed < len(infos) and handed not in unsettled:
+                info = infos[handed]
+                assert info is not None
+                batch.append(info)
+                infos[handed] = None
+                handed += 1
+            if batch:
+                await emit.send(batch)
 
     def pump() -> None:
         # In a thread: botocore's parsing holds it, not the loop.  A closed receiver (the loop
         # side failed or was cancelled) ends the listing early.
-        for page in source.list_pages():
+        for page in backend.list_pages(under):
             try:
                 trio.from_thread.run(page_send.send, page)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -96,62 +127,83 @@ async def list_objects(backend: S3Backend, opts: Options, *, lister: S3Backend |
     async def head_worker(recv: trio.MemoryReceiveChannel[int]) -> None:
         async with recv:
             async for i in recv:
-                v = infos[i].version
+                v = infos[i].version  # type: ignore[union-attr]  # unsettled: not handed on
                 try:
                     infos[i] = await trio.to_thread.run_sync(backend.head, v, limiter=limiter)
                 except HsmError as exc:
                     # Changed or gone between LIST and HEAD: keep the listed version; its reads
                     # will report the change.  The mode falls back to the default.
                     log.info("HEAD %r: %s; using the listing", v.key, exc)
+                counts.heads_done += 1
+                unsettled.discard(i)
+                await hand_on()
 
-    def needs_head(i: int) -> bool:
-        return wanted is None or wanted(infos[i].version)
+    async def decide(i: int) -> None:
+        info = infos[i]
+        assert info is not None
+        if wanted is None or wanted(info.version):
+            counts.heads_wanted += 1
+            await head_send.send(i)  # unsettled until its HEAD is back
+        else:
+            unsettled.discard(i)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(list_all)
-        if head:
-            for _ in range(workers):
-                nursery.start_soon(head_worker, head_recv.clone())
-        head_recv.close()
-        waiting: list[int] = []  # listed before ``decide_after``: decided once it is set
-        async with head_send:
-            with page_recv:
-                async for page in page_recv:
-                    for v in page:
-                        infos.append(ObjectInfo(v))
-                        if not head or v.key.endswith("/"):
-                            continue  # no HEAD asked, or a directory marker
-                        if decide_after is not None and not decide_after.is_set():
-                            waiting.append(len(infos) - 1)
-                        elif needs_head(len(infos) - 1):
-                            await head_send.send(len(infos) - 1)
-                    if waiting and decide_after is not None and decide_after.is_set():
-                        for i in waiting:
-                            if needs_head(i):
-                                await head_send.send(i)
-                        waiting.clear()
-            if waiting and decide_after is not None:
-                await decide_after.wait()
-                for i in waiting:
-                    if needs_head(i):
-                        await head_send.send(i)
-    return infos
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(list_all)
+            if head:
+                for _ in range(workers):
+                    nursery.start_soon(head_worker, head_recv.clone())
+            head_recv.close()
+            waiting: list[int] = []  # listed before ``decide_after``: decided once it is set
+            async with head_send:
+                with page_recv:
+                    async for page in page_recv:
+                        counts.listed += len(page)
+                        for v in page:
+                            infos.append(ObjectInfo(v))
+                            if not head or v.key.endswith("/"):
+                                continue  # no HEAD asked, or a directory marker
+                            unsettled.add(len(infos) - 1)
+                            if decide_after is not None and not decide_after.is_set():
+                                waiting.append(len(infos) - 1)
+                            else:
+                                await decide(len(infos) - 1)
+                        if waiting and decide_after is not None and decide_after.is_set():
+                            for i in waiting:
+                                await decide(i)
+                            waiting.clear()
+                        await hand_on()
+                if waiting and decide_after is not None:
+                    await decide_after.wait()
+                    for i in waiting:
+                        await decide(i)
+            counts.listing_done = True
+        if emit is not None:
+            await hand_on()
+            await emit.send([])  # the listing is whole
+    finally:
+        if emit is not None:
+            emit.close()
+    return [] if emit is not None else infos  # type: ignore[return-value]  # none handed on
 
 
-async def start_listing(cache: StubCache, backend: S3Backend,
-                        opts: Options) -> tuple[list[ObjectInfo], dict[str, Any]]:
-    """At start: list S3 while the tree is scanned, and HEAD only objects whose path does not
+async def start_populate(cache: StubCache, backend: S3Backend, opts: Options,
+                         progress: StartProgress | None = None) -> tuple[PopulateReport, int]:
+    """A start: list S3 while the tree is scanned, and make the tree follow the listing as it
+    arrives (:meth:`StubCache.populate_listing`); HEAD only objects whose path does not
     already hold a stub of the listed ETag (the mode is on the stub already; a restart over a
-    tree that holds every version asks nothing).  Returns the listing and the scan, for
-    :meth:`StubCache.populate`.
+    tree that holds every version asks nothing).  Returns populate's report and how many
+    objects were listed.
 
     The scan persists one thing: a clean file found changed (length or mtime) is recorded
     dirty, durably, before anything looks at it (``StubCache._size_checked``), as populate's
-    own scan always did; a death after that leaves it dirty, which is true.  The listing
-    persists nothing."""
+    own scan always did; a death after that leaves it dirty, which is true.  Populate starts
+    once the scan is done (it needs all of it) and places each object the listing settles;
+    a listing that fails ends it before anything is removed (the failure is the listing's)."""
     found: dict[str, Any] = {}
     scanned = trio.Event()
     prefix = opts.s3.prefix
+    counts = progress or StartProgress(None)
 
     started = time.monotonic()
     scan_s = 0.0
@@ -167,12 +219,19 @@ async def start_listing(cache: StubCache, backend: S3Backend,
         f = found.get(rel) if rel else None
         return f is None or f.record is None or f.record.version.etag != version.etag
 
+    send, recv = trio.open_memory_channel[list[ObjectInfo]](PAGES_AHEAD)
+    scanned_files = 0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(scan)
-        objects = await list_objects(backend, opts, wanted=wanted, decide_after=scanned)
-    log.info("listed %d objects in %.1f s (tree scanned in %.1f s: %d files)", len(objects),
-             time.monotonic() - started, scan_s, len(found))
-    return objects, found
+        nursery.start_soon(partial(list_objects, backend, opts, wanted=wanted,
+                                   decide_after=scanned, progress=counts, emit=send))
+        await scanned.wait()
+        scanned_files = len(found)
+        with recv:
+            report = await cache.populate_listing(recv, prefix, found=found, progress=counts)
+    log.info("listed %d objects and placed them in %.1f s (tree scanned in %.1f s: %d files)",
+             counts.listed, time.monotonic() - started, scan_s, scanned_files)
+    return report, counts.listed
 
 
 class Refresher:
@@ -202,37 +261,37 @@ class Refresher:
     def _archiving(self, stub: Any) -> bool:
         """An archive of the file is under way: S3 may hold its upload before its record
         says so, and the listing may show it (the archiver's per-file lock, by inode)."""
-        lock = self.archiver._locks.get((stub.ino, stub.gen))
-        return lock is not None and lock.locked()
+        return self.archiver.is_archiving(stub.ino, stub.gen)
+
+    def _failed(self, exc: BaseException) -> None:
+        stats = self.cache.refresh_stats
+        stats.failures += 1
+        stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
 
     async def sync(self, rel: str = "") -> RefreshReport:
         async with self.lock:
             if self.lazy is not None:
+                report = RefreshReport(0)
                 try:
-                    report = await self.lazy.refresh(rel, wanted=self._wanted,
-                                                     busy=self._archiving)
+                    await self.lazy.refresh(rel, wanted=self._wanted, busy=self._archiving,
+                                            into=report)
                 except Exception as exc:
-                    stats = self.cache.refresh_stats
-                    stats.failures += 1
-                    stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
+                    self._failed(exc)
                     raise
-                if self.ops is not None and report.changes:
-                    await self.ops.namespace_changed(report.changes)
+                finally:
+                    # The directories refreshed before a failure changed the tree: the FUSE
+                    # door must still drop what it cached of them.
+                    if self.ops is not None and report.changes:
+                        await self.ops.namespace_changed(report.changes)
                 return report
             held = self.cache.versions()  # before the listing: what it may predate
             try:
-                lister = self.backend
-                if rel:
-                    # The backend lists under its own prefix; a subtree lists under a longer
-                    # one (a client of its own: one more connection pool for one listing).
-                    sub = dataclasses.replace(self.opts.s3, prefix=self.opts.s3.prefix + rel)
-                    lister = await trio.to_thread.run_sync(S3Backend, sub)
-                objects = await list_objects(self.backend, self.opts, lister=lister,
+                # A subtree lists under a longer prefix than the backend's.
+                objects = await list_objects(self.backend, self.opts,
+                                             under=self.opts.s3.prefix + rel if rel else None,
                                              wanted=self._wanted)
             except Exception as exc:
-                stats = self.cache.refresh_stats
-                stats.failures += 1
-                stats.last_error = f"{time.strftime('%H:%M:%SZ', time.gmtime())} {exc}"
+                self._failed(exc)
                 raise
             report = await self.cache.refresh(objects, self.opts.s3.prefix, rel, held=held,
                                               busy=self._archiving)
@@ -285,8 +344,11 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     if kernel is not None:
         kernel.attach(cache)
         cache.listeners.append(kernel)
-    objects: list[ObjectInfo] | None = None
-    found: dict[str, Any] | None = None
+    # The command waiting for this start draws these counts (on a terminal only).
+    progress = StartProgress.from_environ()
+    progress.start()
+    report: PopulateReport | None = None
+    listed: int | None = None
     if _restarted_worker():
         # A worker restarted by the holder adopts the tree as it is: guarding what exists
         # needs no S3 (which may be what just failed), and a listing could replace files that
@@ -299,12 +361,10 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                  "looked up", opts.cache.cache_dir)
     else:
         log.info("listing s3://%s/%s", opts.s3.bucket, opts.s3.prefix)
-        objects, found = await start_listing(cache, backend, opts)
-    report = await cache.populate(objects, opts.s3.prefix, found=found)
-    # Populate made its own records of what it kept: the listing and the scan (~100,000
-    # entries each at scale) go now, not with the daemon.
-    listed = None if objects is None else len(objects)
-    objects = found = None
+        report, listed = await start_populate(cache, backend, opts, progress)
+    if report is None:
+        report = await cache.populate(None, opts.s3.prefix)  # adopt the tree as it is
+    progress.phase = "guarding" if kernel is not None else "mounting"
     archiver = Archiver(cache, backend, opts.s3.prefix)
     ops = None
     lazy = None
@@ -427,6 +487,7 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
                    f"{report.stale} stale, {report.conflicts} conflicts, "
                    f"{len(report.rejected)} refused keys")
         log.info("serving: %s", summary)
+        progress.finish()
         ready(summary)
         await stop.wait()
         log.info("stopping")
@@ -519,16 +580,26 @@ def _state(cache: StubCache, path: str) -> dict[str, Any]:
     return row
 
 
+def _errno_said(exc: BaseException) -> str:
+    """A failure as the command line shows it: the errno a program would get, and why."""
+    return f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"
+
+
+async def _make_resident(cache: StubCache, stub: Any) -> None:
+    """The whole file, through the same engine as any read (``restore``, ``pin``)."""
+    pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
+    pin.release()
+
+
 async def _restore(cache: StubCache, path: str) -> dict[str, Any]:
-    """Make a file resident (the whole file, through the same engine as any read)."""
+    """Make a file resident."""
     stub = cache.stub_at(path)
     if stub is None:
         return {"path": path, "error": "not a stub of this cache"}
     try:
-        pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
-        pin.release()
+        await _make_resident(cache, stub)
     except Exception as exc:
-        return {"path": path, "error": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+        return {"path": path, "error": _errno_said(exc)}
     return _state(cache, path)
 
 
@@ -553,7 +624,7 @@ async def _release(cache: StubCache, rel: str, dry_run: bool) -> dict[str, Any]:
         done = await cache.release(stub, dry_run=dry_run)
     except Exception as exc:
         return {"path": rel, "result": "failed",
-                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+                "detail": _errno_said(exc)}
     row: dict[str, Any] = {"path": rel, "result": done.result, "detail": done.detail,
                            "resident_bytes": done.resident_bytes, "freed": done.freed}
     if done.errno:
@@ -577,7 +648,7 @@ async def _resolve(cache: StubCache, backend: S3Backend, ops: Any, rel: str, kee
         done = await resolve(cache, stub, head, keep_local=keep_local, discard=discard)
     except Exception as exc:
         return {"path": rel, "result": "failed",
-                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+                "detail": _errno_said(exc)}
     if done.inodes is not None and ops is not None:
         old, new = done.inodes
         await ops.namespace_changed([Change(REFRESHED if new else REMOVED, rel, old, new)])
@@ -594,11 +665,10 @@ async def _pin(cache: StubCache, rel: str, pinned: bool) -> dict[str, Any]:
     try:
         await cache.set_pinned(stub, pinned)
         if pinned and not stub.local and stub.fetchable:
-            pin = await cache.ensure(stub, 0, stub.size, Intent.WHOLE)
-            pin.release()
+            await _make_resident(cache, stub)
     except Exception as exc:
         return {"path": rel, "result": "failed",
-                "detail": f"{errno.errorcode.get(to_errno(exc), 'EIO')}: {exc}"}
+                "detail": _errno_said(exc)}
     state, resident = cache.state_of(stub)
     return {"path": rel, "result": "pinned" if pinned else "unpinned", "state": state,
             "resident_bytes": resident, "size": stub.size}

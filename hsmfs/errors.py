@@ -24,6 +24,10 @@ class HsmError(Exception):
     """
 
     cause = "error"
+    #: The HTTP status of the S3 answer that caused it (set by hsmfs.backend_s3: 503, 404,
+    #: 206 for a body cut short...), None when no answer came (timeout, refused, reset before
+    #: the status line).  The failure's log line names it (DESIGN §5).
+    status: int | None = None
 
 
 class ObjectMissing(HsmError):
@@ -69,6 +73,14 @@ class ShortBody(HsmError):
     cause = "short_body"
 
 
+class BadResponse(HsmError):
+    """S3 answered something other than what was asked: a Content-Range that is not the
+    requested range, a 200 (the whole object) to a ranged GET, a 2xx other than 206.  Its
+    bytes are never used."""
+
+    cause = "bad_response"
+
+
 class CacheFull(HsmError):
     """The local cache disk is full while populating."""
 
@@ -97,13 +109,14 @@ def to_errno(exc: BaseException) -> int:
     """Map any failure to the errno an application sees, from :data:`DENY_ERRNOS` only."""
     match exc:
         case (ObjectMissing() | ObjectChanged() | Superseded() | BackendUnavailable()
-              | ShortBody()):
+              | ShortBody() | BadResponse() | Throttled()):
             # Unaware programs treat any read error as fatal; EIO is the honest "data not
-            # available" and what a failing disk would give them.
+            # available" and what a failing disk would give them.  Throttling too, though
+            # DESIGN §5 gave it EAGAIN: the fault matrix showed Python's io take EAGAIN from
+            # a regular file for "non-blocking, no data yet" and return None, or the bytes
+            # read so far as if they were the whole file, raising nothing (a silent short
+            # read).  HSM-aware programs tell throttling apart by user.hsm.error's cause.
             return errno.EIO
-        case Throttled():
-            # HSM-aware callers may back off and retry; EAGAIN says exactly that.
-            return errno.EAGAIN
         case AccessDenied():
             return errno.EPERM
         case CacheFull():
@@ -120,6 +133,26 @@ def to_errno(exc: BaseException) -> int:
         case _:
             # Anything unexpected is a bug or a local I/O failure: fail closed with EIO.
             return errno.EIO
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status behind a failure: :attr:`HsmError.status`, or a ``status`` on an
+    exception it was raised from (the backend's lean-path error), or botocore's response
+    metadata.  None for failures that had no answer (refused, timed out, local)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        status = getattr(cur, "status", None)
+        if isinstance(status, int) and status >= 100:
+            return status
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int):
+                return code
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def cause_of(exc: BaseException) -> str:

@@ -6,9 +6,11 @@ import this same module.
 Owns: one threaded stdlib HTTP server on loopback that forwards every request to an upstream
 endpoint (moto) and, on command from its owner in the same process (a test, or ``hsmfs
 stress``), answers some of them itself: an S3 error (``503 SlowDown``, ``500 InternalError``,
-``403 AccessDenied``...), a dropped connection, a body cut short, added latency, or no listener
-at all (connection refused).  It records every request it saw and what it did with it, so tests
-can count S3 traffic.
+``403 AccessDenied``...), a dropped connection, a body cut short (clean close) or reset (TCP
+RST) mid-body, added latency, a stall of N requests (held, then forwarded), an answer rewritten
+by a test's function (lying headers, bodies, statuses), or no listener at all (connection
+refused).  It records every request it saw and what it did with it, so tests can count S3
+traffic.
 
 It is a forwarder, not a TCP pipe: it parses each request so faults hit exactly the N next
 requests that match (method and a substring of the path+query, e.g. a key or ``list-type=2``).
@@ -36,7 +38,9 @@ import contextlib
 import http.client
 import http.server
 import socket
+import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -69,15 +73,22 @@ class Seen:
     status: int | None = None
 
 
+#: An upstream answer as :meth:`FaultProxy.rewrite_next` hands it to a test's function, and as
+#: the function returns it: (status, headers, body).
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
 @dataclass
 class _Rule:
-    action: str  # "fail" | "close" | "truncate"
+    action: str  # "fail" | "close" | "truncate" | "reset" | "stall" | "rewrite"
     remaining: int
     method: str | None
     match: str | None
     status: int = 503
     code: str = "SlowDown"
     keep: int = 0
+    stall_s: float = 0.0
+    rewrite: Callable[[Answer], Answer] | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return (self.remaining > 0
@@ -165,8 +176,27 @@ class FaultProxy:
     def truncate_next(self, n: int, keep: int = 0, *, method: str | None = "GET",
                       match: str | None = None) -> None:
         """Forward the next ``n`` matching requests but send only ``keep`` bytes of each body
-        (after the full ``Content-Length``), then close the connection."""
+        (after the full ``Content-Length``), then close the connection.  An answer whose body
+        is no longer than ``keep`` (a PUT's) is cut inside its status line instead."""
         self._add(_Rule("truncate", n, method, match, keep=keep))
+
+    def reset_next(self, n: int, keep: int = 0, *, method: str | None = "GET",
+                   match: str | None = None) -> None:
+        """Like :meth:`truncate_next`, but end the connection with a TCP reset (RST) after
+        ``keep`` bytes of the body: the client sees ECONNRESET mid-body, not an early EOF."""
+        self._add(_Rule("reset", n, method, match, keep=keep))
+
+    def stall_next(self, n: int, seconds: float, *, method: str | None = "GET",
+                   match: str | None = None) -> None:
+        """Hold the next ``n`` matching requests ``seconds`` (longer than the client's read
+        timeout, for a stall), then forward them; the wait ends early on :meth:`stop`."""
+        self._add(_Rule("stall", n, method, match, stall_s=seconds))
+
+    def rewrite_next(self, n: int, fn: Callable[[Answer], Answer], *,
+                     method: str | None = "GET", match: str | None = None) -> None:
+        """Forward the next ``n`` matching requests and send ``fn(answer)`` instead of the
+        upstream answer (status, headers, body; Content-Length is the new body's)."""
+        self._add(_Rule("rewrite", n, method, match, rewrite=fn))
 
     def set_delay(self, ms: float, *, method: str | None = None,
                   match: str | None = None) -> None:
@@ -314,6 +344,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if delay and proxy._stopping.wait(delay):
             self.close_connection = True
             return
+        if rule is not None and rule.action == "stall":
+            proxy._record(Seen(method, path, "stall"))  # now: the client gives up before
+            if proxy._stopping.wait(rule.stall_s):
+                self.close_connection = True
+                return
         if rule is not None and rule.action == "close":
             proxy._record(Seen(method, path, "close"))
             self._drop()
@@ -328,11 +363,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             proxy._record(Seen(method, path, "error", 502))
             self._send_error(502, "BadGateway", str(exc))
             return
-        if rule is not None and rule.action == "truncate":
-            proxy._record(Seen(method, path, "truncate", status))
-            self._send(status, reason, headers, payload, declared=len(payload),
-                       send=payload[: rule.keep] if method != "HEAD" else b"")
-            self._drop()
+        if rule is not None and rule.action in ("truncate", "reset"):
+            proxy._record(Seen(method, path, rule.action, status))
+            if len(payload) <= rule.keep:
+                # Nothing of the body to cut (a PUT's empty answer): cut the status line, so
+                # the request landed upstream and its answer is lost all the same.
+                with contextlib.suppress(OSError):
+                    self.wfile.write(b"HTTP/1.1 ")
+            else:
+                self._send(status, reason, headers, payload, declared=len(payload),
+                           send=payload[: rule.keep] if method != "HEAD" else b"")
+            self._drop(reset=rule.action == "reset")
+            return
+        if rule is not None and rule.action == "rewrite":
+            assert rule.rewrite is not None
+            status, headers, payload = rule.rewrite((status, list(headers), payload))
+            proxy._record(Seen(method, path, "rewrite", status))
+            self._send(status, reason, headers, payload,
+                       declared=None if method == "HEAD" else len(payload), send=payload)
             return
         proxy._record(Seen(method, path, "pass", status))
         self._send(status, reason, headers, payload,
@@ -388,9 +436,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(doc)
         self.wfile.flush()
 
-    def _drop(self) -> None:
+    def _drop(self, reset: bool = False) -> None:
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.wfile.flush()
+        if reset:
+            # SO_LINGER on, zero seconds: close() sends RST instead of FIN.
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.connection.close()
+            return
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)

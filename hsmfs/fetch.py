@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from . import crashpoint
 from .config import CacheConfig
 from .errors import (
     BackendUnavailable,
@@ -42,13 +43,20 @@ from .errors import (
     Superseded,
     cause_of,
 )
-from .logsetup import failure_fields
+from .logsetup import failure_fields, http_status
 from .ranges import RangeMap, Span
 from .readahead import page_ceil, page_floor
 from .state import Stub
-from .stubfile import VersionLike
+from .stubfile import VersionLike, punch
 
 log = logging.getLogger(__name__)
+
+#: A failed flight of an object that started less than this many seconds after a failure of
+#: that object for the same cause was logged is logged at DEBUG (still counted): one
+#: application read through FUSE is two requests when it fails (the kernel's read-ahead, then
+#: at once its synchronous retry of the page: each pays the whole retry budget), and a program
+#: that retries in a loop would otherwise write a line per try.  DESIGN §5: logged once.
+FAILURE_QUIET_S = 2.0
 
 
 class NoRoom(Exception):
@@ -75,6 +83,11 @@ class FillHost(Protocol):
 
     def filled(self, stub: Stub, completes: bool) -> None:
         """Worker thread: bytes landed (every owed byte is now local if ``completes``)."""
+        ...
+
+    def put_back_mtime(self, stub: Stub) -> None:
+        """Worker thread: bytes were written to ``stub`` (or punched back after a failed
+        write): put its mtime back where a clean copy keeps it."""
         ...
 
     async def make_room(self, stub: Stub, nbytes: int, speculative: bool) -> int:
@@ -104,6 +117,7 @@ class Flight:
     chunks: list[int]  # the chunk indices this flight owns in ``_inflight``
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    started: float = 0.0  # trio.current_time() when it took off
 
 
 @dataclass
@@ -118,6 +132,8 @@ class Counters:
     prefetched_bytes: int = 0
     sibling_prefetches: int = 0  # files fetched by directory read-ahead
     readahead_no_room: int = 0  # read-ahead flights that gave way to -o cache_size
+    error_views_written: int = 0  # user.hsm.error xattrs written (StubCache.note_failure)
+    error_views_skipped: int = 0  # ... not written: the shared rate limit (memory only)
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -132,6 +148,8 @@ class FetchEngine:
         self._inflight: dict[tuple[int, int], list[Flight]] = {}
         self._s3_limiter = trio.CapacityLimiter(cfg.concurrency)
         self.nursery: trio.Nursery | None = None
+        #: (key, cause) -> when its failure was last logged loud (see FAILURE_QUIET_S).
+        self._logged: dict[tuple[str, str], float] = {}
         # One GET buffer per worker thread (at most ``concurrency`` x ``max_request`` bytes);
         # trio retires idle worker threads, and their buffers with them.
         self._buffers = threading.local()
@@ -257,6 +275,7 @@ class FetchEngine:
 
     async def _fly(self, stub: Stub, flight: Flight, prefetch: bool) -> None:
         """Run one flight to the end.  Never raises: the error is kept for every waiter."""
+        flight.started = trio.current_time()
         try:
             assert stub.ranges is not None
             # Write only what is missing: resident bytes inside the span may hold an
@@ -318,14 +337,28 @@ class FetchEngine:
         self.counters.errors[cause] += 1
         # A superseded file is retried through the reader's own fd: not a failure it sees.
         level = logging.INFO if prefetch or isinstance(exc, Superseded) else logging.ERROR
+        if level >= logging.ERROR and self._repeated(stub.version.key, cause, flight.started):
+            level = logging.DEBUG
         if not isinstance(exc, (HsmError, OSError)):
             log.exception("unexpected failure fetching %r", stub.version.key)
         else:
-            log.log(level, "%sfetch of %r [%d, %d) failed (%s): %s",
+            log.log(level, "%sfetch of %r [%d, %d) failed (%s, %s): %s",
                     "pre" if prefetch else "", stub.version.key, flight.start, flight.stop,
-                    cause, exc, extra=failure_fields(
+                    cause, http_status(exc), exc, extra=failure_fields(
                         "prefetch_failed" if prefetch else "fetch_failed", stub.version.key,
                         flight.start, flight.stop, exc))
+
+    def _repeated(self, key: str, cause: str, started: float) -> bool:
+        """Whether a failure of ``key`` for ``cause`` was logged loud less than
+        :data:`FAILURE_QUIET_S` before this flight started; else this one is, from now."""
+        now = trio.current_time()
+        last = self._logged.get((key, cause))
+        if last is not None and started - last < FAILURE_QUIET_S:
+            return True
+        if len(self._logged) > 1024:  # keep it small: only recent lines matter
+            self._logged = {k: t for k, t in self._logged.items() if now - t < FAILURE_QUIET_S}
+        self._logged[(key, cause)] = now
+        return False
 
     def _fetch_and_fill(self, stub: Stub, flight: Flight, gaps: list[Span],
                         completes: bool) -> None:
@@ -338,6 +371,8 @@ class FetchEngine:
             raise ShortBody(f"{stub.version.key!r} [{flight.start}, {flight.stop}): "
                             f"fetcher returned {got} bytes")
         self._write_gaps(stub, flight.start, data, gaps)
+        # Written, the mtime moved, not put back yet (StubCache._size_checked's answer).
+        crashpoint.crash_point(crashpoint.FILL, "written")
         self.host.filled(stub, completes)
 
     def _buffer(self, size: int) -> memoryview:
@@ -369,9 +404,32 @@ class FetchEngine:
                 while offset < end:
                     offset += os.pwrite(fd, view[offset - base:end - base], offset)
         except OSError as exc:
+            self._undo_gaps(stub, fd, gaps, size)
+            self.host.put_back_mtime(stub)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFull(f"cache disk full writing {stub.path!r}: {exc}") from exc
             raise
+
+    @staticmethod
+    def _undo_gaps(stub: Stub, fd: int, gaps: list[Span], size: int) -> None:
+        """A write of the gaps failed part-way (ENOSPC, EDQUOT, EIO): punch them back to holes
+        (the caller puts the mtime back).  The range is not claimed in memory either way, but the
+        extents are the residency truth at the next start (or when the range map is read
+        again): a half-written block would be data there, its unwritten tail zeros served as
+        the object's bytes; and a pwrite moved the mtime, which a start reads as a program's
+        write (a clean file recorded dirty).  The flight owns its gaps (they were holes and
+        nothing else writes them until it ends), so punching them cannot touch anyone's
+        bytes; a gap that reaches the end of the file is punched to the end of its block."""
+        try:
+            block = os.fstat(fd).st_blksize or 4096
+            for gap in gaps:
+                stop = gap.stop
+                if stop >= size:
+                    stop = -(-stop // block) * block
+                punch(fd, gap.start, stop)
+        except OSError as exc:
+            log.error("cannot punch back the part-written gaps of %r (%s): the next start may "
+                      "count them resident", stub.path, exc)
 
     async def prefetch(self, stub: Stub, start: int, stop: int) -> None:
         """Read-ahead of ``[start, stop)`` in the background (never waited for)."""

@@ -81,5 +81,85 @@ def place(keys: Iterable[str], prefix: str) -> Placement:
             dirs.add("/".join(parts[:i]))
     for rel in sorted(files):
         if rel in dirs:
-            rejected.append((files.pop(rel), "is both an object and a prefix of other keys"))
+            rejected.append((files.pop(rel), BOTH_FILE_AND_PREFIX))
     return Placement(files=files, dirs=dirs, rejected=rejected)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One thing a listing decides, as soon as it can: ``kind`` is ``dir`` (``rel``),
+    ``file`` (``rel`` and ``key``) or ``rejected`` (``key`` and ``reason``)."""
+
+    kind: str
+    rel: str = ""
+    key: str = ""
+    reason: str = ""
+
+
+#: The one reason :func:`place` and :class:`PlacementStream` give for ``a`` beside ``a/b``.
+BOTH_FILE_AND_PREFIX = "is both an object and a prefix of other keys"
+
+
+class PlacementStream:
+    """:func:`place` for a listing taken one key at a time, in S3's order (UTF-8 binary, which
+    is Python's code point order for the strings botocore decodes): a key is decided as soon
+    as no later key can change its fate, so stubs are made while the listing still arrives.
+
+    Only the file-or-directory question waits: a file ``a`` is refused once a key under
+    ``a/`` arrives, and kept once a key arrives that sorts after every ``a/...`` (one that
+    does not start with ``a``, or whose next character sorts after ``/``).  Keys like ``a!``
+    or ``a.txt`` sort between ``a`` and ``a/``, so a few files may wait; the rest are decided
+    at once.  Directories are decided at their first key, parents first.
+
+    A server that does not list in order (S3 and Ceph do; ``ordered`` turns False and the
+    caller is told once) still gets every object placed; only the ``a`` beside ``a/b`` rule may
+    then keep the file that came first, whose directory objects are then skipped one by one
+    with a line each, as for a local file blocking a directory.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ordered = True
+        self._last: str | None = None
+        self._dirs: set[str] = set()
+        self._pending: list[tuple[str, str]] = []  # undecided files (rel, key), in order
+
+    def add(self, key: str) -> list[Decision]:
+        if self._last is not None and key < self._last:
+            self.ordered = False
+        self._last = key
+        rel, reason = key_to_relpath(key, self.prefix)
+        if rel is None:
+            return [Decision("rejected", key=key, reason=reason)]
+        is_dir = rel.endswith("/")
+        out = self._decide(rel)  # a marker "a/" keeps its "/": it refuses a file "a" too
+        rel = rel.rstrip("/")
+        parts = rel.split("/")
+        for i in range(1, len(parts) + (1 if is_dir else 0)):
+            d = "/".join(parts[:i])
+            if d not in self._dirs:
+                self._dirs.add(d)
+                out.append(Decision("dir", rel=d))
+        if not is_dir:
+            self._pending.append((rel, key))
+        return out
+
+    def finish(self) -> list[Decision]:
+        """The listing ended: every file still waiting is a file."""
+        out = [Decision("file", rel=rel, key=key) for rel, key in self._pending]
+        self._pending.clear()
+        return out
+
+    def _decide(self, rel: str) -> list[Decision]:
+        out: list[Decision] = []
+        waiting: list[tuple[str, str]] = []
+        for prel, pkey in self._pending:
+            after = rel[len(prel)] if rel.startswith(prel) and len(rel) > len(prel) else ""
+            if after == "/":
+                out.append(Decision("rejected", key=pkey, reason=BOTH_FILE_AND_PREFIX))
+            elif after and after < "/":
+                waiting.append((prel, pkey))  # "a!" came: "a/..." may still follow
+            else:
+                out.append(Decision("file", rel=prel, key=pkey))
+        self._pending = waiting
+        return out

@@ -234,20 +234,29 @@ class LazyNamespace:
         return plan
 
     async def _heads(self, files: list[tuple[str, ObjectInfo]]) -> list[tuple[str, ObjectInfo]]:
-        """``-o head``: the mode of each new file from HEAD, as a start does (overlapped)."""
+        """``-o head``: the mode of each new file from HEAD, as a start does (overlapped),
+        from as many worker tasks as the limiter has slots, never one task per file (a
+        directory of 100,000 objects would make 100,000 waiting tasks: ~600 MB at start)."""
         out = list(files)
+        send, recv = trio.open_memory_channel[int](0)
 
-        async def one(i: int) -> None:
-            r, info = out[i]
-            try:
-                out[i] = (r, await trio.to_thread.run_sync(self.backend.head, info.version,
-                                                           limiter=self._limiter))
-            except Exception as exc:  # the listing's version, default mode
-                log.info("HEAD %r: %s; using the listing", info.version.key, exc)
+        async def worker(indices: trio.MemoryReceiveChannel[int]) -> None:
+            async with indices:
+                async for i in indices:
+                    r, info = out[i]
+                    try:
+                        out[i] = (r, await trio.to_thread.run_sync(
+                            self.backend.head, info.version, limiter=self._limiter))
+                    except Exception as exc:  # the listing's version, default mode
+                        log.info("HEAD %r: %s; using the listing", info.version.key, exc)
 
         async with trio.open_nursery() as nursery:
-            for i in range(len(out)):
-                nursery.start_soon(one, i)
+            for _ in range(min(int(self._limiter.total_tokens), len(out))):
+                nursery.start_soon(worker, recv.clone())
+            recv.close()
+            async with send:
+                for i in range(len(out)):
+                    await send.send(i)
         return out
 
     def _create(self, files: list[tuple[str, Any]],
@@ -299,16 +308,19 @@ class LazyNamespace:
             os.close(top)
         return out
 
-    async def refresh(self, rel: str, *, wanted: Any, busy: Any) -> RefreshReport:
+    async def refresh(self, rel: str, *, wanted: Any, busy: Any,
+                      into: RefreshReport | None = None) -> RefreshReport:
         """A refresh of the listed directories at or below ``rel`` only: each is listed again
         (Delimiter=/) and its files reconciled by the refresh's rules
         (:meth:`StubCache.refresh`, ``shallow``); its new subdirectories are made (listed at
         their first lookup).  A directory not listed stays so: a refresh never makes the
-        bucket eager.  ``rel`` a file: that file only, from its directory's listing."""
+        bucket eager.  ``rel`` a file: that file only, from its directory's listing.
+        ``into``: the report to add to, which keeps what the directories refreshed before a
+        failure changed (the caller still tells the FUSE door)."""
         from .backend_s3 import ObjectInfo
         from .cache import RefreshReport
 
-        report = RefreshReport(0)
+        report = into if into is not None else RefreshReport(0)
         is_file = rel and not await trio.to_thread.run_sync(self._is_dir, rel)
         dirs = [os.path.dirname(rel)] if is_file else \
             await trio.to_thread.run_sync(self._listed_under, rel)

@@ -19,6 +19,7 @@ from .errors import (
     ObjectMissing,
     Throttled,
     cause_of,
+    status_of,
     to_errno,
 )
 
@@ -28,7 +29,7 @@ _NOISY = ("botocore", "boto3", "urllib3", "s3transfer")
 
 #: The structured fields a log line may carry (``extra=``, e.g. :func:`failure_fields`); the
 #: JSON format writes each one present.
-FIELDS = ("event", "key", "range", "cause", "errno")
+FIELDS = ("event", "key", "range", "cause", "status", "errno")
 
 
 class JsonFormatter(logging.Formatter):
@@ -133,7 +134,15 @@ def failure_fields(event: str, key: str, start: int, stop: int,
     """The structured fields of a failure line (``log.error(..., extra=...)``): what failed,
     on which object and range, why, and the errno the doors answer for it."""
     return {"event": event, "key": key, "range": [start, stop], "cause": cause_of(exc),
+            "status": status_of(exc),
             "errno": errno.errorcode.get(to_errno(exc), str(to_errno(exc)))}
+
+
+def http_status(exc: BaseException) -> str:
+    """The failure's HTTP status as its log line shows it: ``HTTP 503``, or ``no HTTP
+    answer`` (refused, reset or timed out before a status line; a local failure)."""
+    status = status_of(exc)
+    return f"HTTP {status}" if status else "no HTTP answer"
 
 
 def start_failure_line(source: str, exc: BaseException) -> str:

@@ -55,6 +55,7 @@ from .keys import STATE_DIR
 from .mounts import fuse_device
 from .mounts import mountinfo as mountinfo  # re-exported: hsmfs.bench.passfs reads it here
 from .stubfile import CLEAN, CONFLICT, DIRTY, X_VIEW, RemoteVersion
+from .stubfile import X_ERROR as XATTR_ERROR
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -1046,6 +1047,10 @@ def _identity_view(stub: Stub) -> dict[str, str]:
         view["user.hsm.version"] = stub.version.version_id
     if stub.pinned:
         view["user.hsm.pinned"] = "1"  # hsmfs pin (the record's trusted.* is hidden here)
+    if stub.error is not None:
+        # The last failure, from memory: fresher than the backing xattr, which a full disk
+        # or the write rate limit may have kept from being written.
+        view[XATTR_ERROR] = stub.error
     return view
 
 

@@ -74,6 +74,12 @@ class Stub:
     #: time.monotonic() of the last open or read through either door (0: none since this
     #: daemon started): eviction's least-recently-used clock (:mod:`hsmfs.evict`).
     used_at: float = 0.0
+    #: ``user.hsm.error`` as published (None: no failure since the last success), and what it
+    #: says and when (monotonic) it was published: the same failure again within
+    #: ``ERROR_REFRESH`` seconds writes nothing (:meth:`hsmfs.cache.StubCache.note_failure`).
+    error: str | None = None
+    error_sig: tuple[str, int, int | None] | None = None
+    error_at: float = 0.0
 
     @property
     def size(self) -> int:

@@ -12,6 +12,8 @@ else is needed to restart, and nothing an application can write decides what is 
   the word and the data) or bytes nobody wrote (a forged word); extents cannot.
 * ``user.hsm.state`` is a *view* for HSM-aware tools (``getfattr`` through either door); it is
   written at transitions and never read back by hsmfs to decide anything.
+* ``user.hsm.error`` is another view: the last failure a program was given for this file
+  (:func:`format_error`).  Informational only; see docs/design.md, "The last failure".
 
 Record (all values ASCII):
 
@@ -66,6 +68,9 @@ X_PINNED = "trusted.hsmfs.pinned"
 X_RELEASING = "trusted.hsmfs.releasing"
 #: The view: generic name HSM-aware tools read; never read back to decide anything.
 X_VIEW = "user.hsm.state"
+#: The last failure a program was given for this file (a view, like :data:`X_VIEW`): its
+#: cause, errno, HTTP status when known, and time.  Never read back to decide anything.
+X_ERROR = "user.hsm.error"
 #: The format before this one kept its record in ``user.*`` (forgeable).  Files carrying only
 #: that are never trusted: see :func:`legacy_identity`.
 LEGACY_KEY = "user.hsmfs.key"
@@ -207,6 +212,54 @@ def write_view(fd: int, word: str) -> None:
     os.setxattr(fd, X_VIEW, word.encode())
 
 
+def format_error(cause: str, err: int, status: int | None, when: float) -> str:
+    """The value of :data:`X_ERROR`: ``cause=WORD errno=NAME [http=NNN] time=ISO8601Z``.
+
+    Short on purpose: on ext4 it shares the inode's or the record's xattr space, and it is
+    written while the disk may be full.  Space-separated ``key=value``, so a shell reads it
+    with ``getfattr --only-values`` and ``tr ' ' '\\n'``."""
+    name = errno.errorcode.get(err, str(err))
+    words = [f"cause={cause}", f"errno={name}"]
+    if status:
+        words.append(f"http={status}")
+    words.append("time=" + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)))
+    return " ".join(words)
+
+
+def parse_error(text: str) -> dict[str, object]:
+    """:data:`X_ERROR` as a dict (for ``hsmfs state``).  The value is a ``user.*`` xattr that
+    whoever may write the file may also write: parsed for display only, unknown or malformed
+    words ignored, never trusted for anything."""
+    out: dict[str, object] = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if not sep or key not in ("cause", "errno", "http", "time"):
+            continue
+        if key == "http":
+            if value.isdigit():
+                out["http"] = int(value)
+        elif key == "errno":
+            out["errno"] = value
+            number = getattr(errno, value, None)
+            if isinstance(number, int):
+                out["errno_number"] = number
+        else:
+            out[key] = value
+    return out
+
+
+def write_error(fd: int, value: str | None) -> None:
+    """Publish (or, with None, remove) :data:`X_ERROR`.  Not fsync'd: a view."""
+    if value is not None:
+        os.setxattr(fd, X_ERROR, value.encode())
+        return
+    try:
+        os.removexattr(fd, X_ERROR)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+
+
 def legacy_identity(fd: int) -> bool:
     """Whether the file carries the old, forgeable ``user.hsmfs.*`` record and no trusted one."""
     return _get(fd, LEGACY_KEY) is not None and _get(fd, X_KEY) is None
@@ -310,7 +363,9 @@ def describe(path: str) -> dict[str, object]:
     # partial (a truncated stub), so it gets the estimate.
     resident = (min(st.st_size, remote) if word == RESIDENT else 0
                 if word == STUB else min(st.st_blocks * 512, st.st_size, remote))
+    error = get(X_ERROR)
     info.update(state=word, resident_bytes=resident, key=key, remote_size=remote,
+                error=parse_error(error) if error else None,
                 pinned="1" in (get(X_PINNED), get("user.hsm.pinned")),  # FUSE: the view
                 etag=get(X_ETAG), mtime=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                       time.gmtime(st.st_mtime)))

@@ -85,7 +85,7 @@ def run_kernel_daemon(opts: Options, ready: Callable[[str], None],
     try:
         holder = Holder(argv, ready_fd=write_end, watchdog=opts.kernel.watchdog_s,
                         worker_env={**os.environ, ENV_START_ERROR_FD: str(cause_w)},
-                        pass_fds=(cause_w,), before_close=before_close)
+                        pass_fds=(cause_w, *_progress_fd()), before_close=before_close)
     except OSError as exc:
         for fd in (cause_r, cause_w, read_end, write_end):
             os.close(fd)
@@ -117,6 +117,18 @@ def run_kernel_daemon(opts: Options, ready: Callable[[str], None],
         raise StartFailed(cause or f"cannot serve {source_of(opts)}: the worker exited with "
                           f"status {status} before it was ready; see the log")
     return status
+
+
+def _progress_fd() -> tuple[int, ...]:
+    """The start-progress pipe the waiting command gave (hsmfs.startprogress), for the worker:
+    it is the one that lists and populates."""
+    from .startprogress import ENV_FD
+
+    with contextlib.suppress(KeyError, ValueError, OSError):
+        fd = int(os.environ[ENV_FD])
+        os.fstat(fd)
+        return (fd,)
+    return ()
 
 
 def _last_line(fd: int) -> str:

@@ -12,6 +12,9 @@ python="${PYTHON:-python3}"
 apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc sqlite3)  # sqlite3: the demo queries through both doors
 # systemd: systemd-analyze verifies the shipped units (tests/t1_units.py)
 [ "$extra" = test ] && apt_pkgs+=(rsync attr util-linux e2fsprogs xfsprogs btrfs-progs git systemd)
+# podman (with its recommends), runc and a static busybox: tests/t4_containers.py runs the
+# README's `podman run -v` recipe (no registry here: the root filesystem is a busybox dir)
+[ "$extra" = test ] && container_pkgs=(podman runc busybox-static) || container_pkgs=()
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,6 +24,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+cmissing=()
+for p in "${container_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || cmissing+=("$p")
+done
+if [ ${#cmissing[@]} -gt 0 ]; then
+  echo "setup: installing ${cmissing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${cmissing[@]}" >/dev/null
 fi
 
 case "$extra" in

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -194,6 +195,56 @@ def _no_cover_left(tmp_path: Path) -> Iterator[None]:
     cover this test left under its own directory, whatever the test did."""
     yield
     uncover_under(tmp_path)
+
+
+#: How long past its own timeout a test may stay wedged before :func:`_unwedge` frees it.
+UNWEDGE_GRACE_S = 30.0
+
+
+@pytest.fixture(autouse=True)
+def _unwedge_after_timeout(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """pytest-timeout's SIGALRM cannot wake a test blocked in the kernel on a FUSE request or
+    a fanotify permission event nobody answers: the whole run would hang there.  Past the
+    test's timeout (plus a grace), a thread frees it the way an admin would: it aborts every
+    FUSE connection mounted under the test's directory and SIGKILLs every hsmfs process whose
+    command line names that directory (a closed fanotify group lets its pending events go).
+    The blocked call then returns an error, and the test fails instead of hanging."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else \
+        float(request.config.getini("timeout") or 0)
+    if limit <= 0:
+        yield
+        return
+    timer = threading.Timer(limit + UNWEDGE_GRACE_S, _unwedge, args=(tmp_path,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _unwedge(directory: Path) -> None:
+    root = str(directory.resolve())
+    sys.stderr.write(f"\nconftest: a test under {root} outlived its timeout: aborting its FUSE "
+                     "connections and killing its hsmfs processes\n")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1].startswith("fuse") and (fields[4] + "/").startswith(root + "/"):
+                _abort_fuse(fields[2].split(":")[1])
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any("hsmfs" in a for a in argv) and any(root in a for a in argv):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def uncover_under(directory: Path) -> None:

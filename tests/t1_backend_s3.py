@@ -314,7 +314,7 @@ def test_slowdown_past_every_attempt_is_throttled(proxied, bucket, fault_proxy):
     fault_proxy.fail_next(ATTEMPTS, status=503, code="SlowDown", match="/k")
     with pytest.raises(Throttled) as ei:
         proxied.fetch(v, 0, 100)
-    assert to_errno(ei.value) == errno.EAGAIN
+    assert to_errno(ei.value) == errno.EIO  # the cause stays Throttled: see to_errno
     assert "503" in str(ei.value) and "SlowDown" in str(ei.value)
     assert fault_proxy.count(action="fail") == ATTEMPTS
     assert fault_proxy.pending() == 0
@@ -411,7 +411,7 @@ def test_latency_past_the_read_timeout_is_throttled(bucket, fault_proxy):  # noq
     with pytest.raises(Throttled) as ei:
         backend.fetch(v, 0, 1000)
     assert "timed out" in str(ei.value)
-    assert to_errno(ei.value) == errno.EAGAIN
+    assert to_errno(ei.value) == errno.EIO  # the cause stays Throttled: see to_errno
     assert time.monotonic() - t0 < 1.4  # gave up on its own timeout, not the proxy's delay
     fault_proxy.restore()
     assert backend.fetch(v, 0, 1000) == bucket.objects["k"]
@@ -475,3 +475,57 @@ def test_fault_proxy_start_stop_and_restart(moto, bucket):
     proxy.stop()  # idempotent
     # Every thread the proxy started (listener and per-connection handlers) is gone.
     assert set(threading.enumerate()) <= threads_before
+
+
+# -- issue 13: the status an error carries, answers that lie, metadata modes ---------------------
+
+def test_classified_errors_carry_their_http_status() -> None:
+    from hsmfs.backend_s3 import _Retryable, classify_status
+
+    for status, code in [(404, "NoSuchKey"), (412, "PreconditionFailed"), (403, "AccessDenied"),
+                         (503, "SlowDown"), (500, "InternalError")]:
+        final = classify_status("get 'k'", status, code)
+        exc = final.final if isinstance(final, _Retryable) else final
+        assert exc.status == status, (status, exc)
+
+
+@pytest.mark.parametrize(("status", "content_range", "cause"), [
+    (206, "bytes 100-199/1000", None),
+    (206, "bytes 100-199/*", None),
+    (200, None, "bad_response"),  # the whole object to a range of it
+    (204, None, "bad_response"),
+    (206, None, "bad_response"),
+    (206, "bytes 0-99/1000", "bad_response"),  # another range
+    (206, "bytes 100-198/1000", "bad_response"),
+    (206, "items 100-199/1000", "bad_response"),
+    (206, "bytes garbage", "bad_response"),
+    (206, "bytes 100-199/2000", "changed"),  # the object is not the listed size
+])
+def test_check_range(status: int, content_range: str | None, cause: str | None) -> None:
+    from hsmfs.backend_s3 import _check_range
+    from hsmfs.errors import HsmError
+
+    v = ObjectVersion("k", '"e"', 1000, 0.0)
+    if cause is None:
+        _check_range("get", v, 100, 100, status, content_range)
+        return
+    with pytest.raises(HsmError) as err:
+        _check_range("get", v, 100, 100, status, content_range)
+    assert err.value.cause == cause and err.value.status == status
+
+
+def test_a_200_for_the_whole_object_is_the_same_bytes() -> None:
+    from hsmfs.backend_s3 import _check_range
+
+    _check_range("get", ObjectVersion("k", '"e"', 1000, 0.0), 0, 1000, 200, None)
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("33261", 0o100755), ("420", 0o644), (str(0o104755), 0o100755),
+    (str(0o107777), 0o100777), (str(0o041777), None), ("-1", None), ("rwxr-xr-x", None),
+    (str(1 << 40), None), ("", None), ("0x1ed", None),
+])
+def test_metadata_mode(raw: str, want: int | None) -> None:
+    from hsmfs.backend_s3 import _mode_of
+
+    assert _mode_of("k", {"Metadata": {"mode": raw}}) == want

@@ -205,3 +205,52 @@ def test_place_only_yields_inside_paths_and_no_file_is_a_dir(prefix, keys):
         parts = rel.split("/")
         for i in range(1, len(parts)):
             assert "/".join(parts[:i]) in p.dirs
+
+
+def test_placement_stream_decides_as_place_does_on_ordered_listings() -> None:
+    """Stubs are made while the listing arrives (issue 12, item 5): the streaming layout must
+    decide every key as the whole-listing one does, directories before what they hold."""
+    import random
+
+    from hsmfs.keys import PlacementStream
+
+    alphabet = ["a", "b", "/", "!", ".", "é", "z", "0"]  # around "/" in sort order
+    for trial in range(3000):
+        rng = random.Random(trial)
+        keys = sorted({"p/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+                       for _ in range(rng.randint(1, 12))})
+        ref = place(keys, "p/")
+        stream = PlacementStream("p/")
+        decided = [d for k in keys for d in stream.add(k)] + stream.finish()
+        made: set[str] = set()
+        for d in decided:
+            if d.kind in ("dir", "file"):
+                parts = d.rel.split("/")
+                assert all("/".join(parts[:i]) in made for i in range(1, len(parts))), keys
+                if d.kind == "dir":
+                    made.add(d.rel)
+        assert {d.rel: d.key for d in decided if d.kind == "file"} == ref.files, keys
+        assert {d.rel for d in decided if d.kind == "dir"} == ref.dirs, keys
+        assert sorted((d.key, d.reason) for d in decided if d.kind == "rejected") == \
+            sorted(ref.rejected), keys
+        assert stream.ordered
+
+
+def test_placement_stream_decides_a_file_as_soon_as_no_later_key_can_refuse_it() -> None:
+    from hsmfs.keys import PlacementStream
+
+    s = PlacementStream("")
+    assert s.add("a") == []  # "a/..." may follow
+    assert [d.kind for d in s.add("a!")] == []  # still may: "!" sorts before "/"
+    assert [(d.kind, d.rel) for d in s.add("a0")] == [("file", "a"), ("file", "a!")]
+    assert [(d.kind, d.key or d.rel) for d in s.add("a0/x")] == [("rejected", "a0"),
+                                                                  ("dir", "a0")]
+    s2 = PlacementStream("")
+    s2.add("b")
+    got = s2.add("b/")  # a directory marker refuses the file "b" too
+    assert ("rejected", "b") in [(d.kind, d.key) for d in got]
+    assert ("dir", "b") in [(d.kind, d.rel) for d in got]
+    s3 = PlacementStream("")
+    s3.add("z")
+    s3.add("c")
+    assert not s3.ordered  # told, and the objects are still placed

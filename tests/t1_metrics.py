@@ -37,7 +37,7 @@ def test_labels_are_escaped_and_errnos_named() -> None:
     assert sample.labels == {"kind": weird} and sample.value == 3
     assert fams["hsmfs_kernel_event_mean_seconds"].samples[0].value == pytest.approx(0.0025)
     by_cause = {s.labels["cause"]: s.labels["errno"] for s in fams["hsmfs_fetch_errors"].samples}
-    assert by_cause == {"throttled": "EAGAIN", "enospc": "ENOSPC", "missing": "EIO"}
+    assert by_cause == {"throttled": "EIO", "enospc": "ENOSPC", "missing": "EIO"}
 
 
 def test_requests_by_kind_and_status() -> None:

@@ -18,6 +18,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from hsmfs.errors import (
     DENY_ERRNOS,
     AccessDenied,
     BackendUnavailable,
+    BadResponse,
     CacheFull,
     FileBusy,
     HsmError,
@@ -979,7 +981,8 @@ ERRNO_OF = {
     ObjectChanged: errno.EIO,
     BackendUnavailable: errno.EIO,
     ShortBody: errno.EIO,
-    Throttled: errno.EAGAIN,
+    BadResponse: errno.EIO,  # S3 answered another range or a 200 to a range: never used
+    Throttled: errno.EIO,  # not EAGAIN: Python's io reads EAGAIN as "no data yet"
     AccessDenied: errno.EPERM,
     CacheFull: errno.ENOSPC,
     QuotaExceeded: errno.EDQUOT,
@@ -1024,3 +1027,50 @@ def test_to_errno_of_any_oserror_stays_in_the_deny_set(code):
                          ids=lambda e: type(e).__name__)
 def test_to_errno_fails_closed_with_eio(exc):
     assert to_errno(exc) == errno.EIO
+
+
+# -- user.hsm.error (issue 13, item 3) ------------------------------------------------------------
+
+async def test_last_error_is_written_once_per_failure_and_rate_limited_over_files(h):
+    """A storm of one failure on one file writes its xattr once; failures over many files share
+    one bucket (memory only beyond it, which the FUSE door shows); a served miss removes it."""
+    from hsmfs.cache import ERROR_WRITE_BURST, ERROR_WRITES_PER_S
+    from hsmfs.stubfile import X_ERROR
+
+    f = h.fetcher
+    n = ERROR_WRITE_BURST + 20
+    for i in range(n):
+        f.put(f"d/{i:03}", seeded(2 * C, f"storm{i}"))
+    cache = h.cache(small_file=0)
+    await cache.populate(f.listing())
+    f.fail = BackendUnavailable("S3 down")
+    async with serving(cache, f):
+        for _ in range(10):
+            with pytest.raises(BackendUnavailable):
+                await cache.ensure(cache.stub_at("d/000"), 0, 4096)
+        assert cache.counters.error_views_written == 1
+        first = xattr(h.path("d/000"), X_ERROR)
+        assert first is not None and first.startswith(b"cause=unavailable errno=EIO time=")
+        started = time.monotonic()
+        for i in range(1, n):
+            with pytest.raises(BackendUnavailable):
+                await cache.ensure(cache.stub_at(f"d/{i:03}"), 0, 4096)
+        elapsed = time.monotonic() - started
+        written = cache.counters.error_views_written
+        skipped = cache.counters.error_views_skipped
+        # The bucket: a burst, then ERROR_WRITES_PER_S; a slow (loaded) machine refills more
+        # while the loop runs, so the bound is the elapsed time's, not a fixed count.
+        assert written + skipped == n, (written, skipped)
+        assert written <= ERROR_WRITE_BURST + 1 + ERROR_WRITES_PER_S * elapsed + 1, \
+            (written, skipped, elapsed)
+        if elapsed < 0.5:
+            assert skipped > 0, (written, skipped, elapsed)
+        assert all(s.error for s in cache.stubs())  # memory has every one
+        on_disk = sum(xattr(h.path(f"d/{i:03}"), X_ERROR) is not None for i in range(n))
+        assert on_disk == written
+        # Served: gone from memory and disk.
+        f.fail = None
+        await cache.ensure(cache.stub_at("d/000"), 0, 4096)
+        assert cache.stub_at("d/000").error is None
+        assert xattr(h.path("d/000"), X_ERROR) is None
+        await settle(cache)

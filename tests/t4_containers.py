@@ -1,12 +1,14 @@
 """Containers (issue 14, item 1): a program in its own mount, PID and user namespaces, with the
 cache bind-mounted at another path, uses the backing files directly through the kernel door.
 
-There is no container runtime here (a docker client without a daemon, no registry to pull an
-image from), so the tests make the namespaces the way runtimes do, with ``unshare(1)``: a new
-mount namespace where the cache is bind-mounted at ``/data``-like path, a new PID namespace,
-and (second test) a user namespace created by an unprivileged uid.  The kernel door's marks are
-on the inodes (or the filesystem), not on a path or a mount, so every bind mount of the tree in
-every namespace is guarded: the program is blocked until hsmfs filled the range.
+The tests make the namespaces the way runtimes do, with ``unshare(1)``: a new mount namespace
+where the cache is bind-mounted at a ``/data``-like path, a new PID namespace, and a user
+namespace created by an unprivileged uid.  The last test runs podman itself (Debian's, which
+scripts/setup.sh installs) with the README's ``-v`` recipe.  Docker cannot be run here: there is
+a client but no daemon, and no registry to pull an image from (podman runs a root directory).
+The kernel door's marks are on the inodes (or the filesystem), not on a path or a mount, so
+every bind mount of the tree in every namespace is guarded: the program is blocked until hsmfs
+filled the range.
 """
 
 from __future__ import annotations
@@ -134,3 +136,74 @@ def test_a_read_only_bind_mount_reads_cold_stubs_and_refuses_writes(
         assert "write=0" not in text and "Read-only file system" in err, text + err
         assert (d.cache / "cold.bin").read_bytes() == cold
         assert "came without an fd" not in d.log()
+
+
+# -- podman itself (issue 14, item 1: "if podman is installable here, run the recipe") ---------
+
+#: What this machine's podman needs beyond the README's recipe, and why: the default runtime
+#: (crun) refuses its cgroup layout (v1 with a v2 "unified" mount: "hybrid mode"), so runc;
+#: podman's default RLIMIT_NOFILE and NPROC exceed this machine's hard limits.  No image: no
+#: registry is reachable, so the root filesystem is a directory holding a static busybox.
+PODMAN_HERE = ["--runtime", "runc", "--network=none", "--ulimit", "nofile=1024:1024",
+               "--ulimit", "nproc=1024:1024"]
+BUSYBOX_APPLETS = ("sh", "cat", "sha256sum", "dd", "echo", "printf")
+
+
+def _podman_missing() -> str | None:
+    for tool in ("podman", "runc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup.sh test installs it)"
+    if not Path("/bin/busybox").is_file():
+        return "no static /bin/busybox for the container's root filesystem (busybox-static)"
+    return None
+
+
+def _busybox_root(where: Path) -> Path:
+    root = where / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "data").mkdir()
+    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+    for name in BUSYBOX_APPLETS:
+        (root / "bin" / name).symlink_to("busybox")
+    return root
+
+
+def _podman_run(root: Path, volume: str, script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", "run", "--rm", *PODMAN_HERE, "-v", volume,
+                           "--rootfs", str(root), "/bin/sh", "-c", script],
+                          capture_output=True, timeout=120)
+
+
+def test_podman_run_with_the_cache_as_a_volume(bucket: Bucket, moto: MotoServer,
+                                               tmp_path: Path) -> None:
+    """The README's recipe, run: ``podman run -v CACHE:/data`` reads a stub nobody read before
+    (blocked until the kernel door filled it), and its writes land as a dirty file and a new
+    one, which ``hsmfs archive`` sends to S3; ``-v CACHE:/data:ro`` reads a cold stub too."""
+    missing = _podman_missing()
+    if missing:
+        pytest.skip(missing)
+    cold = bucket.put("d/cold.bin", seeded(3 << 20, "podman"))
+    ro_cold = bucket.put("d/ro.bin", seeded(1 << 20, "podman-ro"))
+    log = bucket.put("d/log.txt", seeded(50_000, "podman-log"))
+    root = _busybox_root(tmp_path)
+    with serve_door("kernel", f"s3://{bucket.name}", tmp_path / "w", moto.endpoint,
+                    "open_fill=off") as d:
+        out = _podman_run(root, f"{d.cache}:/data",
+                          'sha256sum /data/d/cold.bin && printf "from podman\\n" >> '
+                          '/data/d/log.txt && printf "new\\n" > /data/d/new.txt')
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout.decode().split()[0] == hashlib.sha256(cold).hexdigest()
+        out = _podman_run(root, f"{d.cache}:/data:ro", "sha256sum /data/d/ro.bin")
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout.decode().split()[0] == hashlib.sha256(ro_cold).hexdigest()
+        states = subprocess.run([sys.executable, "-m", "hsmfs", "state", "--json",
+                                 str(d.cache / "d/log.txt")],
+                                capture_output=True, text=True, timeout=30)
+        assert json.loads(states.stdout)[0]["state"] == "dirty", states.stdout + states.stderr
+        archived = subprocess.run([sys.executable, "-m", "hsmfs", "archive", str(d.cache)],
+                                  capture_output=True, text=True, timeout=60)
+        assert archived.returncode == 0, archived.stdout + archived.stderr
+        got = bucket.client.get_object(Bucket=bucket.name, Key="d/log.txt")["Body"].read()
+        assert got == log + b"from podman\n"
+        got = bucket.client.get_object(Bucket=bucket.name, Key="d/new.txt")["Body"].read()
+        assert got == b"new\n"

@@ -428,3 +428,40 @@ def test_sigkill_in_the_middle_of_a_refresh(kind: str, scope: str, step: str, bu
             assert out.returncode == 0, out.stdout + out.stderr
             assert not [line for line in out.stdout.splitlines()[1:]
                         if not line.startswith("kept")], out.stdout
+
+
+# -- fill: SIGKILL between a fill's write and its mtime put back ---------------------------------
+
+@pytest.mark.parametrize(("kind", "scope"), [SCOPES[0], SCOPES[1]])
+def test_sigkill_between_a_fill_and_its_mtime(kind: str, scope: str, bucket: Bucket,
+                                              moto: MotoServer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fill's pwrite moves the mtime and the fill puts the version's back; a start takes any
+    other mtime on a clean file for a program's write made while no door watched.  Killed in
+    between: a file whose every byte is local and hashes to its ETag is S3's copy, so it stays
+    clean (its mtime put back); a partial file cannot be told from one written while
+    unguarded, and is kept as holding local changes (the safe way: never released, its bytes
+    archived again rather than lost).  Every byte reads right either way."""
+    small = bucket.put("f/small.bin", blob(300 * KiB + 5, "small"))  # fetched whole
+    big = bucket.put("f/big.bin", blob(12 * MiB, "big"))  # above the kernel door's open fill
+    part = bucket.put("g/part.bin", blob(12 * MiB, "part"))  # read only after the 2nd start
+    c = Crash(monkeypatch, bucket, moto, tmp_path / "w", kind, scope)
+    c.arm(crashpoint.FILL, "written")  # the daemon reads its environment at start
+    with c.serve() as d:
+        c.note_worker(d)
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(["cat", str(d.root / "f/small.bin")], capture_output=True, timeout=30)
+        with c.after(d) as d2:
+            check_tree(d2, {"f/small.bin": small, "f/big.bin": big})
+            mtime = os.stat(d2.cache / "f/small.bin").st_mtime
+            assert abs(mtime - os.stat(d2.root / "f/big.bin").st_mtime) < 5  # both the versions'
+    c.arm(crashpoint.FILL, "written")
+    with c.serve() as d:
+        c.note_worker(d)
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(["dd", f"if={d.root / 'g/part.bin'}", "of=/dev/null", "bs=4096",
+                            "skip=1000", "count=1"], capture_output=True, timeout=30)
+        with c.after(d) as d2:
+            row = daemon_rows(d2, ["g/part.bin"])["g/part.bin"]
+            assert row["residency"] == "partial" and row["sync"] == "dirty", row  # the safe way
+            assert read(d2.root / "g/part.bin") == part

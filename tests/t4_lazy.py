@@ -276,3 +276,21 @@ def test_rmdir_and_rename_of_an_unlisted_directory(bucket: Bucket, moto: MotoSer
         assert ls(d.root / "moved") == ["f00.bin", "f01.bin"]
         assert cat(d.root / "moved/f01.bin") == objects["d002/f01.bin"]
         assert "d002" not in ls(d.root)
+
+
+def test_a_sync_that_fails_half_way_still_tells_the_mount(bucket: Bucket, fault_proxy,
+                                                         tmp_path: Path) -> None:
+    """A lazy sync refreshes the listed directories one by one, parents first.  When a later
+    one's listing fails, what the earlier ones changed in the tree is still told to the FUSE
+    door: ``stat`` shows the new size at once, despite an hour of attribute cache."""
+    fill(bucket, 2, 2)
+    with lazy_mount(bucket, fault_proxy.endpoint, tmp_path, "attr_timeout=3600", "retries=0",
+                    "timeout=2") as d:
+        assert "d000" in ls(d.root) and ls(d.root / "d000")  # the root and d000 listed
+        old = os.stat(d.root / "top.txt").st_size
+        new = bucket.put("top.txt", blob(old + 4321, "a new version"))
+        fault_proxy.fail_next(20, status=500, code="InternalError", match="prefix=d000")
+        out = hsmfs("sync", str(d.root))
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert os.stat(d.root / "top.txt").st_size == len(new)  # the root was refreshed first
+        assert cat(d.root / "top.txt") == new

@@ -222,7 +222,7 @@ def test_s3_down_deleted_replaced_give_eio(door: str, tmp_path: Path) -> None:
         server.stop()
 
 
-def test_throttling_past_retries_gives_eagain(door: str, bucket: Bucket, fault_proxy,
+def test_throttling_past_retries_gives_eio(door: str, bucket: Bucket, fault_proxy,
                                               tmp_path: Path) -> None:
     data = bucket.put("t.bin", seeded(4 * CHUNK, "t"))
     with serve_door(door, f"s3://{bucket.name}", tmp_path, fault_proxy.endpoint, *RANGED,
@@ -230,7 +230,7 @@ def test_throttling_past_retries_gives_eagain(door: str, bucket: Bucket, fault_p
         # Persistent throttling: FUSE's own read-ahead request fails first and the kernel
         # retries synchronously, so a short burst would (rightly) be invisible to the reader.
         fault_proxy.fail_next(1000, status=503, code="SlowDown")
-        _expect_errno(d.root / "t.bin", errno.EAGAIN)
+        _expect_errno(d.root / "t.bin", errno.EIO)  # not EAGAIN: see errors.to_errno
         assert d.stats()["errors"].get("throttled")
         fault_proxy.restore()
         # once S3 recovers, the same file reads right

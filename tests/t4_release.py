@@ -453,11 +453,12 @@ def test_release_on_a_filesystem_mark(bucket: Bucket, moto: MotoServer, tmp_path
 def test_an_open_during_the_lease_waits_then_reads_right(door: str, bucket: Bucket,
                                                          moto: MotoServer, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The release holds its lease 1.5 s after the punch (test hook).  A program that opens
+    """The release holds its lease 3 s after the punch (test hook).  A program that opens
     the file meanwhile (through either door) blocks in open() until the unlock, then reads
-    S3's bytes (fetched again), never the holes."""
+    S3's bytes (fetched again), never the holes.  (3 s: this test sees the punch by polling,
+    and a loaded machine may see it late; the open must still find the lease held.)"""
     data = bucket.put("w.bin", blob(2 * MiB + 9, "wait"))
-    monkeypatch.setenv("HSMFS_TEST_RELEASE_PAUSE", "1.5")
+    monkeypatch.setenv("HSMFS_TEST_RELEASE_PAUSE", "3")
     with both_doors(bucket, moto, tmp_path / "w") as d:
         path = where(d, door) / "w.bin"
         assert cat(path) == data
@@ -465,7 +466,7 @@ def test_an_open_during_the_lease_waits_then_reads_right(door: str, bucket: Buck
                                stdout=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 10
-            while blocks(d.cache / "w.bin") > 16:  # punched: the lease is held for 1.5 s
+            while blocks(d.cache / "w.bin") > 16:  # punched: the lease is held for 3 s
                 assert time.monotonic() < deadline, "the release did not punch"
                 time.sleep(0.01)
             t = time.monotonic()

@@ -103,6 +103,7 @@ def test_log_format_json(door: str, bucket: Bucket, moto: MotoServer, tmp_path: 
         for failure in [r for r in lines() if r.get("event") == "fetch_failed"]:
             assert failure["level"] == "ERROR" and failure["key"] == "gone.bin"
             assert failure["cause"] == "missing" and failure["errno"] == "EIO"
+            assert failure["status"] == 404
             start, stop = failure["range"]
             assert 0 <= start < stop <= 70_000
             assert failure["time"].endswith("Z") and failure["pid"] > 0

@@ -52,3 +52,82 @@ def test_restart_heads_only_new_and_changed_objects(bucket: Bucket, fault_proxy,
         assert not (d.root / "d3/f3.bin").exists()
         for key, body in data.items():
             assert file_sha256(d.root / key) == sha256(body), key
+
+
+def test_stubs_are_made_while_the_listing_still_arrives(bucket: Bucket, fault_proxy,
+                                                        tmp_path: Path) -> None:
+    """Issue 12, item 5: listing pages are processed as they arrive, stubs included.  The
+    second page of the listing is held back; the first page's stubs must exist in the backing
+    tree while the daemon still waits for it, and the start must end with every object."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import force_unmount, is_mounted, stop_process
+
+    keys = [f"k/{i:05d}" for i in range(1003)]  # two pages of 1,000
+    client = bucket.client
+    for k in keys:
+        client.put_object(Bucket=bucket.name, Key=k, Body=k.encode())
+    fault_proxy.set_delay(4000, method="GET", match="continuation-token")
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    mnt.mkdir()
+    log = open(tmp_path / "fuse.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsmfs", "mount", "-f", f"s3://{bucket.name}", str(mnt), "-o",
+         f"cache={cache},endpoint={fault_proxy.endpoint},head=0"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        # 00998: the page's last key waits for the next one ("k/00999/..." could follow).
+        while not (cache / "k" / "00998").exists():
+            assert proc.poll() is None, (tmp_path / "fuse.log").read_text()
+            assert time.monotonic() < deadline, "no stub of the first page appeared"
+            time.sleep(0.05)
+        # The first page is placed, and the second one is still held back by the proxy.
+        assert not is_mounted(mnt)
+        assert not (cache / "k" / "01000").exists()
+        assert fault_proxy.count("GET", match="continuation-token") <= 1
+        deadline = time.monotonic() + 60
+        while not is_mounted(mnt):
+            assert proc.poll() is None, (tmp_path / "fuse.log").read_text()
+            assert time.monotonic() < deadline, "the mount never came up"
+            time.sleep(0.05)
+        assert sorted(p.name for p in (mnt / "k").iterdir()) == [k[2:] for k in keys]
+        assert (mnt / "k" / "01002").read_bytes() == b"k/01002"
+    finally:
+        fault_proxy.set_delay(0)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=10)
+        stop_process(proc, timeout=10)
+        force_unmount(mnt)
+        log.close()
+
+
+def test_a_listing_cut_short_removes_nothing(bucket: Bucket, fault_proxy,
+                                             tmp_path: Path) -> None:
+    """Stubs are placed while the listing arrives, but a path the listing does not name is a
+    remote delete only once the listing is whole: a start whose second page fails ends with
+    the listing's error and leaves every stub of the first start in place."""
+    import subprocess
+    import sys
+
+    keys = [f"k/{i:05d}" for i in range(1003)]
+    for k in keys:
+        bucket.client.put_object(Bucket=bucket.name, Key=k, Body=k.encode())
+    with serve_door("fuse", f"s3://{bucket.name}", tmp_path / "w", fault_proxy.endpoint,
+                    "head=0"):
+        pass
+    cache = tmp_path / "w" / "cache"
+    assert len(list((cache / "k").iterdir())) == 1003
+    fault_proxy.fail_next(1000, status=403, code="AccessDenied", match="continuation-token")
+    (tmp_path / "mnt2").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "hsmfs", "mount", "-f", f"s3://{bucket.name}",
+         str(tmp_path / "mnt2"), "-o", f"cache={cache},endpoint={fault_proxy.endpoint},head=0"],
+        capture_output=True, text=True, timeout=60)
+    fault_proxy.restore()
+    assert out.returncode != 0
+    assert "denied" in out.stderr.lower() or "403" in out.stderr, out.stderr
+    assert "ended before it was whole" not in out.stderr, out.stderr  # the cause, not ours
+    assert sorted(p.name for p in (cache / "k").iterdir()) == [k[2:] for k in keys]
