@@ -51,9 +51,10 @@ from .stress_reader import Reader, digest
 
 KiB, MiB = 1 << 10, 1 << 20
 DOORS = ("fuse", "kernel")
-#: Errnos a fault or a restart may cause (README's errno table, a dead or remounting FUSE
-#: mount: ENOTCONN, an aborted connection: ECONNABORTED, an empty mountpoint: ENOENT).
-EXPECTED = frozenset({errno.EIO, errno.EAGAIN, errno.EPERM, errno.ENOTCONN, errno.ENOENT,
+#: Errnos a fault or a restart may cause (README's errno table: EIO, EPERM for a 403; a dead
+#: or remounting FUSE mount: ENOTCONN, an aborted connection: ECONNABORTED, an empty
+#: mountpoint: ENOENT).  Not EAGAIN: throttling past the retries is EIO now.
+EXPECTED = frozenset({errno.EIO, errno.EPERM, errno.ENOTCONN, errno.ENOENT,
                       errno.ECONNABORTED})
 #: How long after a fault or restart an error still counts as caused by it: a fetch begun in
 #: the window retries (retries=2, timeout=5 below) and a reader may wait on it.
