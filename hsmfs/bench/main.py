@@ -65,7 +65,8 @@ NETWORK_PROFILES = {
 }
 DOOR_TIMEOUT_S = 300.0
 WORKLOAD_TIMEOUT_S = 900.0
-PREFAULT = {"full": 2048 * MiB, "quick": 512 * MiB, "tiny": 0}  # see workloads.prefault
+PREFAULT = {"full": 2048 * MiB, "quick": 512 * MiB, "net": 512 * MiB,
+            "tiny": 0}  # see workloads.prefault
 GROUP_PATH = {"big": BIG, "tree": TREE, "bin": BINARY, "src": SRC, "many": MANY}
 # Lifecycle workloads write new files into the tree: the big file's size (256 MiB in full,
 # 64 MiB in quick) and the small-file tree's count and sizes (2,000 files of 4-64 KiB).

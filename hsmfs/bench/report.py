@@ -226,7 +226,8 @@ def _measured(row: Row, name: str | None = None) -> str:
     if row["p50_ms"] is not None:
         parts.append(f"p50 {_num(row['p50_ms'])} ms")
     if row["s3_requests"] is not None:
-        parts.append(f"{row['s3_requests']} GETs, {_num((row['s3_bytes'] or 0) / 1e6, 1)} MB")
+        mb = (row["s3_bytes"] or 0) / 1e6
+        parts.append(f"{row['s3_requests']} S3 requests, {_num(mb, 1)} MB")
     if row["daemon_cpu_s"] is not None and row["door"] not in ("s3", "s3par"):
         parts.append(f"daemon CPU {_num(row['daemon_cpu_s'])} s")
     return " ".join(parts)
@@ -380,7 +381,7 @@ def _baseline_goals(rows: list[Row], baseline: list[Row] | None) -> list[Goal]:
         v = None if not x or not bx else x / bx
         quiet = not r["s3_requests"]
         lim = (f"x native {_num(x)} here, {_num(bx)} on loopback; "
-               f"{r['s3_requests']} GETs here")
+               f"{r['s3_requests']} S3 requests here")
         out.append(_goal("warm row unchanged from the loopback run (x native / loopback's; "
                          "0 GETs)", r, v, f">= {WARM_VS_BASELINE_MIN}, 0 GETs",
                          None if v is None else v >= WARM_VS_BASELINE_MIN and quiet, lim))
