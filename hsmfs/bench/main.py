@@ -131,6 +131,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "--concurrency 16")
     ap.add_argument("--sizes", choices=list(dataset.PROFILES),
                     help="data-set sizes (default full, --quick: quick, network profiles: net)")
+    ap.add_argument("--rereport", type=Path, metavar="RESULTS_JSON",
+                    help="measure nothing: write a run's tables, goals and plots again from "
+                         "the samples in its results.json, with this version's report")
     ap.add_argument("--baseline", type=Path,
                     help="a loopback run's results.json (same sizes): the warm rows of this "
                          "run are checked against it (goal: warm rows unchanged)")
@@ -543,6 +546,18 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
     return 0
 
 
+def _rereport(args: argparse.Namespace, log: Progress) -> int:
+    path = args.rereport.resolve()
+    try:
+        doc = json.loads(path.read_text())
+        meta, samples = doc["meta"], doc["samples"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BenchError(f"cannot read {path}: {exc}") from exc
+    base = args.baseline or (Path(meta["baseline"]) if meta.get("baseline") else None)
+    _write_outputs(path, meta, samples, log, report.plots_unavailable(), _baseline_rows(base))
+    return 0
+
+
 def _baseline_rows(path: Path | None) -> list[report.Row] | None:
     if path is None:
         return None
@@ -575,6 +590,8 @@ def bench_main(argv: list[str]) -> int:
     log = Progress()
     previous = _terminate_cleanly()
     try:
+        if args.rereport:
+            return _rereport(args, log)
         return _run(args, log)
     except BenchError as exc:
         log(f"error: {exc}")
