@@ -678,4 +678,43 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
         made.append(out_dir / fname)
+    cold = _cold_vs_s3(rows, names)
+    if cold:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cold[0]) + 2), 4.5))
+        ws, series = cold
+        width = 0.8 / len(series)
+        for i, (label, colour, ys) in enumerate(series):
+            ax.bar([j + i * width for j in range(len(ws))], ys, width, color=colour,
+                   edgecolor="black", linewidth=0.4, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ws))], ws)
+        ax.set_yscale("log")
+        ax.set_ylabel("speed vs raw S3 as the program reads (log; > 1 = faster)")
+        ax.set_title("cold reads against raw S3 (same reads, same S3, same latency)")
+        ax.grid(axis="y", which="major", alpha=0.3)
+        ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        fig.savefig(out_dir / "cold_vs_s3.png", dpi=110)
+        plt.close(fig)
+        made.append(out_dir / "cold_vs_s3.png")
     return made
+
+
+def _cold_vs_s3(rows: list[Row], names: list[str]
+                ) -> tuple[list[str], list[tuple[str, str, list[float]]]] | None:
+    """Per read workload: the cold doors' and the parallel reference's speed over raw S3's."""
+    ws = [w for w in names if not WORKLOADS[w].writes
+          and find_row(rows, "s3", w, "cold", None) is not None]
+    series = []
+    for door, cache, pc, label in (("kernel", "cold", "dropped", "kernel door cold"),
+                                   ("fuse", "cold", "dropped", "FUSE door cold"),
+                                   ("s3par", "cold", None, "raw S3, every key known, "
+                                                           "all in flight")):
+        ys = []
+        for w in ws:
+            r = find_row(rows, door, w, cache, pc)
+            x = r["x_s3"] if r else None
+            ys.append(x or 0.0)
+        if any(ys):
+            series.append((label, DOOR_COLOURS[door], ys))
+    return (ws, series) if ws and series else None
