@@ -460,7 +460,8 @@ def _build(scratch: Path, sizes: Sizes, seed: int, log: Progress) -> Dataset:
 
 
 def _meta(args: argparse.Namespace, ds: Dataset, endpoint_desc: str,
-          drop_reason: str | None, prefault: int, started: dt.datetime) -> dict[str, Any]:
+          drop_reason: str | None, prefault: int, started: dt.datetime,
+          load_at_start: str | None = None) -> dict[str, Any]:
     return {
         "started": started.isoformat(timespec="seconds"),
         "profile": args.profile, "repeat": args.repeat, "doors": ",".join(args.doors),
@@ -468,7 +469,7 @@ def _meta(args: argparse.Namespace, ds: Dataset, endpoint_desc: str,
         "network_profile": args.network, "network_profile_is": NETWORK_PROFILES[args.network].why,
         "s3_latency_ms": args.s3_latency, "s3_bandwidth_MBps": args.s3_bandwidth,
         "baseline": str(args.baseline) if args.baseline else None,
-        "load_at_start": _loadavg(),
+        "load_at_start": load_at_start,
         "chunk_bytes": args.chunk, "concurrency": args.concurrency, "seed": args.seed,
         "dataset_digest": ds.digest, "page_cache_drop": drop_reason or "yes",
         "prefault_bytes": prefault, "host_cpus": os.cpu_count(), "kernel": platform.release(),
@@ -518,6 +519,7 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
     prefault = 0 if args.no_prefault else PREFAULT[args.profile]
     log(f"hsmfs bench: profile {args.profile}, doors {','.join(args.doors)}, "
         f"workloads {','.join(args.workloads)}, repeat {args.repeat}")
+    load_at_start = _loadavg()
     no_plots = report.plots_unavailable()
     if no_plots:
         log(f"no plots: {no_plots}; the tables and JSON are written as usual")
@@ -539,7 +541,8 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
         runner = Runner(cfg, args.doors, [WORKLOADS[w] for w in args.workloads], args.repeat,
                         drop_reason, prefault, args.timeout, log, proxy)
         samples = runner.run()
-        meta = _meta(args, ds, endpoint_desc, drop_reason, prefault, log.started)
+        meta = _meta(args, ds, endpoint_desc, drop_reason, prefault, log.started,
+                     load_at_start)
     meta["duration_s"] = round(time.monotonic() - log.t0, 1)
     meta["load_at_end"] = _loadavg()
     _write_outputs(json_path, meta, samples, log, no_plots, _baseline_rows(args.baseline))
