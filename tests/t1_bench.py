@@ -686,3 +686,18 @@ def test_bench_without_matplotlib_writes_tables_and_says_so(moto: Any, tmp_path:
     assert any(r["door"] == "s3" and r["MBps"] for r in doc["results"])
     assert json_path.with_suffix(".md").read_text().startswith("# hsmfs bench")
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_door_options_reach_both_doors_commands(tmp_path: Path) -> None:
+    """--door-options is appended to the -o list each hsmfs door starts with."""
+    from hsmfs.bench import doors
+    from hsmfs.bench.main import parse_args
+
+    assert parse_args(["--door-options", "readahead=256M"]).door_options == "readahead=256M"
+    target = doors.S3Target("http://127.0.0.1:1", "b", "p", "a", "s")
+    ds = dataset.build(tmp_path / "d", dataset.PROFILES["tiny"])
+    cfg = doors.DoorConfig(target, ds, tmp_path, ["true"], 1 << 20, 16, 5.0, print,
+                           "readahead=256M")
+    assert cfg.options("endpoint=x,chunk=1") == "endpoint=x,chunk=1,readahead=256M"
+    plain = doors.DoorConfig(target, ds, tmp_path, ["true"], 1 << 20, 16, 5.0, print)
+    assert plain.options("endpoint=x") == "endpoint=x"

@@ -146,6 +146,10 @@ class DoorConfig:
     concurrency: int
     timeout: float  # for starting/stopping a door and for warm-ups
     log: Log
+    door_options: str = ""  # more -o options for both hsmfs doors (e.g. readahead=256M)
+
+    def options(self, base: str) -> str:
+        return f"{base},{self.door_options}" if self.door_options else base
 
 
 def default_hsmfs_cmd() -> list[str]:
@@ -412,8 +416,8 @@ class KernelDoor(_HsmfsDoor):
         # The same fetch unit as the FUSE door: the comparison is of doors, not settings.
         self._bring_up(lambda: self._checked(
             "serve", self.cfg.target.url, str(tree), "-o",
-            f"endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk},"
-            f"concurrency={self.cfg.concurrency}"))
+            self.cfg.options(f"endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk},"
+                             f"concurrency={self.cfg.concurrency}")))
 
     def stop(self) -> None:
         if self.root is None:
@@ -445,8 +449,9 @@ class FuseDoor(_HsmfsDoor):
         mnt.mkdir()
         cache.mkdir()
         self.root, self.backing = mnt, cache
-        opts = (f"cache={cache},endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk},"
-                f"concurrency={self.cfg.concurrency}")
+        opts = self.cfg.options(
+            f"cache={cache},endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk},"
+            f"concurrency={self.cfg.concurrency}")
 
         def launch() -> None:
             self._checked("mount", self.cfg.target.url, str(mnt), "-o", opts)

@@ -160,6 +160,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help=f"GETs in flight for the doors and raw S3 (default "
                          f"{DEFAULT_CONCURRENCY}, {NETWORK_CONCURRENCY} with a network profile)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--door-options", default="", metavar="OPT[,OPT]",
+                    help="more -o options for the kernel and FUSE doors, e.g. readahead=256M")
     ap.add_argument("--hsmfs-cmd", help="how to run hsmfs (default: this python3 -m hsmfs)")
     ap.add_argument("--timeout", type=float, default=WORKLOAD_TIMEOUT_S,
                     help="seconds before one workload run is killed")
@@ -471,6 +473,7 @@ def _meta(args: argparse.Namespace, ds: Dataset, endpoint_desc: str,
         "baseline": str(args.baseline) if args.baseline else None,
         "load_at_start": load_at_start,
         "chunk_bytes": args.chunk, "concurrency": args.concurrency, "seed": args.seed,
+        "door_options": args.door_options or None,
         "dataset_digest": ds.digest, "page_cache_drop": drop_reason or "yes",
         "prefault_bytes": prefault, "host_cpus": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(), "sizes": asdict(ds.sizes),
@@ -537,7 +540,8 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
         door_ep = f"http://127.0.0.1:{proxy.port}" if proxy else endpoint
         target = doors.S3Target(door_ep, args.bucket, prefix, args.access_key, args.secret_key)
         cfg = doors.DoorConfig(target, ds, scratch, doors.parse_hsmfs_cmd(args.hsmfs_cmd),
-                               args.chunk, args.concurrency, DOOR_TIMEOUT_S, log)
+                               args.chunk, args.concurrency, DOOR_TIMEOUT_S, log,
+                               args.door_options)
         runner = Runner(cfg, args.doors, [WORKLOADS[w] for w in args.workloads], args.repeat,
                         drop_reason, prefault, args.timeout, log, proxy)
         samples = runner.run()
