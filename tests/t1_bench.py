@@ -701,3 +701,29 @@ def test_door_options_reach_both_doors_commands(tmp_path: Path) -> None:
     assert cfg.options("endpoint=x,chunk=1") == "endpoint=x,chunk=1,readahead=256M"
     plain = doors.DoorConfig(target, ds, tmp_path, ["true"], 1 << 20, 16, 5.0, print)
     assert plain.options("endpoint=x") == "endpoint=x"
+
+
+@pytest.mark.timeout(60)
+def test_proxy_stops_quietly_with_a_kept_connection(http_upstream: int) -> None:
+    """SIGTERM with a keep-alive connection open: exit 0 and nothing on stderr (each open
+    connection's cancelled task used to be logged as an error)."""
+    import http.client
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsmfs.bench.latency_proxy", "--upstream",
+         f"127.0.0.1:{http_upstream}", "--ttfb-ms", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split(b":")[-1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/blob")
+        assert conn.getresponse().read() == b"x" * 1000
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and err == b"", err[-500:]
