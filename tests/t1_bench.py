@@ -19,6 +19,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pytest
 
 from hsmfs.bench import bench_main, dataset, report
 from hsmfs.bench.latency_proxy import (
+    BURST_S,
     ProxyConfig,
     ProxyProcess,
     ProxyThread,
@@ -321,6 +323,206 @@ def test_proxy_process_reports_counters(http_upstream: int, tmp_path: Path) -> N
     assert stats is not None and stats.requests == 2 and stats.bytes_down > 2000
 
 
+@pytest.fixture
+def big_upstream(tmp_path: Path) -> Iterator[int]:
+    """An HTTP/1.1 server holding `blob` (1,000 bytes) and `big` (2 MB)."""
+    (tmp_path / "big").write_bytes(b"y" * BIG_BLOB)
+    (tmp_path / "blob").write_bytes(b"x" * 1000)
+    handler = lambda *a: _Quiet(*a, directory=str(tmp_path))  # noqa: E731
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield int(srv.server_address[1])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(5)
+
+
+BIG_BLOB = 2_000_000
+
+
+def _timed_get(port: int, path: str) -> tuple[float, int]:
+    t = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}", timeout=30) as r:
+        n = len(r.read())
+    return time.perf_counter() - t, n
+
+
+@pytest.mark.timeout(60)
+def test_proxy_caps_each_connection(big_upstream: int) -> None:
+    """Lower bounds only (a loaded machine can only make a transfer slower): 2 MB through a
+    20 MB/s per-connection cap takes at least 0.1 s, on each of two connections at once (the
+    cap is per connection: each one is held to it, not the pair to it together)."""
+    bw = 20.0
+    proxy = ProxyThread(ProxyConfig("127.0.0.1", big_upstream, bw_mbps=bw)).start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda _: _timed_get(proxy.port, "big"), range(2)))
+    finally:
+        proxy.stop()
+    floor = BIG_BLOB / (bw * 1e6) - BURST_S
+    for took, n in got:
+        assert n == BIG_BLOB
+        assert took >= floor
+    assert proxy.proxy.counters.connections == 2 and proxy.proxy.counters.requests == 2
+
+
+@pytest.mark.timeout(60)
+def test_proxy_total_cap_holds_connections_together(big_upstream: int) -> None:
+    proxy = ProxyThread(ProxyConfig("127.0.0.1", big_upstream, total_bw_mbps=40.0)).start()
+    try:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: _timed_get(proxy.port, "big"), range(2)))
+        took = time.perf_counter() - t
+    finally:
+        proxy.stop()
+    assert took >= 2 * BIG_BLOB / 40e6 - BURST_S
+
+
+@pytest.mark.timeout(60)
+def test_proxy_delays_every_request_on_a_kept_connection(big_upstream: int) -> None:
+    """First-byte latency is per request, not per connection: three GETs on one keep-alive
+    connection each wait at least the latency, and the proxy counts three requests."""
+    import http.client
+
+    proxy = ProxyThread(ProxyConfig("127.0.0.1", big_upstream, ttfb_ms="50")).start()
+    took = []
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        for _ in range(3):
+            t = time.perf_counter()
+            conn.request("GET", "/blob")
+            body = conn.getresponse().read()
+            took.append(time.perf_counter() - t)
+            assert body == b"x" * 1000
+        conn.close()
+    finally:
+        proxy.stop()
+    assert all(x >= 0.05 for x in took)
+    assert proxy.proxy.counters.connections == 1 and proxy.proxy.counters.requests == 3
+
+
+def test_proxy_process_passes_its_settings() -> None:
+    cfg = ProxyConfig("127.0.0.1", 7480, ttfb_ms="100:200", bw_mbps=90.0, seed=3)
+    argv = ProxyProcess(cfg, Path("/nonexistent/stats.json")).argv()
+    assert argv[argv.index("--ttfb-ms") + 1] == "100:200"
+    assert float(argv[argv.index("--bw-MBps") + 1]) == 90.0
+    from hsmfs.bench.latency_proxy import _parse_args
+
+    back, _ = _parse_args(argv[3:])  # what the subprocess will run with
+    assert (back.ttfb_ms, back.bw_mbps, back.seed) == ("100:200", 90.0, 3)
+
+
+def test_network_profiles_set_the_proxy() -> None:
+    from hsmfs.bench.main import NETWORK_PROFILES, parse_args
+
+    a = parse_args(["--profile", "network"])
+    assert (a.s3_latency, a.s3_bandwidth) == ("100:200", 90.0)
+    assert a.profile == "net" and a.concurrency == 16 and a.repeat == 1
+    c = parse_args(["--profile", "cross-region", "--sizes", "quick", "--concurrency", "8"])
+    assert (c.s3_latency, c.s3_bandwidth) == (NETWORK_PROFILES["cross-region"].latency_ms, 40.0)
+    assert c.profile == "quick" and c.concurrency == 8
+    o = parse_args(["--profile", "network", "--s3-latency", "5ms"])  # explicit flags win
+    assert o.s3_latency == "5" and o.s3_bandwidth == 90.0
+    lo = parse_args([])
+    assert lo.s3_latency is None and lo.s3_bandwidth is None and lo.profile == "full"
+    assert lo.concurrency == 8
+
+
+# -- issue 15's goals ---------------------------------------------------------------------------
+
+
+def _net_rows() -> list[report.Row]:
+    src = 1_000_000
+    mib4 = 4 << 20
+    return [
+        _row("native", "grep", "cold", "dropped", 100, 10.0),
+        _row("s3", "grep", "cold", None, 1.0, 1000.0, s3_bytes=src),  # 1 s one at a time
+        _row("s3par", "grep", "cold", None, 4.0, 250.0, s3_bytes=src),  # 0.25 s in parallel
+        _row("kernel", "grep", "cold", "dropped", 5.0, 200.0, s3_bytes=src),  # 0.2 s: met both
+        _row("fuse", "grep", "cold", "dropped", 1.25, 800.0, s3_bytes=src),  # 0.8 s: 3.2x par
+        _row("s3", "compile", "cold", None, 1.0, 1000.0, s3_bytes=src),
+        _row("kernel", "compile", "cold", "dropped", 0.8, 1250.0, s3_bytes=src),  # slower
+        # 16 readers of one 4 MiB file: 64 MiB read; the kernel door fetched it once, FUSE
+        # twice.
+        report.sample_row("kernel", "many1", ("cold", "dropped"), 0,
+                          Sample(mib4, 0.1, [100.0]), {"s3_requests": 1, "s3_bytes": mib4}),
+        report.sample_row("kernel", "same16", ("cold", "dropped"), 0,
+                          Sample(16 * mib4, 0.2, [200.0] * 16),
+                          {"s3_requests": 1, "s3_bytes": mib4}),
+        report.sample_row("fuse", "same16", ("cold", "dropped"), 0,
+                          Sample(16 * mib4, 0.4, [400.0] * 16),
+                          {"s3_requests": 2, "s3_bytes": 2 * mib4}),
+        report.sample_row("s3", "same16", ("cold", None), 0, Sample(16 * mib4, 1.0, [900.0] * 16),
+                          {"s3_requests": 16, "s3_bytes": 16 * mib4}),
+        # warm rows: kernel as on loopback, FUSE at half its loopback ratio.
+        _row("native", "seq", "warm", "hot", 1000, 0.1),
+        _row("kernel", "seq", "warm", "hot", 950, 0.1),
+        _row("fuse", "seq", "warm", "hot", 400, 0.1),
+    ]
+
+
+def _loopback_rows() -> list[report.Row]:
+    return report.aggregate([
+        _row("native", "seq", "warm", "hot", 1000, 0.1),
+        _row("kernel", "seq", "warm", "hot", 960, 0.1),
+        _row("fuse", "seq", "warm", "hot", 800, 0.1),
+    ])
+
+
+def test_network_goals_are_marked_with_their_limits() -> None:
+    rows = report.aggregate(_net_rows())
+    goals = {(g.goal.split(" (")[0], g.door, g.workload): g
+             for g in report.evaluate_goals(rows, _loopback_rows())}
+    serial = "cold source tree faster than raw S3 one file at a time"
+    par = "cold source tree within 1.5x of raw S3 at full concurrency"
+    assert goals[(serial, "kernel", "grep")].status == "met"
+    assert goals[(serial, "kernel", "grep")].value == pytest.approx(0.2)
+    assert goals[(par, "kernel", "grep")].status == "met"
+    assert goals[(par, "kernel", "grep")].value == pytest.approx(0.8)  # 0.2 s / 0.25 s
+    assert goals[(serial, "fuse", "grep")].status == "met"
+    fuse_par = goals[(par, "fuse", "grep")]
+    assert fuse_par.status == "missed" and fuse_par.value == pytest.approx(3.2)
+    # A miss says what was measured: the door's time and both references'.
+    assert fuse_par.limit and "raw one at a time" in fuse_par.limit
+    assert "raw in parallel" in fuse_par.limit
+    assert goals[(serial, "kernel", "compile")].status == "missed"
+    assert (par, "kernel", "compile") not in goals  # no parallel reference row: no goal
+    co = "16 readers of one cold file cost one file's GETs"
+    assert goals[(co, "kernel", "same16")].status == "met"
+    assert goals[(co, "kernel", "same16")].value == pytest.approx(1.0)
+    assert goals[(co, "fuse", "same16")].status == "missed"
+    assert goals[(co, "fuse", "same16")].value == pytest.approx(2.0)
+    assert (co, "s3", "same16") not in goals and (co, "native", "same16") not in goals
+    warm = "warm row unchanged from the loopback run: x native / loopback's"
+    assert goals[("warm row sends no S3 request", "kernel", "seq")].status == "met"
+    assert goals[(warm, "kernel", "seq")].status == "met"
+    assert goals[(warm, "fuse", "seq")].status == "missed"
+    assert goals[(warm, "fuse", "seq")].value == pytest.approx(0.5)
+    assert "on loopback" in (goals[(warm, "fuse", "seq")].limit or "")
+    for g in goals.values():
+        assert g.status in ("met", "missed", "n/a")
+        assert g.status != "missed" or g.limit, g  # every miss has its measured limit
+
+
+def test_network_report_many_readers_and_missing_rows(tmp_path: Path) -> None:
+    rows = report.aggregate(_net_rows())
+    goals = report.evaluate_goals(rows)
+    md = report.markdown(rows, goals, {"profile": "net", "network_profile": "network"})
+    assert "## Many readers" in md
+    assert "| kernel | 16 | one | cold |" in md and "| s3 | 16 | one | cold |" in md
+    assert "| goal | door | workload | cache | value | target | status | measured |" in md
+    kernel16 = report.find_row(rows, "kernel", "same16", "cold", "dropped")
+    assert kernel16 and kernel16["s3_req_per_MB"] == pytest.approx(1 / (64 * (1 << 20) / 1e6))
+    report.write_json(tmp_path / "r.json", {}, rows, goals, _net_rows())
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {m["row"] for m in doc["missing"]} == {"release rate", "eviction under a budget"}
+    assert all("limit" in g for g in doc["goals"])
+
+
 # -- the whole command, against moto ------------------------------------------------------------
 
 
@@ -357,6 +559,39 @@ def test_bench_smoke_against_moto(moto: Any, tmp_path: Path) -> None:
     for name in ("throughput.png", "latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert not (out / "scratch").exists()  # the bench cleans up after itself
+
+
+@pytest.mark.timeout(180)
+def test_bench_network_profile_smoke_against_moto(moto: Any, tmp_path: Path) -> None:
+    """`--profile network` end to end: every raw-S3 GET goes through the proxy (the proxy's
+    own count equals the reference's), the parallel reference and the many-readers rows exist,
+    and the report says which profile ran. A 2 ms latency instead of 100-200 ms: plumbing,
+    not numbers."""
+    json_path = tmp_path / "results.json"
+    argv = [
+        "--profile", "network", "--sizes", "tiny", "--s3-latency", "2ms",
+        "--doors", "native,s3,s3par", "--workloads", "many4,same4,grep",
+        "--endpoint", moto.endpoint, "--bucket", f"bench-{uuid.uuid4().hex[:8]}",
+        "--out", str(tmp_path / "out"), "--json", str(json_path), "--no-drop-caches",
+        "--no-prefault",
+    ]
+    assert bench_main(argv) == 0
+    doc = json.loads(json_path.read_text())
+    meta = doc["meta"]
+    assert meta["network_profile"] == "network" and meta["s3_bandwidth_MBps"] == 90.0
+    assert meta["s3_latency_ms"] == "2" and meta["concurrency"] == 16
+    rows = {(r["door"], r["workload"]): r for r in doc["results"]}
+    tiny = dataset.PROFILES["tiny"]
+    same = rows[("s3", "same4")]
+    assert same["bytes"] == 4 * tiny.many_bytes and same["s3_requests"] == 4
+    for key in (("s3", "same4"), ("s3", "many4"), ("s3", "grep"), ("s3par", "grep")):
+        r = rows[key]
+        assert not r["error"] and r["proxy_requests"] == r["s3_requests"] > 0, key
+    assert rows[("s3par", "grep")]["bytes"] == rows[("s3", "grep")]["bytes"]
+    assert ("s3par", "many4") not in rows  # the parallel reference is for file trees only
+    assert rows[("native", "many4")]["bytes"] == 4 * tiny.many_bytes
+    md = json_path.with_suffix(".md").read_text()
+    assert "## Many readers" in md and "network_profile**: network" in md
 
 
 @pytest.mark.timeout(180)
@@ -451,3 +686,44 @@ def test_bench_without_matplotlib_writes_tables_and_says_so(moto: Any, tmp_path:
     assert any(r["door"] == "s3" and r["MBps"] for r in doc["results"])
     assert json_path.with_suffix(".md").read_text().startswith("# hsmfs bench")
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_door_options_reach_both_doors_commands(tmp_path: Path) -> None:
+    """--door-options is appended to the -o list each hsmfs door starts with."""
+    from hsmfs.bench import doors
+    from hsmfs.bench.main import parse_args
+
+    assert parse_args(["--door-options", "readahead=256M"]).door_options == "readahead=256M"
+    target = doors.S3Target("http://127.0.0.1:1", "b", "p", "a", "s")
+    ds = dataset.build(tmp_path / "d", dataset.PROFILES["tiny"])
+    cfg = doors.DoorConfig(target, ds, tmp_path, ["true"], 1 << 20, 16, 5.0, print,
+                           "readahead=256M")
+    assert cfg.options("endpoint=x,chunk=1") == "endpoint=x,chunk=1,readahead=256M"
+    plain = doors.DoorConfig(target, ds, tmp_path, ["true"], 1 << 20, 16, 5.0, print)
+    assert plain.options("endpoint=x") == "endpoint=x"
+
+
+@pytest.mark.timeout(60)
+def test_proxy_stops_quietly_with_a_kept_connection(http_upstream: int) -> None:
+    """SIGTERM with a keep-alive connection open: exit 0 and nothing on stderr (each open
+    connection's cancelled task used to be logged as an error)."""
+    import http.client
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsmfs.bench.latency_proxy", "--upstream",
+         f"127.0.0.1:{http_upstream}", "--ttfb-ms", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split(b":")[-1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/blob")
+        assert conn.getresponse().read() == b"x" * 1000
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and err == b"", err[-500:]

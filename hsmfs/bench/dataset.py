@@ -1,14 +1,16 @@
 """The benchmark's data set: built deterministically on local disk, then uploaded to S3.
 
-Owns: the sizes of each profile (full / quick / tiny), the layout every door exposes, building the
-files from a seed, the manifest (sizes, hashes, one digest for the whole set) and the upload
-(boto3, path-style, concurrent, skipped when the bucket already holds the same digest).
+Owns: the sizes of each profile (full / quick / net / tiny), the layout every door exposes,
+building the files from a seed, the manifest (sizes, hashes, one digest for the whole set) and
+the upload (boto3, path-style, concurrent, skipped when the bucket already holds the same
+digest).
 
 Layout (relative to a door's root, and to the S3 prefix):
     big.bin              one large random object (sequential, random, mmap workloads)
     tree/dNN/fNNNN.bin   >= 2,000 small random files, 4-64 KiB (tree workload)
     bin/true             a small ELF binary, uploaded with metadata mode=33261 as s3fs writes it
     src/<pkg>/...py      Python stdlib packages copied from this interpreter (grep, compile)
+    many/fNN.bin         16 random files of one size (the many-readers workloads)
 
 Random content comes from `random.Random` seeded with a string per group, so a change to one
 group's size never changes another group's bytes. The source tree and the binary come from this
@@ -34,6 +36,8 @@ BIG = "big.bin"
 TREE = "tree"
 BINARY = "bin/true"
 SRC = "src"
+MANY = "many"
+MANY_FILES = 16  # the most concurrent readers of different files the bench runs
 MODE_FILE = 0o100644  # 33188: what s3fs stores in x-amz-meta-mode for a regular file
 MODE_EXEC = 0o100755  # 33261: the same for an executable
 WRITE_PIECE = 8 * MiB  # generate the big object in pieces, never all in memory
@@ -57,6 +61,7 @@ class Sizes:
     rand_ops: int
     mmap_ops: int
     exec_runs: int
+    many_bytes: int = 4 * MiB  # size of each file of many/ (16 of them)
 
 
 _SRC_QUICK = (
@@ -70,11 +75,18 @@ _SRC_FULL = (
 
 PROFILES: dict[str, Sizes] = {
     # ~7 MB of source: "enough for a few MB" while compileall stays ~10 s on 2 cores.
-    "full": Sizes(256 * MiB, 2000, 25, 4 * KiB, 64 * KiB, _SRC_FULL, 2000, 2000, 30),
+    "full": Sizes(256 * MiB, 2000, 25, 4 * KiB, 64 * KiB, _SRC_FULL, 2000, 2000, 30, 16 * MiB),
     # The issue requires >= 2,000 small files even for --quick; the big object shrinks instead.
-    "quick": Sizes(64 * MiB, 2000, 25, 4 * KiB, 64 * KiB, _SRC_QUICK, 500, 500, 10),
+    "quick": Sizes(64 * MiB, 2000, 25, 4 * KiB, 64 * KiB, _SRC_QUICK, 500, 500, 10, 4 * MiB),
+    # For S3 across a network (--profile network / cross-region): every raw-S3 request pays
+    # 100-300 ms there, so the serial references (2,000 small files, 2,000 random reads) of the
+    # full sizes alone would take over 10 minutes per door. Fewer files and operations, the
+    # same kinds of reads.
+    "net": Sizes(64 * MiB, 200, 10, 4 * KiB, 64 * KiB,
+                 ("json", "concurrent", "email", "http", "asyncio"), 40, 40, 5, 4 * MiB),
     # For the test suite against moto (keep objects <= 8 MiB there); seconds, not minutes.
-    "tiny": Sizes(2 * MiB, 40, 4, 4 * KiB, 16 * KiB, ("json", "concurrent"), 20, 20, 3),
+    "tiny": Sizes(2 * MiB, 40, 4, 4 * KiB, 16 * KiB, ("json", "concurrent"), 20, 20, 3,
+                  64 * KiB),
 }
 
 
@@ -98,7 +110,8 @@ class Dataset:
 
     def group(self, name: str) -> list[Entry]:
         """Entries of one group: 'big', 'tree', 'bin' or 'src' (sorted by path)."""
-        prefix = {"big": BIG, "tree": TREE + "/", "bin": BINARY, "src": SRC + "/"}[name]
+        prefix = {"big": BIG, "tree": TREE + "/", "bin": BINARY, "src": SRC + "/",
+                  "many": MANY + "/"}[name]
         return [e for e in self.entries if e.rel == prefix or e.rel.startswith(prefix)]
 
     def total_bytes(self, name: str) -> int:
@@ -132,6 +145,18 @@ def _write_tree(root: Path, s: Sizes, seed: int) -> None:
         path = root / TREE / f"d{i % s.tree_dirs:02d}" / f"f{i:04d}.bin"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.randbytes(rng.randint(s.tree_min, s.tree_max)))
+
+
+def many_rel(i: int) -> str:
+    """The i-th file of the many-readers group."""
+    return f"{MANY}/f{i:02d}.bin"
+
+
+def _write_many(root: Path, s: Sizes, seed: int) -> None:
+    rng = _rng(seed, "many")
+    (root / MANY).mkdir(parents=True, exist_ok=True)
+    for i in range(MANY_FILES):
+        (root / many_rel(i)).write_bytes(rng.randbytes(s.many_bytes))
 
 
 def _find_binary() -> Path:
@@ -197,6 +222,7 @@ def build(root: Path, sizes: Sizes, seed: int = 1) -> Dataset:
     _write_tree(root, sizes, seed)
     _write_binary(root)
     _write_src(root, sizes.src_packages)
+    _write_many(root, sizes, seed)
     paths = sorted(p for p in root.rglob("*") if p.is_file())
     entries = tuple(_entry(root, p) for p in paths)
     return Dataset(root, seed, sizes, entries, _digest(seed, sizes, entries))

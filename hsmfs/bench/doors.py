@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import ceph
-from .dataset import BIG, BINARY, SRC, TREE, Dataset
+from .dataset import BIG, BINARY, MANY, MANY_FILES, SRC, TREE, Dataset
 from .workloads import (
     LIFECYCLE,
     PAGE,
@@ -69,7 +69,7 @@ WARM_DROPPED: CacheMode = ("warm", "dropped")
 WARM_HOT: CacheMode = ("warm", "hot")
 S3_COLD: CacheMode = ("cold", None)
 # Every top-level entry of the data set: what "read everything once" reads.
-ALL_PATHS = (BIG, TREE, BINARY.split("/")[0], SRC)
+ALL_PATHS = (BIG, TREE, BINARY.split("/")[0], SRC, MANY)
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 MOUNT_POLL_S = 0.05
 STOP_GRACE_S = 10.0  # a daemon flushing state on SIGTERM/unmount gets this long before SIGKILL
@@ -146,6 +146,10 @@ class DoorConfig:
     concurrency: int
     timeout: float  # for starting/stopping a door and for warm-ups
     log: Log
+    door_options: str = ""  # more -o options for both hsmfs doors (e.g. readahead=256M)
+
+    def options(self, base: str) -> str:
+        return f"{base},{self.door_options}" if self.door_options else base
 
 
 def default_hsmfs_cmd() -> list[str]:
@@ -212,6 +216,7 @@ class Door:
 
     name: ClassVar[str] = "?"
     modes: ClassVar[tuple[CacheMode, ...]] = (COLD, WARM_DROPPED, WARM_HOT)
+    workloads: ClassVar[tuple[str, ...] | None] = None  # the only workloads it runs (None: all)
 
     def __init__(self, cfg: DoorConfig) -> None:
         self.cfg = cfg
@@ -411,7 +416,8 @@ class KernelDoor(_HsmfsDoor):
         # The same fetch unit as the FUSE door: the comparison is of doors, not settings.
         self._bring_up(lambda: self._checked(
             "serve", self.cfg.target.url, str(tree), "-o",
-            f"endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk}"))
+            self.cfg.options(f"endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk},"
+                             f"concurrency={self.cfg.concurrency}")))
 
     def stop(self) -> None:
         if self.root is None:
@@ -443,7 +449,9 @@ class FuseDoor(_HsmfsDoor):
         mnt.mkdir()
         cache.mkdir()
         self.root, self.backing = mnt, cache
-        opts = f"cache={cache},endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk}"
+        opts = self.cfg.options(
+            f"cache={cache},endpoint={self.cfg.target.endpoint},chunk={self.cfg.chunk},"
+            f"concurrency={self.cfg.concurrency}")
 
         def launch() -> None:
             self._checked("mount", self.cfg.target.url, str(mnt), "-o", opts)
@@ -486,7 +494,7 @@ class S3Door(Door):
 
     def start(self) -> None:
         # One extra connection beyond the workers, for the in-order consumer's first GET.
-        self._client = self.cfg.target.client(pool=self.cfg.concurrency + 2)
+        self._client = self.cfg.target.client(pool=max(self.cfg.concurrency, MANY_FILES) + 2)
         try:
             self._client.head_object(Bucket=self.cfg.target.bucket, Key=self._key(BIG))
         except Exception as exc:
@@ -571,6 +579,8 @@ class S3Door(Door):
             "tree": self._whole_group, "grep": self._whole_group, "compile": self._whole_group,
             "exec": self._exec, "archive": self._archive,
         }.get(w.name)
+        if plan is None and w.group == "many" and not w.writes:
+            plan = self._readers
         if plan is None:
             raise WorkloadError(f"no raw-S3 equivalent for {w.name}")
         return plan(params)
@@ -618,9 +628,47 @@ class S3Door(Door):
             s.lat_ms, s.ttfb_ms = [s.seconds * 1000], None  # one op, as grep/compile report it
         return s
 
+    def _readers(self, p: Params) -> Sample:
+        """One thread per reader, each GETting its whole object (the same object repeated for
+        sameN: without a cache, N readers of one object cost N downloads)."""
+        t0 = time.perf_counter()
+        first: list[float] = []
+
+        def fetch(rel: str) -> tuple[int, float]:
+            t = time.perf_counter()
+            n = self._get(rel, first_block=lambda: first.append(time.perf_counter() - t0))
+            return n, (time.perf_counter() - t) * 1000
+
+        with ThreadPoolExecutor(len(p["paths"]), thread_name_prefix="s3readers") as pool:
+            done = list(pool.map(fetch, p["paths"]))
+        seconds = time.perf_counter() - t0
+        return Sample(sum(n for n, _ in done), seconds, [lat for _, lat in done],
+                      min(first) * 1000 if first else None)
+
     def _exec(self, p: Params) -> Sample:
         # Without a cache every exec fetches the whole program again: bytes = size x runs.
         return self._one_at_a_time([(p["path"], None, None)] * p["runs"])
+
+
+class S3ParallelDoor(S3Door):
+    """Raw S3 downloading a small-file group's files `concurrency` at a time: the best a
+    client that knew every file in advance could do (the source-tree goals' second reference;
+    `s3` downloads them one at a time, like a program reading them)."""
+
+    name = "s3par"
+    workloads: ClassVar[tuple[str, ...] | None] = ("tree", "grep", "compile")
+
+    def measure(self, w: Workload, params: Params, timeout: float, prefault: int) -> Sample:
+        if w.name not in (self.workloads or ()):
+            raise WorkloadError(f"no parallel raw-S3 reference for {w.name}")
+        group = {TREE: "tree", SRC: "src"}[params["dir"]]
+        rels = [e.rel for e in self.cfg.dataset.group(group)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="s3par") as pool:
+            total = sum(pool.map(self._get, rels))
+        seconds = time.perf_counter() - t0
+        lats = [seconds * 1000]
+        return Sample(total, seconds, lats)
 
 
 class PyFuse3Door(Door):
@@ -682,7 +730,7 @@ class PyFuse3Door(Door):
 
 
 DOORS: dict[str, type[Door]] = {
-    d.name: d for d in (NativeDoor, KernelDoor, FuseDoor, S3Door, PyFuse3Door)
+    d.name: d for d in (NativeDoor, KernelDoor, FuseDoor, S3Door, S3ParallelDoor, PyFuse3Door)
 }
 
 

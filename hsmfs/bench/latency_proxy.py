@@ -155,7 +155,14 @@ class LatencyProxy:
             return
         bw = self.cfg.bw_mbps * 1e6
         conn = _Conn(down=Bucket(bw), up=Bucket(bw))
-        await asyncio.gather(self._c2s(cr, uw, conn), self._s2c(ur, cw, conn))
+        try:
+            await asyncio.gather(self._c2s(cr, uw, conn), self._s2c(ur, cw, conn))
+        except asyncio.CancelledError:
+            # Only at shutdown (the server stops with keep-alive connections open; the loop
+            # closes their sockets). Returning instead of re-raising: asyncio's stream callback
+            # would log every cancelled connection's task as an error ("Exception in callback
+            # ... CancelledError").
+            return
         uw.close()
 
     async def _c2s(self, cr: asyncio.StreamReader, uw: asyncio.StreamWriter, conn: _Conn) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import shutil
@@ -29,17 +30,44 @@ from pathlib import Path
 from typing import Any
 
 from . import ceph, dataset, doors, report
-from .dataset import BIG, BINARY, SRC, TREE, Dataset, Sizes
+from .dataset import BIG, BINARY, MANY, SRC, TREE, Dataset, Sizes, many_rel
 from .latency_proxy import ProxyConfig, ProxyProcess, parse_bandwidth_mbps, parse_latency_ms
 from .workloads import LIFECYCLE, WORKLOADS, Params, Workload, WorkloadError, child_env
 
 MiB = 1 << 20
 DEFAULT_CHUNK = 8 * MiB  # mountpoint-s3's part size: "largest value that achieves max throughput"
 DEFAULT_CONCURRENCY = 8  # Ceph RGW on loopback peaks around 8 parallel ranged GETs
+# Across a network, throughput comes from requests in flight: the daemon's own default.
+NETWORK_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class NetworkProfile:
+    """What `--profile` injects between every client and S3 (the bench's latency proxy), and
+    why. The README's "S3 across a network" section gives the sources."""
+
+    latency_ms: str | None  # first byte, per request: "LO:HI" uniform, or fixed
+    bandwidth_mbps: float | None  # per connection, decimal MB/s
+    why: str
+
+
+NETWORK_PROFILES = {
+    "loopback": NetworkProfile(None, None, "S3 on loopback: the CPU-bound case"),
+    # AWS, "Best Practices Design Patterns: Optimizing Amazon S3 Performance" (2019) and the
+    # S3 user guide's performance guidelines: small-object / first-byte latencies of about
+    # 100-200 ms; one concurrent request per 85-90 MB/s of throughput wanted.
+    "network": NetworkProfile("100:200", 90.0, "S3 in the same region (AWS: 100-200 ms first "
+                              "byte, 85-90 MB/s per request)"),
+    # The same service one inter-region round trip away (~75 ms, e.g. us-east-1 <-> eu-west-1),
+    # with one TCP stream limited by its window over that round trip.
+    "cross-region": NetworkProfile("175:275", 40.0, "S3 in another region: the in-region "
+                                   "figures plus one ~75 ms round trip, 40 MB/s per stream"),
+}
 DOOR_TIMEOUT_S = 300.0
 WORKLOAD_TIMEOUT_S = 900.0
-PREFAULT = {"full": 2048 * MiB, "quick": 512 * MiB, "tiny": 0}  # see workloads.prefault
-GROUP_PATH = {"big": BIG, "tree": TREE, "bin": BINARY, "src": SRC}
+PREFAULT = {"full": 2048 * MiB, "quick": 512 * MiB, "net": 512 * MiB,
+            "tiny": 0}  # see workloads.prefault
+GROUP_PATH = {"big": BIG, "tree": TREE, "bin": BINARY, "src": SRC, "many": MANY}
 # Lifecycle workloads write new files into the tree: the big file's size (256 MiB in full,
 # 64 MiB in quick) and the small-file tree's count and sizes (2,000 files of 4-64 KiB).
 
@@ -95,6 +123,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="hsmfs bench",
         description="Benchmark native vs the kernel door vs the FUSE door vs raw S3.")
     ap.add_argument("--quick", action="store_true", help="CI-size run (a few minutes)")
+    ap.add_argument("--profile", dest="network", choices=list(NETWORK_PROFILES),
+                    default="loopback",
+                    help="where S3 is: loopback (CPU-bound), network (same region: 100-200 ms "
+                         "first byte, 90 MB/s per connection), cross-region (175-275 ms, "
+                         "40 MB/s); network profiles default to the 'net' sizes and "
+                         "--concurrency 16")
+    ap.add_argument("--sizes", choices=list(dataset.PROFILES),
+                    help="data-set sizes (default full, --quick: quick, network profiles: net)")
+    ap.add_argument("--rereport", type=Path, metavar="RESULTS_JSON",
+                    help="measure nothing: write a run's tables, goals and plots again from "
+                         "the samples in its results.json, with this version's report")
+    ap.add_argument("--baseline", type=Path,
+                    help="a loopback run's results.json (same sizes): the warm rows of this "
+                         "run are checked against it (goal: warm rows unchanged)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
     ap.add_argument("--endpoint", help="S3 endpoint URL (default: start a throw-away Ceph RGW)")
     ap.add_argument("--bucket", default="hsmfs-bench")
@@ -114,8 +156,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "ext4, xfs or btrfs here)")
     ap.add_argument("--repeat", type=int, default=None, help="runs per case (median reported)")
     ap.add_argument("--chunk", type=_size, default=DEFAULT_CHUNK, help="fetch size, e.g. 8M")
-    ap.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help=f"GETs in flight for the doors and raw S3 (default "
+                         f"{DEFAULT_CONCURRENCY}, {NETWORK_CONCURRENCY} with a network profile)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--door-options", default="", metavar="OPT[,OPT]",
+                    help="more -o options for the kernel and FUSE doors, e.g. readahead=256M")
     ap.add_argument("--hsmfs-cmd", help="how to run hsmfs (default: this python3 -m hsmfs)")
     ap.add_argument("--timeout", type=float, default=WORKLOAD_TIMEOUT_S,
                     help="seconds before one workload run is killed")
@@ -125,7 +171,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-prefault", action="store_true")
     ap.add_argument("--keep-scratch", action="store_true")
     args = ap.parse_args(argv)
-    args.profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    net = NETWORK_PROFILES[args.network]
+    remote = args.network != "loopback"
+    args.profile = args.sizes or ("tiny" if args.tiny else "quick" if args.quick
+                                  else "net" if remote else "full")
+    if args.s3_latency is None and net.latency_ms is not None:
+        args.s3_latency = net.latency_ms
+    if args.s3_bandwidth is None and net.bandwidth_mbps is not None:
+        args.s3_bandwidth = net.bandwidth_mbps
+    if args.concurrency is None:
+        args.concurrency = NETWORK_CONCURRENCY if remote else DEFAULT_CONCURRENCY
     if args.repeat is None:
         args.repeat = 3 if args.profile == "full" else 1
     if args.repeat < 1 or args.concurrency < 1 or args.chunk < 4096:
@@ -139,6 +194,11 @@ def workload_params(w: Workload, ds: Dataset, seed: int, tag: str = "run") -> Pa
     `tag` names a lifecycle workload's new files (door and repetition): an archived object
     never meets a leftover of another run at its key."""
     s = ds.sizes
+    if w.group == "many" and not w.writes:
+        n = int(w.name.removeprefix("many").removeprefix("same"))
+        rels = [many_rel(i) for i in range(n)] if w.name.startswith("many") else (
+            [many_rel(0)] * n)
+        return {"paths": rels, "file_size": s.many_bytes}
     big = {"path": BIG, "file_size": s.big_bytes, "seed": seed}
     new_big = {"path": f"{LIFECYCLE}/{w.name}-{tag}.bin", "size": s.big_bytes, "seed": seed}
     return {
@@ -165,6 +225,8 @@ def applies(door: doors.Door | type[doors.Door], w: Workload, mode: doors.CacheM
     """Whether `door` runs `w` in `mode`. Lifecycle workloads run on the doors they name, once
     per repetition: in the door's first cache state (cold: a fresh door, nothing resident)."""
     if w.doors is not None and door.name not in w.doors:
+        return False
+    if door.workloads is not None and w.name not in door.workloads:
         return False
     return not w.writes or mode == door.modes[0]
 
@@ -400,17 +462,30 @@ def _build(scratch: Path, sizes: Sizes, seed: int, log: Progress) -> Dataset:
 
 
 def _meta(args: argparse.Namespace, ds: Dataset, endpoint_desc: str,
-          drop_reason: str | None, prefault: int, started: dt.datetime) -> dict[str, Any]:
+          drop_reason: str | None, prefault: int, started: dt.datetime,
+          load_at_start: str | None = None) -> dict[str, Any]:
     return {
         "started": started.isoformat(timespec="seconds"),
         "profile": args.profile, "repeat": args.repeat, "doors": ",".join(args.doors),
         "workloads": ",".join(args.workloads), "s3": endpoint_desc,
+        "network_profile": args.network, "network_profile_is": NETWORK_PROFILES[args.network].why,
         "s3_latency_ms": args.s3_latency, "s3_bandwidth_MBps": args.s3_bandwidth,
+        "baseline": str(args.baseline) if args.baseline else None,
+        "load_at_start": load_at_start,
         "chunk_bytes": args.chunk, "concurrency": args.concurrency, "seed": args.seed,
+        "door_options": args.door_options or None,
         "dataset_digest": ds.digest, "page_cache_drop": drop_reason or "yes",
         "prefault_bytes": prefault, "host_cpus": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(), "sizes": asdict(ds.sizes),
     }
+
+
+def _loadavg() -> str | None:
+    """The 1/5/15-minute load averages: on a shared machine, how busy it was."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -447,6 +522,7 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
     prefault = 0 if args.no_prefault else PREFAULT[args.profile]
     log(f"hsmfs bench: profile {args.profile}, doors {','.join(args.doors)}, "
         f"workloads {','.join(args.workloads)}, repeat {args.repeat}")
+    load_at_start = _loadavg()
     no_plots = report.plots_unavailable()
     if no_plots:
         log(f"no plots: {no_plots}; the tables and JSON are written as usual")
@@ -464,20 +540,46 @@ def _run(args: argparse.Namespace, log: Progress) -> int:
         door_ep = f"http://127.0.0.1:{proxy.port}" if proxy else endpoint
         target = doors.S3Target(door_ep, args.bucket, prefix, args.access_key, args.secret_key)
         cfg = doors.DoorConfig(target, ds, scratch, doors.parse_hsmfs_cmd(args.hsmfs_cmd),
-                               args.chunk, args.concurrency, DOOR_TIMEOUT_S, log)
+                               args.chunk, args.concurrency, DOOR_TIMEOUT_S, log,
+                               args.door_options)
         runner = Runner(cfg, args.doors, [WORKLOADS[w] for w in args.workloads], args.repeat,
                         drop_reason, prefault, args.timeout, log, proxy)
         samples = runner.run()
-        meta = _meta(args, ds, endpoint_desc, drop_reason, prefault, log.started)
+        meta = _meta(args, ds, endpoint_desc, drop_reason, prefault, log.started,
+                     load_at_start)
     meta["duration_s"] = round(time.monotonic() - log.t0, 1)
-    _write_outputs(json_path, meta, samples, log, no_plots)
+    meta["load_at_end"] = _loadavg()
+    _write_outputs(json_path, meta, samples, log, no_plots, _baseline_rows(args.baseline))
     return 0
 
 
+def _rereport(args: argparse.Namespace, log: Progress) -> int:
+    path = args.rereport.resolve()
+    try:
+        doc = json.loads(path.read_text())
+        meta, samples = doc["meta"], doc["samples"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BenchError(f"cannot read {path}: {exc}") from exc
+    base = args.baseline or (Path(meta["baseline"]) if meta.get("baseline") else None)
+    _write_outputs(path, meta, samples, log, report.plots_unavailable(), _baseline_rows(base))
+    return 0
+
+
+def _baseline_rows(path: Path | None) -> list[report.Row] | None:
+    if path is None:
+        return None
+    try:
+        rows = json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BenchError(f"cannot read the baseline {path}: {exc}") from exc
+    return rows if isinstance(rows, list) else None
+
+
 def _write_outputs(json_path: Path, meta: dict[str, Any], samples: list[report.Row],
-                   log: Progress, no_plots: str | None = None) -> None:
+                   log: Progress, no_plots: str | None = None,
+                   baseline: list[report.Row] | None = None) -> None:
     rows = report.aggregate(samples)
-    goals = report.evaluate_goals(rows)
+    goals = report.evaluate_goals(rows, baseline)
     report.write_json(json_path, meta, rows, goals, samples)
     md = report.markdown(rows, goals, meta)
     md_path = json_path.with_suffix(".md")
@@ -495,6 +597,8 @@ def bench_main(argv: list[str]) -> int:
     log = Progress()
     previous = _terminate_cleanly()
     try:
+        if args.rereport:
+            return _rereport(args, log)
         return _run(args, log)
     except BenchError as exc:
         log(f"error: {exc}")

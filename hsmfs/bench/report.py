@@ -26,7 +26,7 @@ KEY_FIELDS = ("door", "workload", "cache", "page_cache")
 NUMERIC = ("MBps", "p50_ms", "p99_ms", "ttfb_ms", "s3_requests", "s3_bytes", "daemon_cpu_s",
            "bytes", "seconds", "ops", "resident_pct", "proxy_requests", "proxy_bytes",
            "files_per_s", "fixed_ms")
-DOOR_ORDER = ("native", "kernel", "fuse", "pyfuse3", "s3")
+DOOR_ORDER = ("native", "kernel", "fuse", "pyfuse3", "s3", "s3par")
 CACHE_ORDER = (("cold", "dropped"), ("cold", None), ("warm", "dropped"), ("warm", "hot"))
 # Goal targets from issue #3.
 KERNEL_WARM_MIN = 0.97
@@ -39,6 +39,19 @@ ARCHIVE_VS_S3_MIN = 0.90
 AMPLIFICATION_MAX = 1.25
 RANDOM_WORKLOADS = ("rand4k", "rand64k")
 SOURCE_WORKLOADS = ("grep", "compile")
+# Goal targets from issue #15 (S3 across a network).
+SRC_VS_S3_SERIAL_MAX = 1.0  # a cold grep/compileall: faster than raw S3 one file at a time
+SRC_VS_S3_PARALLEL_MAX = 1.5  # ... and within 1.5x of raw S3 at full concurrency
+WARM_VS_BASELINE_MIN = 0.90  # warm rows "unchanged": x native at least 0.9x the loopback run's
+COALESCE_MAX = 1.0  # 16 readers of one cold file: S3 bytes <= one file's bytes
+MANY_PREFIXES = ("many", "same")
+# Lifecycle rows issue #15 asks for that `hsmfs bench` does not measure (yet): listed, not dropped.
+MISSING_ROWS = {
+    "release rate": "`hsmfs release` is not a bench workload; measured by "
+                    "results/lifecycle/evict_probe.py (moto, loopback) only",
+    "eviction under a budget": "`-o cache_size` is not a bench workload; measured by "
+                               "results/lifecycle/evict_probe.py (moto, loopback) only",
+}
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -161,6 +174,8 @@ def add_ratios(rows: list[Row]) -> None:
         r["x_s3"] = speed_ratio(r, s3)
         r["amplification"] = (r["s3_bytes"] / r["bytes"]
                               if r["s3_bytes"] is not None and r["bytes"] else None)
+        r["s3_req_per_MB"] = (r["s3_requests"] / (r["bytes"] / 1e6)
+                              if r["s3_requests"] is not None and r["bytes"] else None)
 
 
 # ---- goals ------------------------------------------------------------------------------------
@@ -175,6 +190,7 @@ class Goal:
     value: float | None
     target: str
     status: str  # met | missed | n/a
+    limit: str | None = None  # what was measured around it (every miss says what held it)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -186,12 +202,35 @@ def cache_label(cache: str, page_cache: str | None) -> str:
 
 
 def _goal(goal: str, row: Row | None, value: float | None, target: str,
-          ok: bool | None) -> Goal:
+          ok: bool | None, limit: str | None = None) -> Goal:
     status = "n/a" if ok is None or value is None else ("met" if ok else "missed")
     door = row["door"] if row else "?"
+    if limit is None and row is not None and status != "n/a":
+        limit = _measured(row)
     return Goal(goal, door, row["workload"] if row else "?",
                 cache_label(row["cache"], row["page_cache"]) if row else "?", value, target,
-                status)
+                status, limit)
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}"
+
+
+def _measured(row: Row, name: str | None = None) -> str:
+    """The row's own numbers, as a goal's measured limit: what it did and what it cost."""
+    parts = [f"{name or row['door']}:"]
+    if row["MBps"] is not None:
+        parts.append(f"{_num(row['MBps'], 1)} MB/s")
+    if row["seconds"] is not None:
+        parts.append(f"{_num(row['seconds'], 3)} s")
+    if row["p50_ms"] is not None:
+        parts.append(f"p50 {_num(row['p50_ms'])} ms")
+    if row["s3_requests"] is not None:
+        mb = (row["s3_bytes"] or 0) / 1e6
+        parts.append(f"{row['s3_requests']} S3 requests, {_num(mb, 1)} MB")
+    if row["daemon_cpu_s"] is not None and row["door"] not in ("s3", "s3par"):
+        parts.append(f"daemon CPU {_num(row['daemon_cpu_s'])} s")
+    return " ".join(parts)
 
 
 def _warm_goals(rows: list[Row], door: str, target: float) -> list[Goal]:
@@ -204,13 +243,19 @@ def _warm_goals(rows: list[Row], door: str, target: float) -> list[Goal]:
     return out
 
 
+def _vs(row: Row, ref: Row | None) -> str:
+    """A goal's measured limit: the row's numbers beside its reference's."""
+    return _measured(row) + ("" if ref is None else "; " + _measured(ref))
+
+
 def _cold_goals(rows: list[Row], door: str) -> list[Goal]:
     out = []
     seq = find_row(rows, door, "seq", "cold", "dropped")
     if seq:
         v = seq["x_s3"]
+        ref = find_row(rows, "s3", "seq", "cold", None)
         out.append(_goal("cold sequential >= 0.9x raw S3", seq, v, f">= {COLD_SEQ_VS_S3_MIN}",
-                         None if v is None else v >= COLD_SEQ_VS_S3_MIN))
+                         None if v is None else v >= COLD_SEQ_VS_S3_MIN, _vs(seq, ref)))
     r4 = find_row(rows, door, "rand4k", "cold", "dropped")
     s3 = find_row(rows, "s3", "rand4k", "cold", None)
     if r4:
@@ -218,7 +263,8 @@ def _cold_goals(rows: list[Row], door: str) -> list[Goal]:
         if v is not None and s3 and s3["p50_ms"] is not None and not r4["skipped"]:
             limit = s3["p50_ms"] + RAND4K_EXTRA_MS
             ok, target = v <= limit, f"<= {limit:.2f} ms"
-        out.append(_goal("cold 4 KiB random read p50 <= raw GET p50 + 1 ms", r4, v, target, ok))
+        out.append(_goal("cold 4 KiB random read p50 <= raw GET p50 + 1 ms", r4, v, target, ok,
+                         _vs(r4, s3)))
     for name in RANDOM_WORKLOADS:
         r = find_row(rows, door, name, "cold", "dropped")
         if r:
@@ -256,7 +302,105 @@ def _archive_goals(rows: list[Row]) -> list[Goal]:
     return out
 
 
-def evaluate_goals(rows: list[Row]) -> list[Goal]:
+def _time_ratio(row: Row, ref: Row | None) -> float | None:
+    """Our seconds over the reference's for the same bytes (< 1 = faster)."""
+    x = speed_ratio(row, ref)
+    return None if not x else 1.0 / x
+
+
+def _network_source_goals(rows: list[Row]) -> list[Goal]:
+    """Issue 15: a cold grep/compileall against raw S3 downloading the same files one at a time
+    (s3) and at full concurrency (s3par)."""
+    out = []
+    for door in ("kernel", "fuse"):
+        for name in SOURCE_WORKLOADS:
+            r = find_row(rows, door, name, "cold", "dropped")
+            if r is None:
+                continue
+            serial = find_row(rows, "s3", name, "cold", None)
+            par = find_row(rows, "s3par", name, "cold", None)
+            refs = "; ".join(_measured(x, n) for x, n in ((serial, "raw one at a time"),
+                                                           (par, "raw in parallel")) if x)
+            lim = _measured(r) + (f"; {refs}" if refs else "")
+            if serial is not None:
+                v = _time_ratio(r, serial)
+                out.append(_goal("cold source tree faster than raw S3 one file at a time "
+                                 "(time ratio)", r, v, f"< {SRC_VS_S3_SERIAL_MAX}",
+                                 None if v is None else v < SRC_VS_S3_SERIAL_MAX, lim))
+            if par is not None:
+                v = _time_ratio(r, par)
+                out.append(_goal("cold source tree within 1.5x of raw S3 at full concurrency "
+                                 "(time ratio)", r, v, f"<= {SRC_VS_S3_PARALLEL_MAX}",
+                                 None if v is None else v <= SRC_VS_S3_PARALLEL_MAX, lim))
+    return out
+
+
+def many_name(workload: str) -> tuple[int, bool] | None:
+    """(readers, same file?) of a many-readers workload name (many4, same16), else None."""
+    for prefix in MANY_PREFIXES:
+        n = workload.removeprefix(prefix)
+        if workload.startswith(prefix) and n.isdigit():
+            return int(n), prefix == "same"
+    return None
+
+
+def _coalescing_goals(rows: list[Row]) -> list[Goal]:
+    """N readers of one cold file cost one file's GETs: S3 bytes no more than one file, and no
+    more GETs than one reader of it (many1 on the same door)."""
+    out = []
+    for r in rows:
+        m = many_name(r["workload"])
+        if m is None or not m[1] or r["cache"] != "cold" or r["door"] not in ("kernel", "fuse"):
+            continue
+        n, _ = m
+        one = find_row(rows, r["door"], "many1", "cold", "dropped")
+        file_bytes = r["bytes"] / n if r["bytes"] else None
+        v = r["s3_bytes"] / file_bytes if file_bytes and r["s3_bytes"] is not None else None
+        ok = None if v is None else v <= COALESCE_MAX and (
+            one is None or one["s3_requests"] is None or r["s3_requests"] is None
+            or r["s3_requests"] <= one["s3_requests"])
+        out.append(_goal(f"{n} readers of one cold file cost one file's GETs (S3 bytes / "
+                         "file size; GETs <= one reader's)", r, v, f"<= {COALESCE_MAX}", ok,
+                         _vs(r, one)))
+    return out
+
+
+def _baseline_goals(rows: list[Row], baseline: list[Row] | None) -> list[Goal]:
+    """Warm rows unchanged from the loopback run: no S3 request, and x native at least 0.9x
+    the loopback run's for the same door, workload and cache state."""
+    if not baseline:
+        return []
+    out = []
+    for r in rows:
+        if r["cache"] != "warm" or r["door"] not in ("kernel", "fuse") or r["skipped"]:
+            continue
+        b = find_row(baseline, r["door"], r["workload"], r["cache"], r["page_cache"])
+        if b is None:
+            continue
+        x, bx = r["x_native"], b.get("x_native")
+        v = None if not x or not bx else x / bx
+        lim = (f"x native {_num(x)} here, {_num(bx)} on loopback; "
+               f"{r['s3_requests']} S3 requests here")
+        out.append(_goal("warm row unchanged from the loopback run: x native / loopback's",
+                         r, v, f">= {WARM_VS_BASELINE_MIN}",
+                         None if v is None else v >= WARM_VS_BASELINE_MIN, lim))
+    return out
+
+
+def _warm_quiet_goals(rows: list[Row]) -> list[Goal]:
+    """Warm rows send nothing to S3, however far away it is: the structural half of "warm rows
+    unchanged" (their speed is the other half, against a loopback --baseline)."""
+    out = []
+    for r in rows:
+        if r["cache"] != "warm" or r["door"] not in ("kernel", "fuse") or r["skipped"]:
+            continue
+        n = r["s3_requests"]
+        out.append(_goal("warm row sends no S3 request", r, None if n is None else float(n),
+                         "0", None if n is None else n == 0))
+    return out
+
+
+def evaluate_goals(rows: list[Row], baseline: list[Row] | None = None) -> list[Goal]:
     return [
         *_warm_goals(rows, "kernel", KERNEL_WARM_MIN),
         *_warm_goals(rows, "fuse", FUSE_WARM_MIN),
@@ -264,6 +408,10 @@ def evaluate_goals(rows: list[Row]) -> list[Goal]:
         *_cold_goals(rows, "fuse"),
         *_source_goals(rows),
         *_archive_goals(rows),
+        *_network_source_goals(rows),
+        *_coalescing_goals(rows),
+        *_warm_quiet_goals(rows),
+        *_baseline_goals(rows, baseline),
     ]
 
 
@@ -315,20 +463,54 @@ def markdown(rows: list[Row], goals: list[Goal], meta: dict[str, Any]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [_row_md(r) for r in rows]
-    lines += ["", "## Goals", "", "| goal | door | workload | cache | value | target | status |",
-              "|---|---|---|---|---:|---|---|"]
+    lines += ["", "## Goals", "",
+              "| goal | door | workload | cache | value | target | status | measured |",
+              "|---|---|---|---|---:|---|---|---|"]
     for g in goals:
         lines.append(f"| {g.goal} | {g.door} | {g.workload} | {g.cache} | {_f(g.value, 2)} "
-                     f"| {g.target} | **{g.status}** |")
+                     f"| {g.target} | **{g.status}** | {g.limit or ''} |")
     if not goals:
         lines.append("| (no goal applies: neither the kernel nor the FUSE door was run) "
-                     "| | | | | | |")
+                     "| | | | | | | |")
     met = sum(g.status == "met" for g in goals)
     missed = sum(g.status == "missed" for g in goals)
     lines += ["", f"{met} met, {missed} missed, {len(goals) - met - missed} not measured.", ""]
+    lines += _many_md(rows)
     lines += _lifecycle_md(rows)
     lines += _floor_md(rows)
     return "\n".join(lines)
+
+
+def _many_md(rows: list[Row]) -> list[str]:
+    """Many readers: aggregate MB/s and S3 requests per byte, per door, readers and cache."""
+    mine = [r for r in rows if many_name(r["workload"]) is not None]
+    if not mine:
+        return []
+    lines = [
+        "## Many readers", "",
+        "manyN: N threads start together (a barrier), each reading a different file of many/ "
+        "fully in 1 MiB reads; sameN: N threads reading one file. MB/s is the aggregate; raw S3 "
+        "is one whole-object GET per reader (sameN: N downloads of one object, no cache).", "",
+        "| door | readers | files | cache | MB/s | p50 ms per reader | S3 req | S3 MB "
+        "| S3 req / MB read | S3 bytes / read | runs |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(mine, key=lambda r: (DOOR_ORDER.index(r["door"])
+                                         if r["door"] in DOOR_ORDER else 99,
+                                         CACHE_ORDER.index((r["cache"], r["page_cache"]))
+                                         if (r["cache"], r["page_cache"]) in CACHE_ORDER
+                                         else 99, many_name(r["workload"]))):
+        n, same = many_name(r["workload"]) or (0, False)
+        head = (f"| {r['door']} | {n} | {'one' if same else 'different'} "
+                f"| {cache_label(r['cache'], r['page_cache'])} |")
+        if r["skipped"]:
+            lines.append(head + f" skipped: {r['skipped']} |" + " |" * 6)
+            continue
+        mb = None if r["s3_bytes"] is None else r["s3_bytes"] / 1e6
+        lines.append(head + f" {_f(r['MBps'])} | {_f(r['p50_ms'], 1)} | {_f(r['s3_requests'])} "
+                     f"| {_f(mb)} | {_f(r['s3_req_per_MB'], 3)} | {_f(r['amplification'], 3)} "
+                     f"| {r['n']} ok" + (f"; failed: {r['error']}" if r["error"] else "") + " |")
+    return [*lines, ""]
 
 
 def _lifecycle_md(rows: list[Row]) -> list[str]:
@@ -365,6 +547,8 @@ def _lifecycle_md(rows: list[Row]) -> list[str]:
             f"| {_f(r['fixed_ms'], 0)} | {_ratio(r['x_native'])} "
             f"| {_ratio(r['x_s3'])} | {r['n']} ok"
             + (f"; failed: {r['error']}" if r["error"] else "") + " |")
+    lines += ["", "Lifecycle rows not measured by this command (listed, not dropped):", ""]
+    lines += [f"* **{name}**: {why}" for name, why in MISSING_ROWS.items()]
     return [*lines, ""]
 
 
@@ -404,6 +588,7 @@ def _floor_md(rows: list[Row]) -> list[str]:
 def write_json(path: Path, meta: dict[str, Any], rows: list[Row], goals: list[Goal],
                samples: list[Row]) -> None:
     doc = {"meta": meta, "results": rows, "goals": [g.as_dict() for g in goals],
+           "missing": [{"row": k, "why": v} for k, v in MISSING_ROWS.items()],
            "samples": samples}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
@@ -411,7 +596,7 @@ def write_json(path: Path, meta: dict[str, Any], rows: list[Row], goals: list[Go
 
 # One hue per door, one shade per cache state, so a door's bars read as a group.
 DOOR_COLOURS = {"native": "#4c72b0", "kernel": "#55a868", "fuse": "#dd8452",
-                "pyfuse3": "#c44e52", "s3": "#8172b3"}
+                "pyfuse3": "#c44e52", "s3": "#8172b3", "s3par": "#937860"}
 CACHE_ALPHA = {"cold": 0.45, "warm/dropped": 0.7, "warm/hot": 1.0}
 
 
@@ -493,4 +678,43 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
         made.append(out_dir / fname)
+    cold = _cold_vs_s3(rows, names)
+    if cold:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cold[0]) + 2), 4.5))
+        ws, series = cold
+        width = 0.8 / len(series)
+        for i, (label, colour, ys) in enumerate(series):
+            ax.bar([j + i * width for j in range(len(ws))], ys, width, color=colour,
+                   edgecolor="black", linewidth=0.4, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ws))], ws)
+        ax.set_yscale("log")
+        ax.set_ylabel("speed vs raw S3 as the program reads (log; > 1 = faster)")
+        ax.set_title("cold reads against raw S3 (same reads, same S3, same latency)")
+        ax.grid(axis="y", which="major", alpha=0.3)
+        ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        fig.savefig(out_dir / "cold_vs_s3.png", dpi=110)
+        plt.close(fig)
+        made.append(out_dir / "cold_vs_s3.png")
     return made
+
+
+def _cold_vs_s3(rows: list[Row], names: list[str]
+                ) -> tuple[list[str], list[tuple[str, str, list[float]]]] | None:
+    """Per read workload: the cold doors' and the parallel reference's speed over raw S3's."""
+    ws = [w for w in names if not WORKLOADS[w].writes
+          and find_row(rows, "s3", w, "cold", None) is not None]
+    series = []
+    for door, cache, pc, label in (("kernel", "cold", "dropped", "kernel door cold"),
+                                   ("fuse", "cold", "dropped", "FUSE door cold"),
+                                   ("s3par", "cold", None, "raw S3, every key known, "
+                                                           "all in flight")):
+        ys = []
+        for w in ws:
+            r = find_row(rows, door, w, cache, pc)
+            x = r["x_s3"] if r else None
+            ys.append(x or 0.0)
+        if any(ys):
+            series.append((label, DOOR_COLOURS[door], ys))
+    return (ws, series) if ws and series else None

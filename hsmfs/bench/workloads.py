@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ WARM_THREADS = 8  # parallel readers for warm-ups (not measured)
 PROGRAM_TIMEOUT_S = 300.0
 
 Params = dict[str, Any]
+MANY_READERS = (1, 4, 16)  # the many-readers workloads: manyN (N files), sameN (one file)
 
 
 class WorkloadError(RuntimeError):
@@ -180,6 +182,36 @@ def tree_read(root: Path, p: Params) -> Sample:
         lats.append(_ms(now - t))
         ttfb = _ms(now - t0) if ttfb is None else ttfb
     return Sample(total, time.perf_counter() - t0, lats, ttfb)
+
+
+def many_readers(root: Path, p: Params) -> Sample:
+    """`len(paths)` threads start together (a barrier), each reading its file fully in 1 MiB
+    reads; the paths are different files or one file repeated. Latency per reader (open to
+    its last byte), ttfb the first byte any reader got; throughput is the aggregate."""
+    paths = [root / rel for rel in p["paths"]]
+    start = threading.Barrier(len(paths))
+    lats: list[float] = [0.0] * len(paths)
+    firsts: list[float] = []
+    t0 = 0.0
+
+    def read(i: int) -> int:
+        buf = bytearray(SEQ_BLOCK)
+        start.wait()
+        t = time.perf_counter()
+        total = 0
+        with paths[i].open("rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                if total == 0:
+                    firsts.append(time.perf_counter())
+                total += n
+        lats[i] = _ms(time.perf_counter() - t)
+        return total
+
+    with ThreadPoolExecutor(len(paths), thread_name_prefix="reader") as pool:
+        t0 = time.perf_counter()
+        total = sum(pool.map(read, range(len(paths))))
+    seconds = time.perf_counter() - t0
+    return Sample(total, seconds, lats, _ms(min(firsts) - t0) if firsts else None)
 
 
 def _program(argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
@@ -338,6 +370,10 @@ WORKLOADS: dict[str, Workload] = {
                  latency_only=True),
         Workload("grep", "grep -r over the source tree", "src", grep_tree),
         Workload("compile", "python3 -m compileall over the source tree", "src", compile_tree),
+        *(Workload(f"many{n}", f"{n} concurrent readers of {n} different files", "many",
+                   many_readers) for n in MANY_READERS),
+        *(Workload(f"same{n}", f"{n} concurrent readers of one file", "many", many_readers)
+          for n in MANY_READERS if n > 1),
         Workload("write", "sequential write of a new big file, 1 MiB writes, then fsync", "big",
                  seq_write, writes=True, doors=("native", "kernel", "fuse")),
         Workload("overwrite", "overwrite the existing big object in place, 1 MiB writes, then "
