@@ -365,6 +365,9 @@ async def serve(opts: Options, *, ready: Callable[[str], None],
     if report is None:
         report = await cache.populate(None, opts.s3.prefix)  # adopt the tree as it is
     progress.phase = "guarding" if kernel is not None else "mounting"
+    # Now, not at the next tick: the kernel door tells the holder it is ready from inside
+    # kernel.serve, before this function's ready(); the waiting command stops reading then.
+    progress.send()
     archiver = Archiver(cache, backend, opts.s3.prefix)
     ops = None
     lazy = None
