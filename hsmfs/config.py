@@ -49,7 +49,7 @@ class CacheConfig:
     #: single slow GET still cannot hold more than this much of a file hostage.
     max_request: int = 8 * MiB
     #: Sequential read-ahead doubles from one chunk up to this window.
-    readahead_max: int = 64 * MiB
+    readahead_max: int = 256 * MiB  # 2 x concurrency x max_request: see docs/design.md
     #: Files at most this large are fetched whole on first touch (one GET instead of several).
     small_file: int = 1 * MiB
     #: Simultaneous ranged GETs across the whole cache.
@@ -314,7 +314,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
        field="chunk_size", parse=parse_size),
     _o("max_request", "SIZE", "8M", "adjacent missing chunks merge into one GET up to this",
        layer="cache", parse=parse_size),
-    _o("readahead", "SIZE", "64M", "the sequential read-ahead window doubles up to this",
+    _o("readahead", "SIZE", "256M", "the sequential read-ahead window doubles up to this",
        layer="cache", field="readahead_max", parse=parse_size),
     _o("small_file", "SIZE", "1M", "files at most this large are fetched whole on first touch",
        layer="cache", parse=parse_size),

@@ -22,6 +22,7 @@ Invariants (see docs/design.md, "Fetch engine"):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -57,6 +58,18 @@ log = logging.getLogger(__name__)
 #: at once its synchronous retry of the page: each pays the whole retry budget), and a program
 #: that retries in a loop would otherwise write a line per try.  DESIGN §5: logged once.
 FAILURE_QUIET_S = 2.0
+
+
+#: ``HSMFS_TRACE_FLIGHTS=FILE``: a line per landed flight (start, stop, took off, landed, on
+#: trio's clock; read-ahead or not), for measuring how deep read-ahead keeps the GETs
+#: (scripts/readahead_depth.py).  A diagnostic: unset, it costs one test per flight.
+TRACE_FLIGHTS = os.environ.get("HSMFS_TRACE_FLIGHTS", "")
+
+
+def _trace_flight(flight: Flight, prefetch: bool) -> None:
+    with contextlib.suppress(OSError), open(TRACE_FLIGHTS, "a") as f:
+        f.write(f"{flight.start} {flight.stop} {flight.started:.4f} "
+                f"{trio.current_time():.4f} {int(prefetch)}\n")
 
 
 class NoRoom(Exception):
@@ -300,6 +313,8 @@ class FetchEngine:
                 self.host.landed(0, reserved, prefetch)
                 raise
             self.host.landed(gap_bytes, reserved, prefetch)
+            if TRACE_FLIGHTS:
+                _trace_flight(flight, prefetch)
             self.counters.s3_gets += 1
             stub.ranges.add(flight.start, flight.stop)
             n = flight.stop - flight.start
