@@ -971,8 +971,10 @@ def _mode_of(key: str, resp: dict[str, Any]) -> int | None:
     if raw is None:
         return None
     text = raw.strip()
-    if not text.isdigit() or int(text) >= 1 << 32 or (int(text) & 0o170000
-                                                      not in (0, 0o100000)):
+    # ASCII digits, and few: str.isdigit() takes "²" too, and int() refuses more than 4,300
+    # digits; either would raise out of the HEAD and fail every start over this object.
+    if not (text.isascii() and text.isdigit() and len(text) <= 10) or int(text) >= 1 << 32 \
+            or (int(text) & 0o170000 not in (0, 0o100000)):
         log.warning("ignoring malformed x-amz-meta-mode %r on %r", raw[:64], key)
         return None
     mode = int(text)

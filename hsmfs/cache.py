@@ -545,7 +545,10 @@ class StubCache:
                     log.warning("skipping object %r: key %s", d.key, d.reason)
                     rejected.append((d.key, d.reason))
                 else:
-                    outcome = self._place_listed(d.rel, d.key, waiting.pop(d.key), found, away)
+                    info = waiting.pop(d.key, None)
+                    if info is None:
+                        continue  # a key listed twice (a server that replays a page): once
+                    outcome = self._place_listed(d.rel, d.key, info, found, away)
                     if outcome:
                         n[outcome] += 1
                         if outcome == "created":
@@ -1965,21 +1968,26 @@ class StubCache:
         now = time.monotonic()
         if sig == stub.error_sig and now - stub.error_at < ERROR_REFRESH:
             return
-        stub.error_sig, stub.error_at = sig, now
         stub.error = value = format_error(*sig, time.time())
         self._error_tokens = min(float(ERROR_WRITE_BURST), self._error_tokens
                                  + (now - self._error_tokens_at) * ERROR_WRITES_PER_S)
         self._error_tokens_at = now
         if self._error_tokens < 1:
+            # Memory only; not remembered as written, so this file's next failure tries again.
             self.counters.error_views_skipped += 1
             return
         self._error_tokens -= 1
+        stub.error_sig, stub.error_at = sig, now
         self.counters.error_views_written += 1
         await trio.to_thread.run_sync(self._publish_error, stub, value)
 
     def _publish_error(self, stub: Stub, value: str | None) -> None:
         """Worker thread: write (None: remove) the xattr.  A view: a failure to write it (a
         full disk may refuse a new xattr block) leaves memory, which the FUSE door shows."""
+        if value is not None and (stub.local or stub.error != value):
+            # Overtaken while this waited for its thread: the file became resident (its error
+            # cleared, its fd closed: reopening it would leak one) or failed anew.
+            return
         try:
             write_error(self.writable_fd(stub), value)
         except (OSError, HsmError) as err:
@@ -2132,7 +2140,7 @@ def _holds_exactly(fd: int, version: RemoteVersion) -> bool:
     and the MD5 of the bytes is its ETag.  Only a single-part ETag is an MD5 (a multipart one,
     "...-N", depends on a part size nobody recorded): for the others the answer is no, and
     the caller keeps the safe one (the file holds local changes).  One read of the file."""
-    from .backend_s3 import etag_of  # the one MD5-of-a-file rule (archive's crash recovery)
+    from .backend_s3 import SourceChanged, etag_of  # the one MD5-of-a-file rule
 
     etag = version.etag.strip('"')
     if len(etag) != 32 or any(c not in "0123456789abcdef" for c in etag.lower()):
@@ -2140,9 +2148,17 @@ def _holds_exactly(fd: int, version: RemoteVersion) -> bool:
     try:
         if version.size and os.lseek(fd, 0, os.SEEK_HOLE) < version.size:
             return False
-        return etag_of(fd, version.size, 0).strip('"').lower() == etag.lower()
-    except OSError:
+        before = _changed_marks(os.fstat(fd))
+        same = etag_of(fd, version.size, 0).strip('"').lower() == etag.lower()
+        # A program may hold the file (a restarted worker adopts under open fds): a write
+        # during the hash (an mmap store raises no event) moves the size, mtime or ctime.
+        return same and _changed_marks(os.fstat(fd)) == before
+    except (OSError, SourceChanged):
         return False
+
+
+def _changed_marks(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _writable(fd: int) -> bool:

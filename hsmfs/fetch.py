@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 #: application read through FUSE is two requests when it fails (the kernel's read-ahead, then
 #: at once its synchronous retry of the page: each pays the whole retry budget), and a program
 #: that retries in a loop would otherwise write a line per try.  DESIGN §5: logged once.
-FAILURE_QUIET_S = 2.0
+FAILURE_QUIET_S = 10.0
 
 
 #: ``HSMFS_TRACE_FLIGHTS=FILE``: a line per landed flight (start, stop, took off, landed, on

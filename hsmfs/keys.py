@@ -125,6 +125,8 @@ class PlacementStream:
         self._pending: list[tuple[str, str]] = []  # undecided files (rel, key), in order
 
     def add(self, key: str) -> list[Decision]:
+        if key == self._last:
+            return []  # listed twice in a row (a server that replays a page): once is enough
         if self._last is not None and key < self._last:
             self.ordered = False
         self._last = key

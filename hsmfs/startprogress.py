@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -56,11 +57,17 @@ class StartProgress:
         """The reporter for this process: with no inherited fd it counts and says nothing.
         The fd is made close-on-exec here, so programs this daemon runs do not hold it."""
         fd: int | None
+        # Taken out of the environment: nothing this process starts may inherit the number
+        # of an fd it does not have (the kernel door's holder hands its worker a copy).
+        raw = os.environ.pop(ENV_FD, None)
         try:
-            fd = int(os.environ[ENV_FD])
-            os.set_inheritable(fd, False)
-            os.set_blocking(fd, False)
-        except (KeyError, ValueError, OSError):
+            fd = int(raw) if raw is not None else None
+            if fd is not None and not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                fd = None  # a stale number naming some other file: never write into it
+            if fd is not None:
+                os.set_inheritable(fd, False)
+                os.set_blocking(fd, False)
+        except (ValueError, OSError):
             fd = None
         return cls(fd)
 

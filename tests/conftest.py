@@ -210,8 +210,9 @@ def _unwedge_after_timeout(request: pytest.FixtureRequest, tmp_path: Path) -> It
     command line names that directory (a closed fanotify group lets its pending events go).
     The blocked call then returns an error, and the test fails instead of hanging."""
     marker = request.node.get_closest_marker("timeout")
+    given = request.config.getoption("timeout", None)  # pytest --timeout=N beats the ini
     limit = float(marker.args[0]) if marker and marker.args else \
-        float(request.config.getini("timeout") or 0)
+        float(given if given is not None else request.config.getini("timeout") or 0)
     if limit <= 0:
         yield
         return
@@ -225,9 +226,15 @@ def _unwedge_after_timeout(request: pytest.FixtureRequest, tmp_path: Path) -> It
 
 
 def _unwedge(directory: Path) -> None:
+    sys.stderr.write(f"\nconftest: a test under {directory} outlived its timeout: aborting its "
+                     "FUSE connections and killing its hsmfs processes\n")
+    reap_hsmfs_under(directory)
+
+
+def reap_hsmfs_under(directory: Path) -> None:
+    """Abort every FUSE connection mounted under ``directory`` and SIGKILL every hsmfs
+    process whose command line names it: by PID, whatever state they are in."""
     root = str(directory.resolve())
-    sys.stderr.write(f"\nconftest: a test under {root} outlived its timeout: aborting its FUSE "
-                     "connections and killing its hsmfs processes\n")
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()

@@ -524,6 +524,7 @@ def test_a_200_for_the_whole_object_is_the_same_bytes() -> None:
     ("33261", 0o100755), ("420", 0o644), (str(0o104755), 0o100755),
     (str(0o107777), 0o100777), (str(0o041777), None), ("-1", None), ("rwxr-xr-x", None),
     (str(1 << 40), None), ("", None), ("0x1ed", None),
+    ("\u00b2", None), ("9" * 5000, None),  # isdigit() but not int(): must not raise
 ])
 def test_metadata_mode(raw: str, want: int | None) -> None:
     from hsmfs.backend_s3 import _mode_of

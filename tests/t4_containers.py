@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,11 +170,19 @@ def _busybox_root(where: Path) -> Path:
 
 
 def _podman_run(root: Path, volume: str, script: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", "run", "--rm", *PODMAN_HERE, "-v", volume,
-                           "--rootfs", str(root), "/bin/sh", "-c", script],
-                          capture_output=True, timeout=120)
+    """One container, removed whatever happens: a timeout kills only the podman client, and
+    the container (runc, bind-mounting the cache) would outlive it."""
+    name = f"hsmfs-t-{uuid.uuid4().hex[:12]}"
+    try:
+        return subprocess.run(["podman", "run", "--rm", "--name", name, *PODMAN_HERE,
+                               "-v", volume, "--rootfs", str(root), "/bin/sh", "-c", script],
+                              capture_output=True, timeout=90)
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", "--ignore", name],
+                       capture_output=True, timeout=60)
 
 
+@pytest.mark.timeout(300)
 def test_podman_run_with_the_cache_as_a_volume(bucket: Bucket, moto: MotoServer,
                                                tmp_path: Path) -> None:
     """The README's recipe, run: ``podman run -v CACHE:/data`` reads a stub nobody read before

@@ -35,9 +35,9 @@ from hsmfs.faultproxy import FaultProxy
 
 #: The client's read timeout and retries: a stall of STALL_S is past it, and a persistent
 #: fault costs RETRIES + 1 attempts (full-jitter backoff from 0.1 s).
-TIMEOUT_S = 0.5
+TIMEOUT_S = 1.0  # every request of the daemon pays it: moto on a loaded VM needs margin
 RETRIES = 1
-STALL_S = 1.2
+STALL_S = 2.5
 #: A fault armed "for good" (until the cell clears it).
 FOREVER = 1000
 #: Each operation's own bound (a hang is a failure, never a stuck test).

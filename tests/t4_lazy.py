@@ -285,7 +285,7 @@ def test_a_sync_that_fails_half_way_still_tells_the_mount(bucket: Bucket, fault_
     door: ``stat`` shows the new size at once, despite an hour of attribute cache."""
     fill(bucket, 2, 2)
     with lazy_mount(bucket, fault_proxy.endpoint, tmp_path, "attr_timeout=3600", "retries=0",
-                    "timeout=2") as d:
+                    "timeout=15") as d:
         assert "d000" in ls(d.root) and ls(d.root / "d000")  # the root and d000 listed
         old = os.stat(d.root / "top.txt").st_size
         new = bucket.put("top.txt", blob(old + 4321, "a new version"))

@@ -20,7 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Bucket, file_sha256, force_unmount, hsmfs_cmd, seeded, sha256
+from conftest import (
+    Bucket,
+    file_sha256,
+    force_unmount,
+    hsmfs_cmd,
+    reap_hsmfs_under,
+    seeded,
+    sha256,
+)
 from support.doors import DOORS
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,6 +50,7 @@ def _start(door: str, source: str, work: Path, endpoint: str, tty: bool) -> tupl
                              stderr=subprocess.PIPE, timeout=120)
         return out.returncode, out.stderr
     master, slave = pty.openpty()
+    proc: subprocess.Popen[bytes] | None = None
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=slave)
@@ -63,6 +72,9 @@ def _start(door: str, source: str, work: Path, endpoint: str, tty: bool) -> tupl
                 break
         return proc.wait(10), got
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # the start command itself (the daemon it forked: _stopped_after)
+            proc.wait(10)
         os.close(master)
         if slave >= 0:
             os.close(slave)
@@ -85,6 +97,7 @@ def _stopped_after(door: str, work: Path) -> Iterator[None]:
             os.kill(pid, signal.SIGKILL)
         if door == "fuse":
             force_unmount(work / "mnt")
+        reap_hsmfs_under(work)  # a kernel-door worker (its own process group) that outlived it
 
 
 @pytest.mark.parametrize("door", DOORS)

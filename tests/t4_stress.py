@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import seeded, wait_until
+from conftest import force_unmount, reap_hsmfs_under, seeded, wait_until
 from support.doors import serve_door
-from support.heldfd import the_worker, wait_new_worker_ready
+from support.heldfd import ready_workers, the_worker, wait_new_worker_ready
 
 pytestmark = [pytest.mark.needs_fuse, pytest.mark.needs_precontent, pytest.mark.timeout(240)]
 
@@ -33,10 +33,29 @@ def _mounts_under(path: Path) -> list[str]:
 def test_stress_60s_both_doors(tmp_path: Path) -> None:
     work = tmp_path / "work"
     summary_path = tmp_path / "summary.json"
-    out = subprocess.run(
-        [sys.executable, "-m", "hsmfs", "stress", "--seconds", "60", "--json",
-         str(summary_path), "--workdir", str(work)],
-        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    # Popen, not run(timeout=): a SIGKILL on expiry would skip the command's own clean-up
+    # (its mount, daemon, S3 and readers live in sessions of their own).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsmfs", "stress", "--seconds", "60", "--hang-timeout", "20",
+         "--json", str(summary_path), "--workdir", str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        stdout, stderr = proc.communicate(timeout=200)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # stress unwinds: stops and removes what it started
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate(timeout=10)
+        raise AssertionError(f"hsmfs stress outlived 200 s:\n{stdout}\n{stderr}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        force_unmount(work / "mnt")
+        reap_hsmfs_under(work)  # by PID: anything of it still running, however it ended
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert summary_path.exists(), out.stdout + out.stderr
     s = json.loads(summary_path.read_text())
     report = out.stdout + out.stderr
@@ -95,8 +114,9 @@ def test_worker_restarts_never_stack_dead_mounts(moto, bucket, tmp_path: Path) -
             os.stat(d.root)  # the root's attributes are now in the kernel's cache
             assert (d.root / "x.bin").read_bytes() == data
             worker = the_worker(d.proc.pid, d.log_path)
+            seen = set(ready_workers(d.log_path.read_text(errors="replace")))
             os.kill(worker, signal.SIGKILL)
-            wait_new_worker_ready(d.log_path, worker)
+            wait_new_worker_ready(d.log_path, worker, seen=seen)
             wait_until(lambda: _answers(d.root), 30, "the new worker's mount")
             assert _layers(d.root) == 1
             assert (d.root / "x.bin").read_bytes() == data

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 _PROGRAM = r"""
@@ -188,12 +189,15 @@ def ready_workers(log: str) -> list[int]:
     return [int(m) for m in _READY.findall(log)]
 
 
-def wait_new_worker_ready(log_path: Path, old: int, timeout: float = 30) -> int:
-    """Wait (bounded) until the log reports a worker other than ``old`` ready; its pid."""
+def wait_new_worker_ready(log_path: Path, old: int, timeout: float = 30,
+                          seen: Collection[int] = ()) -> int:
+    """Wait (bounded) until the log reports a worker other than ``old`` ready; its pid.
+    ``seen``: workers reported ready before the kill (a test that kills several in a row),
+    which do not count either."""
     deadline = time.monotonic() + timeout
     while True:
         log = log_path.read_text(errors="replace")
-        fresh = [p for p in ready_workers(log) if p != old]
+        fresh = [p for p in ready_workers(log) if p != old and p not in seen]
         if fresh:
             return fresh[-1]
         if time.monotonic() > deadline:
