@@ -10,44 +10,16 @@ README's copy.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_block import REPO, main
+
 sys.path.insert(0, str(REPO / "tests"))
-
-from support.faultmatrix import matrix_markdown  # noqa: E402
-
-BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
-
-
-def render(readme: str) -> str:
-    """``readme`` with the block between the markers replaced by the generated table."""
-    head, sep, rest = readme.partition(BEGIN)
-    if not sep or END not in rest:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{matrix_markdown()}\n{END}{tail}"
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
-    p.add_argument("--readme", type=Path, default=REPO / "README.md")
-    args = p.parse_args()
-    text = args.readme.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print(f"{args.readme}: the fault matrix differs from tests/support/faultmatrix.py;"
-                  " run python3 scripts/fault_matrix.py", file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        args.readme.write_text(new)
-    return 0
-
+from support.faultmatrix import matrix_markdown
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("faults", matrix_markdown,
+                  "the fault matrix differs from tests/support/faultmatrix.py",
+                  "scripts/fault_matrix.py", __doc__.split("\n")[0]))
