@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .cover import uncover
@@ -120,19 +121,22 @@ class BothDoors:
                      "-o", ",".join(self.options)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=self.env, start_new_session=True)
-        deadline = t0 + timeout
-        while _DAEMON_READY not in self._log():
-            if self._closed:
-                raise DaemonFailed("stopped")
-            if self.proc.poll() is not None:
-                raise DaemonFailed(f"hsmfs mount exited with {self.proc.returncode} "
-                                   f"(log: {self.log_path})")
-            if time.monotonic() > deadline:
-                raise DaemonFailed(f"hsmfs mount not ready after {timeout:.0f} s "
-                                   f"(log: {self.log_path})")
-            time.sleep(0.02)
+        self._wait(lambda: _DAEMON_READY in self._log(), t0 + timeout,
+                   f"hsmfs mount not ready after {timeout:.0f} s")
         self._note_workers()
         return time.monotonic() - t0
+
+    def _wait(self, done: Callable[[], bool], deadline: float, late: str) -> None:
+        """Poll (bounded) until ``done()``; fail at once if stopped or the daemon exited."""
+        while not done():
+            if self._closed:
+                raise DaemonFailed("stopped")
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise DaemonFailed(f"hsmfs mount exited with {code} (log: {self.log_path})")
+            if time.monotonic() > deadline:
+                raise DaemonFailed(f"{late} (log: {self.log_path})")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         """Clean stop (unmount, SIGTERM), then SIGKILL by PID of whatever is left; the mount
@@ -175,18 +179,12 @@ class BothDoors:
             raise DaemonFailed("no ready worker to kill")
         t0 = time.monotonic()
         _kill(old)
-        deadline = t0 + timeout
-        while True:
+        def replaced() -> bool:
             ready = [int(p) for p in _READY.findall(self._log())]
-            if ready and ready[-1] != old and old in ready:
-                break
-            if self.proc is None or self.proc.poll() is not None:
-                raise DaemonFailed(f"the holder died after its worker was killed "
-                                   f"(log: {self.log_path})")
-            if time.monotonic() > deadline:
-                raise DaemonFailed(f"no new worker ready {timeout:.0f} s after SIGKILL of "
-                                   f"worker {old} (log: {self.log_path})")
-            time.sleep(0.02)
+            return bool(ready) and ready[-1] != old and old in ready
+
+        self._wait(replaced, t0 + timeout,
+                   f"no new worker ready {timeout:.0f} s after SIGKILL of worker {old}")
         self._note_workers()
         return time.monotonic() - t0
 
