@@ -63,6 +63,21 @@ def _in_namespaces(cache: Path, script: str, *, user: bool = False,
     return subprocess.run([*cmd, "sh", "-c", inner], capture_output=True, timeout=60)
 
 
+def _dirty_then_archived(cache: Path, bucket: Bucket, want: dict[str, bytes], *,
+                         dirty: str) -> None:
+    """Writes from a container: ``dirty`` is recorded dirty (``hsmfs state``), and after
+    ``hsmfs archive`` S3 holds ``want`` (key -> bytes)."""
+    states = subprocess.run([sys.executable, "-m", "hsmfs", "state", "--json",
+                             str(cache / dirty)], capture_output=True, text=True, timeout=30)
+    assert states.returncode == 0, states.stderr
+    assert json.loads(states.stdout)[0]["state"] == "dirty", states.stdout
+    archived = subprocess.run([sys.executable, "-m", "hsmfs", "archive", str(cache)],
+                              capture_output=True, text=True, timeout=60)
+    assert archived.returncode == 0, archived.stdout + archived.stderr
+    for key, body in want.items():
+        assert bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read() == body, key
+
+
 def _userns_allowed() -> bool:
     out = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
                           "--clear-groups", "unshare", "--user", "--map-root-user", "true"],
@@ -107,18 +122,8 @@ def test_writes_from_inside_land_as_dirty_files(bucket: Bucket, moto: MotoServer
                              'printf "new\\n" > "$CTR/new.txt"')
         assert out.returncode == 0, out.stderr.decode()
         assert (d.cache / "log.txt").read_bytes() == body + b"from the container\n"
-        states = subprocess.run([sys.executable, "-m", "hsmfs", "state", "--json",
-                                 str(d.cache / "log.txt")],
-                                capture_output=True, text=True, timeout=30)
-        assert states.returncode == 0, states.stderr
-        assert json.loads(states.stdout)[0]["state"] == "dirty", states.stdout
-        archived = subprocess.run([sys.executable, "-m", "hsmfs", "archive", str(d.cache)],
-                                  capture_output=True, text=True, timeout=60)
-        assert archived.returncode == 0, archived.stdout + archived.stderr
-        got = bucket.client.get_object(Bucket=bucket.name, Key="log.txt")["Body"].read()
-        assert got == body + b"from the container\n"
-        got = bucket.client.get_object(Bucket=bucket.name, Key="new.txt")["Body"].read()
-        assert got == b"new\n"
+        _dirty_then_archived(d.cache, bucket, {"log.txt": body + b"from the container\n",
+                                                "new.txt": b"new\n"}, dirty="log.txt")
 
 
 def test_a_read_only_bind_mount_reads_cold_stubs_and_refuses_writes(
@@ -205,14 +210,5 @@ def test_podman_run_with_the_cache_as_a_volume(bucket: Bucket, moto: MotoServer,
         out = _podman_run(root, f"{d.cache}:/data:ro", "sha256sum /data/d/ro.bin")
         assert out.returncode == 0, out.stderr.decode()
         assert out.stdout.decode().split()[0] == hashlib.sha256(ro_cold).hexdigest()
-        states = subprocess.run([sys.executable, "-m", "hsmfs", "state", "--json",
-                                 str(d.cache / "d/log.txt")],
-                                capture_output=True, text=True, timeout=30)
-        assert json.loads(states.stdout)[0]["state"] == "dirty", states.stdout + states.stderr
-        archived = subprocess.run([sys.executable, "-m", "hsmfs", "archive", str(d.cache)],
-                                  capture_output=True, text=True, timeout=60)
-        assert archived.returncode == 0, archived.stdout + archived.stderr
-        got = bucket.client.get_object(Bucket=bucket.name, Key="d/log.txt")["Body"].read()
-        assert got == log + b"from podman\n"
-        got = bucket.client.get_object(Bucket=bucket.name, Key="d/new.txt")["Body"].read()
-        assert got == b"new\n"
+        _dirty_then_archived(d.cache, bucket, {"d/log.txt": log + b"from podman\n",
+                                                "d/new.txt": b"new\n"}, dirty="d/log.txt")
